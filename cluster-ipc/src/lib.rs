@@ -1,0 +1,1 @@
+//! Frames with fd passing and seq/ack over Unix sockets (being built).
