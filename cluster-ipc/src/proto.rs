@@ -1,0 +1,232 @@
+//! The control protocol of a cluster: the messages a primary and its workers exchange.
+//!
+//! Control messages travel as [`Kind::Control`](crate::Kind::Control) frames whose body is a
+//! [`Control`]; an application's own messages travel as [`Kind::User`](crate::Kind::User)
+//! frames with any `serde` type as the body. Requests and replies are correlated by the
+//! frame's `seq`/`ack`, never by the body.
+//!
+//! Two kinds of socket carry these messages:
+//! - the *control channel*, one per worker: `Hello`/`Welcome`, listen requests and their
+//!   replies, `Listening`, `CloseListener`, `Disconnect`, `Disconnecting`, `Retire`,
+//!   `LoadReport`, `Heartbeat`, `Ack` and user messages;
+//! - a *handoff socket*, one per (worker, round-robin listener): `Connections` batches with
+//!   the accepted sockets attached, `ConnectionsAck`, and `ConnectionsReturned` with the sockets
+//!   a worker gives back.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the control protocol, exchanged in the handshake. A primary refuses a worker
+/// that speaks another version (postcard is not self-describing, so both ends must agree on
+/// every message's shape).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Names one listener granted to one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ListenerId(pub u64);
+
+/// An address a worker asks to listen on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ListenAddr {
+    /// A TCP address, IPv4 or IPv6.
+    Tcp(SocketAddr),
+    /// A UDP address, IPv4 or IPv6.
+    Udp(SocketAddr),
+    /// A Unix-domain stream socket path, as raw bytes (paths need not be UTF-8).
+    Unix(Vec<u8>),
+}
+
+impl ListenAddr {
+    /// The Unix-domain address of `path`.
+    pub fn unix(path: impl AsRef<Path>) -> ListenAddr {
+        use std::os::unix::ffi::OsStrExt;
+        ListenAddr::Unix(path.as_ref().as_os_str().as_bytes().to_vec())
+    }
+
+    /// The path of a Unix-domain address.
+    pub fn unix_path(&self) -> Option<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        match self {
+            ListenAddr::Unix(bytes) => Some(Path::new(std::ffi::OsStr::from_bytes(bytes)).into()),
+            _ => None,
+        }
+    }
+}
+
+/// How a listener's connections reach its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ListenMode {
+    /// Only the primary accepts, and hands connections down a handoff socket (Node's
+    /// `SCHED_RR`).
+    RoundRobin,
+    /// Every worker accepts on the same listening socket (Node's `SCHED_NONE`).
+    Shared,
+    /// Each worker slot has its own `SO_REUSEPORT` socket, owned by the primary.
+    ReusePort,
+}
+
+/// A worker's request to listen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenRequest {
+    /// Where to listen.
+    pub addr: ListenAddr,
+    /// The mode asked for; `None` leaves it to the primary's configuration.
+    pub mode: Option<ListenMode>,
+    /// Counts this worker's listens on port 0, so that one worker can listen on `:0` twice
+    /// and get two ports, while every worker's first `:0` shares one (as in Node).
+    pub index: u32,
+    /// The listen backlog asked for, if any.
+    pub backlog: Option<u32>,
+}
+
+/// How a granted listener delivers connections; says what the attached fd is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Delivery {
+    /// The fd is the listening socket itself, shared with other workers.
+    Shared,
+    /// The fd is a handoff socket; connections arrive on it in `Connections` batches, at
+    /// most `window` un-acked at a time.
+    Handoff {
+        /// The credit window.
+        window: u32,
+    },
+    /// The fd is this worker slot's own `SO_REUSEPORT` listening socket.
+    ReusePort,
+}
+
+/// The primary's yes to a [`ListenRequest`]. One fd travels with it (see [`Delivery`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenGranted {
+    /// The listener's id, used in `Listening` and `CloseListener`.
+    pub listener: ListenerId,
+    /// The address actually bound (the real port when `:0` was asked).
+    pub local_addr: ListenAddr,
+    /// What the attached fd is.
+    pub delivery: Delivery,
+}
+
+/// The primary's no to a [`ListenRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenRefused {
+    /// The OS error number (`EADDRINUSE`, `EACCES`, ...), so the worker can build an
+    /// `io::Error` of the right kind.
+    pub errno: i32,
+    /// A description for people.
+    pub message: String,
+}
+
+impl ListenRefused {
+    /// The refusal as the `io::Error` a plain `bind` would have returned.
+    pub fn to_io_error(&self) -> std::io::Error {
+        let os = std::io::Error::from_raw_os_error(self.errno);
+        std::io::Error::new(os.kind(), format!("{}: {}", self.message, os))
+    }
+}
+
+/// A control message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// Worker → primary, the first frame a worker sends.
+    Hello {
+        /// The id the primary gave this worker (`CLUSTER_WORKER_ID`).
+        worker_id: u64,
+        /// The worker's process id.
+        pid: u32,
+        /// [`PROTOCOL_VERSION`] as the worker knows it.
+        protocol_version: u32,
+    },
+    /// Primary → worker, the reply to `Hello` when the versions agree.
+    Welcome {
+        /// The primary's process id.
+        primary_pid: u32,
+        /// [`PROTOCOL_VERSION`] as the primary knows it.
+        protocol_version: u32,
+    },
+    /// Primary → worker, the reply to `Hello` when the worker cannot join; the primary closes
+    /// the channel after it.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Worker → primary, a request to listen; the reply is `ListenGranted` or
+    /// `ListenRefused`.
+    Listen(ListenRequest),
+    /// Primary → worker, a reply granting a listen request, with one fd attached.
+    ListenGranted(ListenGranted),
+    /// Primary → worker, a reply refusing a listen request.
+    ListenRefused(ListenRefused),
+    /// Worker → primary: the granted listener is in use.
+    Listening {
+        /// Which listener.
+        listener: ListenerId,
+        /// Its local address.
+        local_addr: ListenAddr,
+    },
+    /// Worker → primary: the worker closed a listener. For a round-robin listener the worker
+    /// also closes its handoff socket, after returning what it will not serve.
+    CloseListener {
+        /// Which listener.
+        listener: ListenerId,
+    },
+    /// Primary → worker: disconnect gracefully (stop accepting, finish open connections,
+    /// exit).
+    Disconnect,
+    /// Worker → primary: this worker is disconnecting of its own accord; its exit is not a
+    /// crash.
+    Disconnecting,
+    /// Worker → primary: start my replacement first; I will then disconnect. The reply is
+    /// `Ack`.
+    Retire,
+    /// A reply that carries nothing but its `ack`.
+    Ack,
+    /// Worker → primary: how many connections this worker has open now.
+    LoadReport {
+        /// Open connections.
+        open_connections: u32,
+    },
+    /// Either way: are you alive? The reply is `Ack`.
+    Heartbeat,
+    /// Primary → worker on a handoff socket: `count` accepted connections, attached.
+    Connections {
+        /// How many sockets are attached.
+        count: u32,
+    },
+    /// Worker → primary on a handoff socket: `count` more connections arrived (the oldest
+    /// un-acked ones, in order); the primary may close its copies.
+    ConnectionsAck {
+        /// How many.
+        count: u32,
+    },
+    /// Worker → primary on a handoff socket: connections the worker will not serve, attached,
+    /// for the primary to hand to another worker.
+    ConnectionsReturned {
+        /// How many sockets are attached.
+        count: u32,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_paths_round_trip_even_when_not_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let path = Path::new(std::ffi::OsStr::from_bytes(b"/tmp/\xff.sock"));
+        let addr = ListenAddr::unix(path);
+        let bytes = postcard::to_stdvec(&addr).unwrap();
+        let back: ListenAddr = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.unix_path().as_deref(), Some(path));
+    }
+
+    #[test]
+    fn a_refusal_becomes_an_io_error_of_the_right_kind() {
+        let refused = ListenRefused {
+            errno: libc::EADDRINUSE,
+            message: "bind 0.0.0.0:80".into(),
+        };
+        assert_eq!(refused.to_io_error().kind(), std::io::ErrorKind::AddrInUse);
+    }
+}
