@@ -382,11 +382,8 @@ impl Channel {
             Transport::SeqPacket => self.recv_record(),
             Transport::Stream => self.recv_stream(),
         };
-        result.inspect_err(|err| {
-            if err.is_fatal() {
-                self.close();
-            }
-        })
+        // Whatever went wrong while receiving, the stream can no longer be trusted.
+        result.inspect_err(|_| self.close())
     }
 
     fn recv_record(&mut self) -> Result<Option<Frame>, Error> {

@@ -4,10 +4,11 @@ use std::io;
 
 /// Everything that can go wrong in `cluster-ipc`.
 ///
-/// Errors that say the peer broke the protocol (`BadMagic`, `FdCountMismatch`, ...) are fatal
-/// for the channel they came from: the channel closes itself, closes any fds that did arrive,
-/// and answers every later call with [`Error::Closed`]. Errors about the caller's own input
-/// (`FrameTooLarge` at send, `TooManyFds`, `InvalidLimits`) leave the channel usable.
+/// Every error from receiving, and every failed `sendmsg`, is fatal for the channel it came
+/// from: the channel closes itself, closes any fds that did arrive, and answers every later
+/// call with [`Error::Closed`] ([`Channel::is_closed`](crate::Channel::is_closed) tells). Errors
+/// about the caller's own input (a message over the frame limit at send, too many fds, a full
+/// send queue) and deadlines that pass leave the channel usable.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -210,25 +211,6 @@ impl Error {
             op,
             source: io::Error::from(errno),
         }
-    }
-
-    /// True when this error closed the channel it came from (the peer is gone or broke the
-    /// protocol); false when the channel is still usable (for example a message that was too
-    /// large to send, or a deadline that passed).
-    pub fn is_fatal(&self) -> bool {
-        !matches!(
-            self,
-            Error::FrameTooLarge { .. }
-                | Error::TooManyFds { .. }
-                | Error::Encode(_)
-                | Error::Decode { .. }
-                | Error::InvalidLimits { .. }
-                | Error::SendQueueFull { .. }
-                | Error::TimedOut { .. }
-                | Error::InboxFull { .. }
-                | Error::DuplicateSeq { .. }
-                | Error::InvalidFdTarget { .. }
-        )
     }
 }
 

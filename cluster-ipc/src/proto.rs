@@ -31,9 +31,9 @@ pub struct ListenerId(pub u64);
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ListenAddr {
     /// A TCP address, IPv4 or IPv6.
-    Tcp(SocketAddr),
+    Tcp(#[serde(with = "full_socket_addr")] SocketAddr),
     /// A UDP address, IPv4 or IPv6.
-    Udp(SocketAddr),
+    Udp(#[serde(with = "full_socket_addr")] SocketAddr),
     /// A Unix-domain stream socket path, as raw bytes (paths need not be UTF-8).
     Unix(Vec<u8>),
 }
@@ -52,6 +52,61 @@ impl ListenAddr {
             ListenAddr::Unix(bytes) => Some(Path::new(std::ffi::OsStr::from_bytes(bytes)).into()),
             _ => None,
         }
+    }
+}
+
+/// serde's own `SocketAddr` form drops an IPv6 address's scope id and flow info, and a
+/// link-local address (`fe80::1%2`) cannot be bound without its scope; this form keeps both.
+mod full_socket_addr {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    enum Wire {
+        V4 {
+            ip: [u8; 4],
+            port: u16,
+        },
+        V6 {
+            ip: [u8; 16],
+            port: u16,
+            flowinfo: u32,
+            scope_id: u32,
+        },
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        addr: &SocketAddr,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match addr {
+            SocketAddr::V4(v4) => Wire::V4 {
+                ip: v4.ip().octets(),
+                port: v4.port(),
+            },
+            SocketAddr::V6(v6) => Wire::V6 {
+                ip: v6.ip().octets(),
+                port: v6.port(),
+                flowinfo: v6.flowinfo(),
+                scope_id: v6.scope_id(),
+            },
+        }
+        .serialize(serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<SocketAddr, D::Error> {
+        Ok(match Wire::deserialize(deserializer)? {
+            Wire::V4 { ip, port } => SocketAddrV4::new(Ipv4Addr::from(ip), port).into(),
+            Wire::V6 {
+                ip,
+                port,
+                flowinfo,
+                scope_id,
+            } => SocketAddrV6::new(Ipv6Addr::from(ip), port, flowinfo, scope_id).into(),
+        })
     }
 }
 

@@ -81,7 +81,9 @@ impl<K> Requests<K> {
     /// Takes a received frame. A reply to a pending request completes it; a reply to anything
     /// else is dropped (and traced). Frames that are not replies come back to the caller.
     pub fn on_frame(&mut self, frame: Frame) -> Option<Frame> {
-        let ack = frame.ack()?;
+        let Some(ack) = frame.ack() else {
+            return Some(frame);
+        };
         match self.pending.remove(&ack) {
             Some(pending) => {
                 if let Some(at) = pending.deadline {
