@@ -5,13 +5,33 @@
 //! frames with any `serde` type as the body. Requests and replies are correlated by the
 //! frame's `seq`/`ack`, never by the body.
 //!
-//! Two kinds of socket carry these messages:
-//! - the *control channel*, one per worker: `Hello`/`Welcome`, listen requests and their
-//!   replies, `Listening`, `CloseListener`, `Disconnect`, `Disconnecting`, `Retire`,
-//!   `LoadReport`, `Heartbeat`, `Ack` and user messages;
-//! - a *handoff socket*, one per (worker, round-robin listener): `Connections` batches with
-//!   the accepted sockets attached, `ConnectionsAck`, and `ConnectionsReturned` with the sockets
-//!   a worker gives back.
+//! Two kinds of socket carry these messages: the *control channel*, one per worker, and a
+//! *handoff socket* per (worker, round-robin listener). The conversations:
+//!
+//! 1. **Handshake.** The worker's first frame is the request `Hello`. The primary replies
+//!    `Welcome` (same protocol version), or `Refused` and closes the channel.
+//! 2. **Listen.** The worker sends the request `Listen`. The primary replies `ListenGranted`
+//!    with one fd attached (what the fd is depends on [`Delivery`]), or `ListenRefused` with an
+//!    errno. Once its listener is set up the worker sends `Listening`.
+//! 3. **Round-robin delivery**, on the handoff socket. The primary sends `Connections` batches
+//!    with the accepted sockets attached; it keeps its own copies until they are acked. The
+//!    worker answers each batch with `ConnectionsAck` as soon as `recvmsg` returned it, before
+//!    any of them reaches the application, so an acked connection is never handed to a second
+//!    worker and an un-acked one is never lost. To close the listener the worker sends
+//!    `ConnectionsReturned` with the acked connections it will not serve, then shuts the
+//!    socket down (and sends `CloseListener` on the control channel). The primary reads the
+//!    handoff socket to its end before it re-dispatches what is un-acked or returned.
+//! 4. **Shared delivery.** The attached fd is the listening socket; the worker accepts on it
+//!    itself and sends `CloseListener` when it stops.
+//! 5. **Disconnect.** The primary sends `Disconnect`; or the worker decides by itself and
+//!    sends `Disconnecting` first, so the primary can tell its exit from a crash; or the worker
+//!    sends the request `Retire` ("start my replacement first"), the primary starts the
+//!    replacement and replies `Ack`, and the worker disconnects. Disconnecting means: close
+//!    every listener as above, let open connections finish (up to the drain timeout from
+//!    `Welcome`), exit.
+//! 6. **Messages.** User frames go either way at any time after the handshake.
+//!
+//! End of file on the control channel means the other side is gone.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -198,6 +218,9 @@ pub enum Control {
         primary_pid: u32,
         /// [`PROTOCOL_VERSION`] as the primary knows it.
         protocol_version: u32,
+        /// How long a disconnecting worker may take to finish its open connections before it
+        /// exits anyway, in milliseconds.
+        drain_timeout_ms: u64,
     },
     /// Primary → worker, the reply to `Hello` when the worker cannot join; the primary closes
     /// the channel after it.
