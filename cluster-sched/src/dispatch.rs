@@ -77,8 +77,10 @@ impl Config {
 }
 
 /// What a dispatcher knows about one worker, for status reports and tests.
+///
+/// Not `#[non_exhaustive]`, so that implementations of [`Dispatch`] outside this crate (test
+/// doubles, wrappers) can build one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct WorkerStatus {
     /// Connections handed to the worker and not yet acked or returned.
     pub in_flight: usize,
