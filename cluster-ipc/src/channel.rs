@@ -81,6 +81,9 @@ pub struct Channel {
     decoder: Decoder,
     next_seq: u64,
     closed: bool,
+    /// The peer stopped reading (`EPIPE`): nothing more can be sent, but what the peer sent
+    /// before it left can still be read, up to end of file.
+    send_closed: bool,
     recv_buf: Vec<u8>,
     /// Stream transport: bytes `recv_start..recv_end` of `recv_buf` are received, undecoded.
     recv_start: usize,
@@ -149,6 +152,7 @@ impl Channel {
             decoder: Decoder::new(limits),
             next_seq: 1,
             closed: false,
+            send_closed: false,
             recv_buf: vec![0; recv_len],
             recv_start: 0,
             recv_end: 0,
@@ -184,9 +188,16 @@ impl Channel {
         self.next_seq
     }
 
-    /// True once the channel has closed (peer gone, or a fatal error).
+    /// True once the channel has closed (peer gone, or a fatal error). A channel whose peer
+    /// stopped reading can still deliver what the peer sent earlier: receive until
+    /// [`Error::Closed`] to be sure nothing is left.
     pub fn is_closed(&self) -> bool {
         self.closed
+    }
+
+    /// True once nothing more can be sent (the peer stopped reading, or the channel closed).
+    pub fn is_send_closed(&self) -> bool {
+        self.closed || self.send_closed
     }
 
     /// True while frames wait in the outgoing queue: register for `WRITABLE` and call
@@ -219,7 +230,7 @@ impl Channel {
         msg: &T,
         fds: &[BorrowedFd<'_>],
     ) -> Result<u64, Error> {
-        if self.closed {
+        if self.closed || self.send_closed {
             return Err(Error::Closed);
         }
         let seq = self.next_seq;
@@ -278,14 +289,14 @@ impl Channel {
         ) {
             Ok(n) => Ok(n),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(0),
-            Err(err) => Err(self.fail_io("sendmsg", err)),
+            Err(err) => Err(self.fail_send(err)),
         }
     }
 
     /// Sends what the outgoing queue holds, as far as the socket takes it. Returns true when
     /// the queue is empty.
     pub fn flush(&mut self) -> Result<bool, Error> {
-        if self.closed {
+        if self.closed || self.send_closed {
             return Err(Error::Closed);
         }
         while let Some(mut out) = self.outgoing.pop_front() {
@@ -487,6 +498,23 @@ impl Channel {
         match poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
             Err(errno) => Err(self.fail_io("poll", io::Error::from(errno))),
+        }
+    }
+
+    /// A failed `sendmsg`. If the peer merely stopped reading, keep the receive side: frames
+    /// it sent before leaving (acks, returned fds) must still be read. Anything else closes.
+    fn fail_send(&mut self, err: io::Error) -> Error {
+        match peer_gone_or_io("sendmsg", err) {
+            Error::Closed => {
+                self.send_closed = true;
+                self.outgoing.clear();
+                self.queued_bytes = 0;
+                Error::Closed
+            }
+            other => {
+                self.close();
+                other
+            }
         }
     }
 

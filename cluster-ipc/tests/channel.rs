@@ -526,3 +526,25 @@ fn a_planted_leak_fails_the_check() {
     assert!(leaked.is_err(), "the leak check let a leak through");
     drop((r, w));
 }
+
+#[test]
+fn after_the_peer_stops_reading_what_it_sent_before_can_still_be_read() {
+    for transport in BOTH {
+        no_leak(|| {
+            let (mut a, mut b) = pair(transport);
+            let (r, w) = std::io::pipe().unwrap();
+            b.send(Kind::User, None, "returned", &[w.as_fd()]).unwrap();
+            drop(w);
+            // The peer leaves the way a closing worker does: shut down, keep the fd open.
+            socket::shutdown(b.as_fd().as_raw_fd(), socket::Shutdown::Both).unwrap();
+            let err = a.send(Kind::User, None, "too late", &[]).unwrap_err();
+            assert!(matches!(err, Error::Closed), "{err:?}");
+            assert!(a.is_send_closed() && !a.is_closed());
+            let frame = recv(&mut a).unwrap();
+            assert_eq!(frame.decode::<String>().unwrap(), "returned");
+            prove_fds_work(frame.fds, vec![r]);
+            assert!(matches!(recv(&mut a), Err(Error::Closed)));
+            drop(b);
+        });
+    }
+}
