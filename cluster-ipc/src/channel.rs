@@ -10,7 +10,7 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrLike, So
 use serde::Serialize;
 
 use crate::Error;
-use crate::frame::{Decoder, Frame, Kind, Limits, Status, encode_message};
+use crate::frame::{Decoder, Frame, Kind, Limits, Status, encode_message, encode_raw};
 use crate::sys::{self, CmsgBuffer};
 
 /// The kind of socket under a [`Channel`].
@@ -230,14 +230,41 @@ impl Channel {
         msg: &T,
         fds: &[BorrowedFd<'_>],
     ) -> Result<u64, Error> {
+        let (fd_count, limits) = (fds.len(), *self.limits());
+        self.send_frame(fds, |out, seq| {
+            encode_message(out, kind, seq, ack, fd_count, msg, &limits)
+        })
+    }
+
+    /// Sends a frame whose body is already encoded (for example a message being forwarded),
+    /// like [`send`](Channel::send) otherwise.
+    pub fn send_raw(
+        &mut self,
+        kind: Kind,
+        ack: Option<u64>,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<u64, Error> {
+        let (fd_count, limits) = (fds.len(), *self.limits());
+        self.send_frame(fds, |out, seq| {
+            encode_raw(out, kind, seq, ack, fd_count, body, &limits)
+        })
+    }
+
+    /// Encodes a frame with the next sequence number into the reusable buffer and sends it;
+    /// the number is used up only if the frame was sent or queued.
+    fn send_frame(
+        &mut self,
+        fds: &[BorrowedFd<'_>],
+        encode: impl FnOnce(&mut Vec<u8>, u64) -> Result<(), Error>,
+    ) -> Result<u64, Error> {
         if self.closed || self.send_closed {
             return Err(Error::Closed);
         }
         let seq = self.next_seq;
         let mut frame = std::mem::take(&mut self.encode_buf);
         frame.clear();
-        let encoded = encode_message(&mut frame, kind, seq, ack, fds.len(), msg, self.limits());
-        let result = encoded.and_then(|()| self.send_encoded(&frame, fds));
+        let result = encode(&mut frame, seq).and_then(|()| self.send_encoded(&frame, fds));
         self.encode_buf = frame;
         result?;
         self.next_seq += 1;
@@ -301,8 +328,19 @@ impl Channel {
         }
         while let Some(mut out) = self.outgoing.pop_front() {
             let borrowed: Vec<BorrowedFd<'_>> = out.fds.iter().map(AsFd::as_fd).collect();
-            let written = self.write_frame(&out.bytes[out.sent..], &borrowed)?;
+            let written = self.write_frame(&out.bytes[out.sent..], &borrowed);
             drop(borrowed);
+            let written = match written {
+                Ok(written) => written,
+                Err(err) => {
+                    // A transient failure keeps the frame for the next flush; a fatal one
+                    // already emptied the queue.
+                    if !self.is_send_closed() {
+                        self.outgoing.push_front(out);
+                    }
+                    return Err(err);
+                }
+            };
             if written > 0 {
                 // Whatever was written carried the fds; never send them twice.
                 out.fds.clear();
@@ -502,18 +540,21 @@ impl Channel {
     }
 
     /// A failed `sendmsg`. If the peer merely stopped reading, keep the receive side: frames
-    /// it sent before leaving (acks, returned fds) must still be read. Anything else closes.
+    /// it sent before leaving (acks, returned fds) must still be read. Running short of kernel
+    /// resources (too many fds in flight for this user, no buffer memory) is back-pressure,
+    /// not a broken channel. Anything else closes it.
     fn fail_send(&mut self, err: io::Error) -> Error {
-        match peer_gone_or_io("sendmsg", err) {
-            Error::Closed => {
+        match err.raw_os_error() {
+            Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) => {
                 self.send_closed = true;
                 self.outgoing.clear();
                 self.queued_bytes = 0;
                 Error::Closed
             }
-            other => {
+            Some(libc::ETOOMANYREFS | libc::ENOBUFS | libc::ENOMEM) => Error::io("sendmsg", err),
+            _ => {
                 self.close();
-                other
+                Error::io("sendmsg", err)
             }
         }
     }
