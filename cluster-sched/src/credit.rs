@@ -5,32 +5,39 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::{Action, Config, ConnId, Error, PendingBound, WorkerId, WorkerStatus};
 
+/// A live worker's dense index into the roster, reused after it leaves.
+///
+/// Selectors and the dispatch loop work with keys, so a turn costs no map lookup: only an
+/// input that names a worker by [`WorkerId`] pays for one.
+pub(crate) type WorkerKey = usize;
+
 /// Chooses whose turn it is among the workers that can take a connection.
 ///
 /// The core keeps the selector holding exactly the workers that are not draining and have
 /// credit, each once: it adds a worker when it gains credit (joining, or an ack or return
 /// after it ran out), takes it out for a turn, and puts it back after the turn if it still
-/// has credit.
+/// has credit. Which key a worker has must not matter to the order: keys are reused.
 pub(crate) trait Selector {
     /// Adds a worker that can take a connection, behind those already waiting among equals.
-    fn push(&mut self, worker: WorkerId, load: u64);
+    fn push(&mut self, key: WorkerKey, load: u64);
 
     /// Takes out the worker whose turn it is.
-    fn pop(&mut self) -> Option<WorkerId>;
+    fn pop(&mut self) -> Option<WorkerKey>;
 
     /// Takes out a worker that can no longer take connections (draining or gone).
-    fn remove(&mut self, worker: WorkerId);
+    fn remove(&mut self, key: WorkerKey);
 
     /// A waiting worker's load changed; it keeps its place among equals.
-    fn reload(&mut self, worker: WorkerId, load: u64);
+    fn reload(&mut self, key: WorkerKey, load: u64);
 
     /// Whether no worker can take a connection.
     fn is_empty(&self) -> bool;
 }
 
 /// One live worker as the core sees it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct WorkerEntry {
+    id: WorkerId,
     /// Handed and not yet acked or returned, oldest first.
     in_flight: VecDeque<ConnId>,
     draining: bool,
@@ -44,6 +51,17 @@ struct WorkerEntry {
 }
 
 impl WorkerEntry {
+    fn new(id: WorkerId) -> Self {
+        Self {
+            id,
+            in_flight: VecDeque::new(),
+            draining: false,
+            reported_open: 0,
+            delivered_since_report: 0,
+            batch: None,
+        }
+    }
+
     fn can_take(&self, window: usize) -> bool {
         !self.draining && self.in_flight.len() < window
     }
@@ -56,11 +74,88 @@ impl WorkerEntry {
     }
 }
 
+/// The live workers: ids to keys, and entries by key.
+#[derive(Debug, Default)]
+struct Roster {
+    keys: BTreeMap<WorkerId, WorkerKey>,
+    entries: Vec<Option<WorkerEntry>>,
+    free_keys: Vec<WorkerKey>,
+}
+
+impl Roster {
+    fn key(&self, worker: WorkerId) -> Result<WorkerKey, Error> {
+        self.keys
+            .get(&worker)
+            .copied()
+            .ok_or(Error::UnknownWorker { worker })
+    }
+
+    fn get(&self, key: WorkerKey) -> Option<&WorkerEntry> {
+        self.entries.get(key).and_then(Option::as_ref)
+    }
+
+    fn get_mut(&mut self, key: WorkerKey) -> Option<&mut WorkerEntry> {
+        self.entries.get_mut(key).and_then(Option::as_mut)
+    }
+
+    /// Looks a worker up by id, for inputs that name one.
+    fn find_mut(&mut self, worker: WorkerId) -> Result<(WorkerKey, &mut WorkerEntry), Error> {
+        let key = self.key(worker)?;
+        let entry = self.get_mut(key).ok_or(Error::UnknownWorker { worker })?;
+        Ok((key, entry))
+    }
+
+    fn insert(&mut self, worker: WorkerId) -> Result<WorkerKey, Error> {
+        if self.keys.contains_key(&worker) {
+            return Err(Error::DuplicateWorker { worker });
+        }
+        let entry = Some(WorkerEntry::new(worker));
+        let key = match self.free_keys.pop() {
+            Some(key) => {
+                if let Some(slot) = self.entries.get_mut(key) {
+                    *slot = entry;
+                }
+                key
+            }
+            None => {
+                self.entries.push(entry);
+                self.entries.len() - 1
+            }
+        };
+        self.keys.insert(worker, key);
+        Ok(key)
+    }
+
+    fn remove(&mut self, worker: WorkerId) -> Result<(WorkerKey, WorkerEntry), Error> {
+        let key = self.key(worker)?;
+        let entry = self
+            .entries
+            .get_mut(key)
+            .and_then(Option::take)
+            .ok_or(Error::UnknownWorker { worker })?;
+        self.keys.remove(&worker);
+        self.free_keys.push(key);
+        Ok((key, entry))
+    }
+
+    fn by_id(&self, worker: WorkerId) -> Option<&WorkerEntry> {
+        self.key(worker).ok().and_then(|key| self.get(key))
+    }
+
+    fn ids(&self) -> impl Iterator<Item = WorkerId> + '_ {
+        self.keys.keys().copied()
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
 /// The shared state machine, generic over whose turn it is.
 #[derive(Debug)]
 pub(crate) struct Core<S> {
     config: Config,
-    workers: BTreeMap<WorkerId, WorkerEntry>,
+    workers: Roster,
     /// Live workers that are not draining, for the default pending bound.
     active_workers: usize,
     selector: S,
@@ -69,14 +164,14 @@ pub(crate) struct Core<S> {
     accept_paused: bool,
     shut_down: bool,
     /// The batches of the step being dispatched, in the order each worker first got a turn.
-    step_batches: Vec<(WorkerId, Vec<ConnId>)>,
+    step_batches: Vec<(WorkerKey, Vec<ConnId>)>,
 }
 
 impl<S: Selector> Core<S> {
     pub(crate) fn new(config: Config, selector: S) -> Self {
         let mut core = Self {
             config,
-            workers: BTreeMap::new(),
+            workers: Roster::default(),
             active_workers: 0,
             selector,
             pending: VecDeque::new(),
@@ -96,30 +191,24 @@ impl<S: Selector> Core<S> {
     }
 
     pub(crate) fn worker_joined(&mut self, worker: WorkerId) -> Result<(), Error> {
-        if self.workers.contains_key(&worker) {
-            return Err(Error::DuplicateWorker { worker });
-        }
+        let key = self.workers.insert(worker)?;
         tracing::trace!(worker = worker.0, "worker joined");
-        self.workers.insert(worker, WorkerEntry::default());
         self.active_workers += 1;
-        self.selector.push(worker, 0);
+        self.selector.push(key, 0);
         self.finish_step();
         Ok(())
     }
 
     pub(crate) fn worker_draining(&mut self, worker: WorkerId) -> Result<(), Error> {
         let window = self.window();
-        let entry = self
-            .workers
-            .get_mut(&worker)
-            .ok_or(Error::UnknownWorker { worker })?;
+        let (key, entry) = self.workers.find_mut(worker)?;
         if entry.draining {
             tracing::trace!(worker = worker.0, "worker already draining");
             return Ok(());
         }
         tracing::trace!(worker = worker.0, "worker draining");
         if entry.can_take(window) {
-            self.selector.remove(worker);
+            self.selector.remove(key);
         }
         entry.draining = true;
         self.active_workers = self.active_workers.saturating_sub(1);
@@ -129,10 +218,7 @@ impl<S: Selector> Core<S> {
 
     pub(crate) fn worker_left(&mut self, worker: WorkerId) -> Result<(), Error> {
         let window = self.window();
-        let entry = self
-            .workers
-            .remove(&worker)
-            .ok_or(Error::UnknownWorker { worker })?;
+        let (key, entry) = self.workers.remove(worker)?;
         tracing::trace!(
             worker = worker.0,
             in_flight = entry.in_flight.len(),
@@ -141,7 +227,7 @@ impl<S: Selector> Core<S> {
         if !entry.draining {
             self.active_workers = self.active_workers.saturating_sub(1);
             if entry.can_take(window) {
-                self.selector.remove(worker);
+                self.selector.remove(key);
             }
         }
         self.requeue_front(entry.in_flight);
@@ -160,10 +246,7 @@ impl<S: Selector> Core<S> {
 
     pub(crate) fn acked(&mut self, worker: WorkerId, count: usize) -> Result<Vec<ConnId>, Error> {
         let window = self.window();
-        let entry = self
-            .workers
-            .get_mut(&worker)
-            .ok_or(Error::UnknownWorker { worker })?;
+        let (key, entry) = self.workers.find_mut(worker)?;
         let in_flight = entry.in_flight.len();
         if count > in_flight {
             return Err(Error::AckExceedsInFlight {
@@ -180,7 +263,7 @@ impl<S: Selector> Core<S> {
         // worker already waiting for a turn is unchanged; only one that was out of credit
         // needs to rejoin, at the back.
         if !could_take && entry.can_take(window) {
-            self.selector.push(worker, entry.load());
+            self.selector.push(key, entry.load());
         }
         self.finish_step();
         Ok(delivered)
@@ -188,10 +271,7 @@ impl<S: Selector> Core<S> {
 
     pub(crate) fn returned(&mut self, worker: WorkerId, conns: &[ConnId]) -> Result<(), Error> {
         let window = self.window();
-        let entry = self
-            .workers
-            .get_mut(&worker)
-            .ok_or(Error::UnknownWorker { worker })?;
+        let (key, entry) = self.workers.find_mut(worker)?;
         let could_take = entry.can_take(window);
         let back = take_in_flight(worker, &mut entry.in_flight, conns)?;
         tracing::trace!(
@@ -202,9 +282,9 @@ impl<S: Selector> Core<S> {
         // A worker still waiting for a turn keeps its place (with its lower load); one that
         // was out of credit rejoins at the back, as after an ack.
         if could_take {
-            self.selector.reload(worker, entry.load());
+            self.selector.reload(key, entry.load());
         } else if entry.can_take(window) {
-            self.selector.push(worker, entry.load());
+            self.selector.push(key, entry.load());
         }
         self.requeue_front(back);
         self.finish_step();
@@ -213,14 +293,11 @@ impl<S: Selector> Core<S> {
 
     pub(crate) fn load_report(&mut self, worker: WorkerId, open: u32) -> Result<(), Error> {
         let window = self.window();
-        let entry = self
-            .workers
-            .get_mut(&worker)
-            .ok_or(Error::UnknownWorker { worker })?;
+        let (key, entry) = self.workers.find_mut(worker)?;
         entry.reported_open = open;
         entry.delivered_since_report = 0;
         if entry.can_take(window) {
-            self.selector.reload(worker, entry.load());
+            self.selector.reload(key, entry.load());
         }
         // Nothing pending can be waiting while this worker has credit, so there is nothing to
         // dispatch and the accept state cannot change.
@@ -263,12 +340,12 @@ impl<S: Selector> Core<S> {
     fn dispatch_pending(&mut self) {
         let window = self.window();
         while !self.pending.is_empty() {
-            let Some(worker) = self.selector.pop() else {
+            let Some(key) = self.selector.pop() else {
                 break;
             };
-            let Some(entry) = self.workers.get_mut(&worker) else {
+            let Some(entry) = self.workers.get_mut(key) else {
                 // The selector only ever holds live workers; skipping beats trusting a bug.
-                tracing::trace!(worker = worker.0, "selector held a worker that is gone");
+                tracing::trace!(key, "selector held a worker that is gone");
                 continue;
             };
             let Some(conn) = self.pending.pop_front() else {
@@ -276,26 +353,30 @@ impl<S: Selector> Core<S> {
             };
             entry.in_flight.push_back(conn);
             let batch = *entry.batch.get_or_insert_with(|| {
-                self.step_batches.push((worker, Vec::new()));
+                self.step_batches.push((key, Vec::new()));
                 self.step_batches.len() - 1
             });
             if let Some((_, conns)) = self.step_batches.get_mut(batch) {
                 conns.push(conn);
             }
             if entry.can_take(window) {
-                self.selector.push(worker, entry.load());
+                self.selector.push(key, entry.load());
             }
         }
         self.emit_batches();
     }
 
     fn emit_batches(&mut self) {
-        for (worker, conns) in self.step_batches.drain(..) {
-            if let Some(entry) = self.workers.get_mut(&worker) {
-                entry.batch = None;
-            }
-            tracing::trace!(worker = worker.0, conns = conns.len(), "handoff");
-            self.actions.push_back(Action::Handoff { worker, conns });
+        for (key, conns) in self.step_batches.drain(..) {
+            let Some(entry) = self.workers.get_mut(key) else {
+                continue;
+            };
+            entry.batch = None;
+            tracing::trace!(worker = entry.id.0, conns = conns.len(), "handoff");
+            self.actions.push_back(Action::Handoff {
+                worker: entry.id,
+                conns,
+            });
         }
     }
 
@@ -344,7 +425,7 @@ impl<S: Selector> Core<S> {
     }
 
     pub(crate) fn workers(&self) -> Vec<WorkerId> {
-        self.workers.keys().copied().collect()
+        self.workers.ids().collect()
     }
 
     pub(crate) fn worker_count(&self) -> usize {
@@ -353,7 +434,7 @@ impl<S: Selector> Core<S> {
 
     pub(crate) fn worker_status(&self, worker: WorkerId) -> Option<WorkerStatus> {
         let window = self.window();
-        self.workers.get(&worker).map(|entry| WorkerStatus {
+        self.workers.by_id(worker).map(|entry| WorkerStatus {
             in_flight: entry.in_flight.len(),
             credit: if entry.draining {
                 0
@@ -367,7 +448,7 @@ impl<S: Selector> Core<S> {
 
     pub(crate) fn in_flight_conns(&self, worker: WorkerId) -> Option<Vec<ConnId>> {
         self.workers
-            .get(&worker)
+            .by_id(worker)
             .map(|entry| entry.in_flight.iter().copied().collect())
     }
 }

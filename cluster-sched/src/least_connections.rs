@@ -1,10 +1,11 @@
 //! Least-connections dispatch: the worker with the lightest load takes the next connection.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::num::NonZeroU32;
 
-use crate::credit::{Core, Selector, dispatch_via_core};
-use crate::{Config, WorkerId};
+use crate::Config;
+use crate::credit::{Core, Selector, WorkerKey, dispatch_via_core};
 
 /// Least-connections dispatch with the same credit window as [`RoundRobin`](crate::RoundRobin).
 ///
@@ -15,8 +16,9 @@ use crate::{Config, WorkerId};
 /// longest (since joining, since its last turn, or since it got credit back) goes first. The
 /// window, return, drain, leave, back-pressure and shutdown rules are those of `RoundRobin`.
 ///
-/// Choosing a worker is O(log n): the workers with credit sit in an ordered set keyed by
-/// (load, turn order).
+/// Choosing a worker is O(log n): the workers with credit sit in a binary heap keyed by
+/// (load, turn order). Inputs that name a worker pay one O(log n) lookup of its id, and a
+/// load report one heap insertion.
 #[derive(Debug)]
 pub struct LeastConnections {
     core: Core<LoadOrder>,
@@ -48,58 +50,141 @@ struct Place {
     turn: u64,
 }
 
+impl Place {
+    /// The place as one number that sorts the same way.
+    fn rank(self) -> u128 {
+        (u128::from(self.load) << 64) | u128::from(self.turn)
+    }
+}
+
+/// A heap entry. It orders by rank alone, reversed so the heap yields the lowest first: one
+/// comparison of one number, without the branches of a tuple comparison, which matters
+/// because the heap compares on every level of every turn. Ranks are unique per worker (each
+/// turn number is given out once), so ordering by rank alone is consistent with equality.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    rank: u128,
+    key: WorkerKey,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.rank == other.rank
+    }
+}
+
+impl Eq for Entry {}
+
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.rank.cmp(&self.rank)
+    }
+}
+
 /// The workers with credit, ordered by [`Place`].
+///
+/// A binary heap with lazy deletion: a worker's current place is kept by key, and a heap
+/// entry that no longer matches it (the worker left the queue, or its load changed and a new
+/// entry was pushed) is stale and skipped when it surfaces. That is cheaper per turn than an
+/// ordered set, which matters because a turn is taken per connection.
 #[derive(Debug, Default)]
 pub(crate) struct LoadOrder {
-    order: BTreeSet<(Place, WorkerId)>,
-    places: BTreeMap<WorkerId, Place>,
+    heap: BinaryHeap<Entry>,
+    /// Each waiting worker's current place, by key; `None` for a worker not waiting.
+    places: Vec<Option<Place>>,
+    waiting: usize,
     next_turn: u64,
 }
 
+/// Stale entries are swept out once they outnumber live ones by this much, so the heap stays
+/// within a constant factor of the number of waiting workers.
+const STALE_SLACK: usize = 64;
+
+impl LoadOrder {
+    fn place_mut(&mut self, key: WorkerKey) -> &mut Option<Place> {
+        if self.places.len() <= key {
+            self.places.resize(key + 1, None);
+        }
+        &mut self.places[key]
+    }
+
+    fn is_current(places: &[Option<Place>], entry: Entry) -> bool {
+        places.get(entry.key).copied().flatten().map(Place::rank) == Some(entry.rank)
+    }
+
+    fn enqueue(&mut self, place: Place, key: WorkerKey) {
+        if self.place_mut(key).replace(place).is_none() {
+            self.waiting += 1;
+        }
+        self.heap.push(Entry {
+            rank: place.rank(),
+            key,
+        });
+        self.sweep_if_stale();
+    }
+
+    fn sweep_if_stale(&mut self) {
+        if self.heap.len() > 2 * self.waiting + STALE_SLACK {
+            let places = &self.places;
+            self.heap.retain(|entry| Self::is_current(places, *entry));
+        }
+    }
+}
+
 impl Selector for LoadOrder {
-    fn push(&mut self, worker: WorkerId, load: u64) {
+    fn push(&mut self, key: WorkerKey, load: u64) {
         let place = Place {
             load,
             turn: self.next_turn,
         };
+        // A u64 of turns outlasts any process: 584 years at a billion turns a second.
         self.next_turn += 1;
-        if let Some(old) = self.places.insert(worker, place) {
-            // The core never pushes a worker that is already waiting; keep one place anyway.
-            self.order.remove(&(old, worker));
+        self.enqueue(place, key);
+    }
+
+    fn pop(&mut self) -> Option<WorkerKey> {
+        while let Some(entry) = self.heap.pop() {
+            if Self::is_current(&self.places, entry) {
+                *self.place_mut(entry.key) = None;
+                self.waiting -= 1;
+                return Some(entry.key);
+            }
         }
-        self.order.insert((place, worker));
+        None
     }
 
-    fn pop(&mut self) -> Option<WorkerId> {
-        let (_, worker) = self.order.pop_first()?;
-        self.places.remove(&worker);
-        Some(worker)
-    }
-
-    fn remove(&mut self, worker: WorkerId) {
-        if let Some(place) = self.places.remove(&worker) {
-            self.order.remove(&(place, worker));
+    fn remove(&mut self, key: WorkerKey) {
+        if self.place_mut(key).take().is_some() {
+            self.waiting -= 1;
+            self.sweep_if_stale();
         }
     }
 
-    fn reload(&mut self, worker: WorkerId, load: u64) {
-        let Some(place) = self.places.get_mut(&worker) else {
+    fn reload(&mut self, key: WorkerKey, load: u64) {
+        let Some(place) = *self.place_mut(key) else {
             return;
         };
-        self.order.remove(&(*place, worker));
-        place.load = load;
-        self.order.insert((*place, worker));
+        if place.load != load {
+            // Same turn, new load: the worker keeps its place among equals.
+            self.enqueue(Place { load, ..place }, key);
+        }
     }
 
     fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.waiting == 0
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Action, ConnId, Dispatch};
+    use crate::{Action, ConnId, Dispatch, WorkerId};
 
     fn handoff(worker: u64, conns: &[u64]) -> Action {
         Action::Handoff {
@@ -188,5 +273,32 @@ mod tests {
         lc.returned(WorkerId(2), &[ConnId(1)]).unwrap();
         // Conn 1 goes back out: loads 1 and 1, and worker 1 has waited longer.
         assert_eq!(lc.take_actions(), vec![handoff(1, &[1])]);
+    }
+
+    #[test]
+    fn stale_heap_entries_are_swept_and_never_chosen() {
+        let mut order = LoadOrder::default();
+        for key in 0..3 {
+            order.push(key, 10);
+        }
+        // Many load changes without a turn leave stale entries behind.
+        for round in 0..1_000u64 {
+            for key in 0..3 {
+                order.reload(key, 10 + (round + key as u64) % 7);
+            }
+        }
+        assert!(
+            order.heap.len() <= 2 * 3 + STALE_SLACK + 1,
+            "{}",
+            order.heap.len()
+        );
+        order.remove(1);
+        order.reload(0, 5);
+        order.reload(2, 5);
+        // Equal loads: key 0 was queued first, so it goes first; key 1 is gone.
+        assert_eq!(order.pop(), Some(0));
+        assert_eq!(order.pop(), Some(2));
+        assert_eq!(order.pop(), None);
+        assert!(order.is_empty());
     }
 }

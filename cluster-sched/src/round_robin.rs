@@ -3,8 +3,8 @@
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
 
-use crate::credit::{Core, Selector, dispatch_via_core};
-use crate::{Config, WorkerId};
+use crate::Config;
+use crate::credit::{Core, Selector, WorkerKey, dispatch_via_core};
 
 /// Round-robin dispatch with a credit window per worker.
 ///
@@ -19,9 +19,9 @@ use crate::{Config, WorkerId};
 /// flight are dispatched again instead of leaked, and accept pauses instead of queueing
 /// without bound.
 ///
-/// Choosing a worker is O(1); a worker joining is O(log n), and a worker leaving or starting
-/// to drain while it waits for a turn is O(n), which is fine because that happens per worker,
-/// not per connection.
+/// Choosing a worker is O(1). An input that names a worker (an ack, a return, a join) pays
+/// one O(log n) lookup of its id. A worker leaving or starting to drain while it waits for a
+/// turn costs O(n), which is fine because that happens per worker, not per connection.
 ///
 /// Use it through the [`Dispatch`](crate::Dispatch) trait; see the crate docs for an example.
 #[derive(Debug)]
@@ -50,23 +50,23 @@ dispatch_via_core!(RoundRobin);
 /// The rotation: the workers with credit, in the order their turns come.
 #[derive(Debug, Default)]
 pub(crate) struct Rotation {
-    queue: VecDeque<WorkerId>,
+    queue: VecDeque<WorkerKey>,
 }
 
 impl Selector for Rotation {
-    fn push(&mut self, worker: WorkerId, _load: u64) {
-        self.queue.push_back(worker);
+    fn push(&mut self, key: WorkerKey, _load: u64) {
+        self.queue.push_back(key);
     }
 
-    fn pop(&mut self) -> Option<WorkerId> {
+    fn pop(&mut self) -> Option<WorkerKey> {
         self.queue.pop_front()
     }
 
-    fn remove(&mut self, worker: WorkerId) {
-        self.queue.retain(|&waiting| waiting != worker);
+    fn remove(&mut self, key: WorkerKey) {
+        self.queue.retain(|&waiting| waiting != key);
     }
 
-    fn reload(&mut self, _worker: WorkerId, _load: u64) {}
+    fn reload(&mut self, _key: WorkerKey, _load: u64) {}
 
     fn is_empty(&self) -> bool {
         self.queue.is_empty()
@@ -76,7 +76,7 @@ impl Selector for Rotation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Action, ConnId, Dispatch, Error, PendingBound};
+    use crate::{Action, ConnId, Dispatch, Error, PendingBound, WorkerId};
 
     fn window(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap()
