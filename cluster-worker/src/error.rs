@@ -1,0 +1,193 @@
+//! The crate's one error type.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything that can go wrong in a worker.
+///
+/// [`From<Error> for io::Error`](#impl-From<Error>-for-Error) picks the [`io::ErrorKind`] a plain
+/// socket call would have given, so that [`Worker::listen`](crate::Worker::listen) can stand in
+/// for `TcpListener::bind`: a listen the primary refused with `EADDRINUSE` becomes an
+/// `io::Error` of kind [`AddrInUse`](io::ErrorKind::AddrInUse).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An environment variable of the worker contract is missing or malformed.
+    #[error("environment variable {var}: {reason}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// [`Worker::start`](crate::Worker::start) was called a second time in this process.
+    #[error("the worker was already started in this process")]
+    AlreadyStarted,
+    /// The control channel failed.
+    #[error("control channel")]
+    Ipc(#[from] cluster_ipc::Error),
+    /// The primary did not answer `Hello` in time.
+    #[error("the primary did not answer the handshake within {timeout:?}")]
+    HandshakeTimedOut {
+        /// The handshake timeout.
+        timeout: Duration,
+    },
+    /// The primary refused this worker in the handshake.
+    #[error("the primary refused this worker: {reason}")]
+    Refused {
+        /// The primary's reason.
+        reason: String,
+    },
+    /// The primary speaks another version of the control protocol.
+    #[error("protocol version mismatch: this worker speaks {worker}, the primary {primary}")]
+    VersionMismatch {
+        /// The version this worker speaks.
+        worker: u32,
+        /// The version the primary announced.
+        primary: u32,
+    },
+    /// The primary broke the protocol: an unexpected reply, a missing fd, a malformed batch.
+    #[error("protocol error from the primary while {context}: {detail}")]
+    Protocol {
+        /// What the worker was doing.
+        context: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The primary refused to listen on an address.
+    #[error("listen on {addr} refused: {message} ({})", io::Error::from_raw_os_error(*errno))]
+    ListenRefused {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error number the primary got (`EADDRINUSE`, `EACCES`, ...).
+        errno: i32,
+        /// The primary's description.
+        message: String,
+    },
+    /// The worker is disconnecting, so it takes no new listeners.
+    #[error("the worker is disconnecting")]
+    Disconnecting,
+    /// The control channel is closed: the primary is gone (or broke the protocol).
+    #[error("the control channel to the primary is closed")]
+    ChannelClosed,
+    /// A request to the primary got no answer in time.
+    #[error("no answer from the primary to {op} within {timeout:?}")]
+    TimedOut {
+        /// The request.
+        op: &'static str,
+        /// How long the worker waited.
+        timeout: Duration,
+    },
+    /// A user message does not fit in one frame of the control channel.
+    #[error("a message of at least {len} bytes does not fit the {max}-byte frame limit")]
+    MessageTooLarge {
+        /// The frame's length (or at least this much: encoding stops at the limit).
+        len: usize,
+        /// The frame limit of the control channel.
+        max: usize,
+    },
+    /// Too many user messages wait to be sent: the primary is not reading.
+    #[error("{queued} bytes of messages already wait for the primary (limit {max})")]
+    SendQueueFull {
+        /// Bytes waiting.
+        queued: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// A user message could not be encoded.
+    #[error("could not encode a message")]
+    Encode(#[source] postcard::Error),
+    /// A user message could not be decoded as the type asked for.
+    #[error("could not decode a message")]
+    Decode(#[source] postcard::Error),
+    /// The listener is closed (by [`Listener::close`](crate::Listener::close), a disconnect, or
+    /// the primary).
+    #[error("the listener is closed")]
+    ListenerClosed,
+    /// A call that waits for the worker's control thread was made on that thread (from a
+    /// message or disconnect callback), where it could never be answered.
+    #[error("{op} cannot be called from a worker callback (it would wait for itself)")]
+    OnControlThread {
+        /// The call.
+        op: &'static str,
+    },
+    /// What was asked for is not supported by this version of the worker.
+    #[error("not supported: {what}")]
+    Unsupported {
+        /// What.
+        what: &'static str,
+    },
+    /// A system call failed.
+    #[error("{op} failed")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// What the operating system reported.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, source: io::Error) -> Error {
+        Error::Io { op, source }
+    }
+
+    pub(crate) fn errno(op: &'static str, errno: nix::errno::Errno) -> Error {
+        Error::io(op, io::Error::from(errno))
+    }
+
+    pub(crate) fn protocol(context: &'static str, detail: impl Into<String>) -> Error {
+        Error::Protocol {
+            context,
+            detail: detail.into(),
+        }
+    }
+
+    /// The [`io::ErrorKind`] this error converts to.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Error::ListenRefused { errno, .. } => io::Error::from_raw_os_error(*errno).kind(),
+            Error::Io { source, .. } => source.kind(),
+            Error::Ipc(cluster_ipc::Error::Io { source, .. }) => source.kind(),
+            Error::Ipc(cluster_ipc::Error::TimedOut { .. })
+            | Error::HandshakeTimedOut { .. }
+            | Error::TimedOut { .. } => io::ErrorKind::TimedOut,
+            Error::Ipc(cluster_ipc::Error::Closed) | Error::ChannelClosed => {
+                io::ErrorKind::BrokenPipe
+            }
+            Error::Disconnecting | Error::ListenerClosed => io::ErrorKind::NotConnected,
+            Error::Refused { .. } => io::ErrorKind::ConnectionRefused,
+            Error::SendQueueFull { .. } => io::ErrorKind::WouldBlock,
+            Error::Unsupported { .. } => io::ErrorKind::Unsupported,
+            Error::Env { .. }
+            | Error::AlreadyStarted
+            | Error::MessageTooLarge { .. }
+            | Error::Encode(_)
+            | Error::OnControlThread { .. } => io::ErrorKind::InvalidInput,
+            Error::Ipc(_)
+            | Error::VersionMismatch { .. }
+            | Error::Protocol { .. }
+            | Error::Decode(_) => io::ErrorKind::InvalidData,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(err: Error) -> io::Error {
+        io::Error::new(err.kind(), err)
+    }
+}
+
+/// An error and its sources on one line, for a protocol error's detail.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,243 @@
+//! Round-robin delivery: connections the primary accepted arrive in batches on a handoff
+//! socket.
+//!
+//! The conversation (see `cluster_ipc::proto`): the primary sends `Connections { count }`
+//! with `count` sockets attached; the worker answers `ConnectionsAck { count }` as soon as
+//! `recvmsg` returned them, before any reaches the application, keeps them in a local FIFO and
+//! hands them out one by one. It reads the next batch only once the FIFO is empty, so the
+//! primary's credit window bounds what waits in this worker. To close, the worker sends the
+//! connections still in its FIFO back (`ConnectionsReturned`, fds attached) and shuts the
+//! socket down, so that the primary reads to the end before it re-dispatches anything.
+
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cluster_ipc::frame::KERNEL_MAX_FDS;
+use cluster_ipc::proto::Control;
+use cluster_ipc::{Channel, Frame, Kind, Limits};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::Taken;
+use crate::Error;
+use crate::error::error_chain;
+use crate::state::{WorkerState, deadline_after, lock};
+use crate::stream::OpenConnection;
+
+/// The frame limit on a handoff socket: its frames are tiny, but a generous limit costs
+/// nothing and leaves room for the primary's encoding to grow.
+const HANDOFF_MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// The least number of fds a handoff frame may carry, whatever the window, so that a primary
+/// that batches a little more than it announced is not taken for a hostile one.
+const MIN_HANDOFF_FDS: usize = 16;
+
+struct State {
+    channel: Channel,
+    /// Connections received and acked, not yet handed out.
+    fifo: VecDeque<OwnedFd>,
+    closed: bool,
+}
+
+/// A round-robin listener's handoff socket.
+pub(super) struct Handoff {
+    state: Mutex<State>,
+    /// A second fd for the same socket, polled by blocked `accept`s outside the lock (and
+    /// registered with mio). Shutting the socket down wakes every poller; the fd itself closes
+    /// only when the listener is dropped, so nobody ever polls a closed (or reused) number.
+    poll_fd: OwnedFd,
+    /// How long a send on the handoff socket may wait for a primary that is not reading.
+    send_timeout: Duration,
+}
+
+impl Handoff {
+    pub(super) fn new(fd: OwnedFd, window: u32, send_timeout: Duration) -> Result<Handoff, Error> {
+        let max_fds = usize::try_from(window)
+            .unwrap_or(KERNEL_MAX_FDS)
+            .clamp(MIN_HANDOFF_FDS, KERNEL_MAX_FDS);
+        let limits = Limits::new(HANDOFF_MAX_FRAME_LEN, max_fds)?;
+        let channel = Channel::from_fd(fd, limits)?;
+        let poll_fd = channel
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|err| Error::io("fcntl(F_DUPFD_CLOEXEC)", err))?;
+        Ok(Handoff {
+            state: Mutex::new(State {
+                channel,
+                fifo: VecDeque::new(),
+                closed: false,
+            }),
+            poll_fd,
+            send_timeout,
+        })
+    }
+
+    pub(super) fn readiness_fd(&self) -> BorrowedFd<'_> {
+        self.poll_fd.as_fd()
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        lock(&self.state).closed
+    }
+
+    /// The next connection, reading a new batch when the FIFO is empty; `Ok(None)` when
+    /// nothing is there. The connection is counted as open before the lock is released, so
+    /// a disconnect that closes this listener cannot slip in between.
+    pub(super) fn take(
+        &self,
+        worker: &Arc<WorkerState>,
+        nonblocking: bool,
+    ) -> Result<Option<Taken>, Error> {
+        let mut state = lock(&self.state);
+        loop {
+            if state.closed {
+                return Err(Error::ListenerClosed);
+            }
+            if let Some(fd) = state.fifo.pop_front() {
+                let open = OpenConnection::new(Arc::clone(worker));
+                drop(state);
+                let tcp = TcpStream::from(fd);
+                // Connections arrive non-blocking (the primary accepts with SOCK_NONBLOCK);
+                // this socket's open file is this connection's alone, so changing it is safe.
+                tcp.set_nonblocking(nonblocking)
+                    .map_err(|err| Error::io("fcntl(F_SETFL)", err))?;
+                return Ok(Some((tcp, open)));
+            }
+            match state.channel.try_recv() {
+                Ok(None) => return Ok(None),
+                Ok(Some(frame)) => self.accept_batch(&mut state, frame)?,
+                Err(cluster_ipc::Error::Closed) => {
+                    tracing::debug!("the primary closed the handoff socket");
+                    self.close_locked(&mut state);
+                    return Err(Error::ListenerClosed);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "handoff socket broken: closing the listener");
+                    self.close_locked(&mut state);
+                    return Err(Error::protocol("receiving connections", error_chain(&err)));
+                }
+            }
+        }
+    }
+
+    /// Checks a batch, acks it, and queues its connections. A malformed batch closes the
+    /// listener: its fds were not acked, so the primary still owns them.
+    fn accept_batch(&self, state: &mut State, frame: Frame) -> Result<(), Error> {
+        let count = match batch_count(&frame) {
+            Ok(count) => count,
+            Err(err) => {
+                tracing::warn!(error = %err, "bad batch on the handoff socket: closing the listener");
+                drop(frame);
+                self.close_locked(state);
+                return Err(err);
+            }
+        };
+        if count == 0 {
+            return Ok(());
+        }
+        let ack = Control::ConnectionsAck { count };
+        let deadline = Some(deadline_after(self.send_timeout));
+        if let Err(err) = state
+            .channel
+            .send_blocking(Kind::Control, None, &ack, &[], deadline)
+        {
+            tracing::warn!(error = %err, "cannot ack a batch: closing the listener");
+            drop(frame);
+            self.close_locked(state);
+            return Err(Error::protocol("acking connections", error_chain(&err)));
+        }
+        tracing::trace!(count, "acked a batch of connections");
+        state.fifo.extend(frame.fds);
+        Ok(())
+    }
+
+    /// Waits until the socket has something to read (or is shut down) or the timeout passes.
+    pub(super) fn wait(&self, timeout: PollTimeout) -> Result<(), Error> {
+        let mut fds = [PollFd::new(self.poll_fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(errno) => Err(Error::errno("poll", errno)),
+        }
+    }
+
+    /// Closes the listener; returns false if it already was.
+    pub(super) fn close(&self) -> bool {
+        let mut state = lock(&self.state);
+        if state.closed {
+            return false;
+        }
+        self.close_locked(&mut state);
+        true
+    }
+
+    fn close_locked(&self, state: &mut State) {
+        if state.closed {
+            return;
+        }
+        state.closed = true;
+        let unserved: Vec<OwnedFd> = state.fifo.drain(..).collect();
+        if !state.channel.is_closed() {
+            self.return_connections(&mut state.channel, &unserved);
+        }
+        // Both directions: the primary reads to the end of what we sent and then sees end of
+        // file; anything it still sends fails there instead of piling up here.
+        let _ = nix::sys::socket::shutdown(
+            state.channel.as_fd().as_raw_fd(),
+            nix::sys::socket::Shutdown::Both,
+        );
+        tracing::debug!(returned = unserved.len(), "round-robin listener closed");
+        // Dropping `unserved` closes this worker's copies; the primary has its own.
+    }
+
+    /// Sends the connections this worker will not serve back to the primary, in frames of at
+    /// most the fd limit (always at least one frame, so the primary sees the close in order).
+    fn return_connections(&self, channel: &mut Channel, unserved: &[OwnedFd]) {
+        let max_fds = channel.limits().max_fds().max(1);
+        let deadline = Some(deadline_after(self.send_timeout));
+        let mut chunks: Vec<&[OwnedFd]> = unserved.chunks(max_fds).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for chunk in chunks {
+            let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(AsFd::as_fd).collect();
+            let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
+            let returned = Control::ConnectionsReturned { count };
+            if let Err(err) = channel.send_blocking(Kind::Control, None, &returned, &fds, deadline)
+            {
+                // The primary is gone or stuck; it will re-dispatch what it never saw acked,
+                // and what it did see acked is lost with this worker.
+                tracing::warn!(error = %err, count, "could not return connections to the primary");
+                return;
+            }
+        }
+    }
+}
+
+/// The `count` of a `Connections` batch, checked against the fds that came with it.
+fn batch_count(frame: &Frame) -> Result<u32, Error> {
+    const CONTEXT: &str = "receiving connections";
+    if frame.kind() != Kind::Control {
+        return Err(Error::protocol(CONTEXT, "a user frame on a handoff socket"));
+    }
+    let message: Control = frame
+        .decode()
+        .map_err(|err| Error::protocol(CONTEXT, error_chain(&err)))?;
+    let Control::Connections { count } = message else {
+        return Err(Error::protocol(
+            CONTEXT,
+            format!("unexpected {message:?} on a handoff socket"),
+        ));
+    };
+    if usize::try_from(count).ok() != Some(frame.fds.len()) {
+        return Err(Error::protocol(
+            CONTEXT,
+            format!(
+                "a batch announced {count} connections but carried {} fds",
+                frame.fds.len()
+            ),
+        ));
+    }
+    Ok(count)
+}
