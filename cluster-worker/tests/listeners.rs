@@ -12,29 +12,14 @@ use cluster_ipc::proto::{Control, Delivery, ListenAddr, ListenMode, ListenerId};
 use cluster_ipc::{Channel, Frame, Kind};
 use cluster_worker::{Error, Listener, Stream, Worker};
 use support::{
-    FakePrimary, WAIT, connect_worker, deadline, finish, no_leak, options, round_robin_listener,
-    send_batch, tcp_connections, wait_until_blocked,
+    FakePrimary, WAIT, connect_worker, deadline, finish, no_leak, options, read_to_end,
+    round_robin_listener, send_batch, tcp_connections, wait_until_blocked,
 };
 
 fn handoff_message(handoff: &mut Channel) -> (Frame, Control) {
     let frame = handoff.recv(deadline()).unwrap();
     let message = frame.decode().unwrap();
     (frame, message)
-}
-
-/// Reads the handoff socket to its end: the last frames the worker sent, then end of file.
-fn read_to_end(handoff: &mut Channel) -> Vec<(Frame, Control)> {
-    let mut frames = Vec::new();
-    loop {
-        match handoff.recv(deadline()) {
-            Ok(frame) => {
-                let message = frame.decode().unwrap();
-                frames.push((frame, message));
-            }
-            Err(cluster_ipc::Error::Closed) => return frames,
-            Err(err) => panic!("the handoff socket failed: {err}"),
-        }
-    }
 }
 
 /// Checks that `stream` is the server side of `client`: a byte each way.

@@ -250,6 +250,21 @@ pub fn tcp_connections(n: usize) -> (Vec<TcpStream>, Vec<OwnedFd>) {
     (clients, ordered)
 }
 
+/// Reads a handoff socket to its end: the last frames the worker sent, then end of file.
+pub fn read_to_end(handoff: &mut Channel) -> Vec<(Frame, Control)> {
+    let mut frames = Vec::new();
+    loop {
+        match handoff.recv(deadline()) {
+            Ok(frame) => {
+                let message = frame.decode().unwrap();
+                frames.push((frame, message));
+            }
+            Err(cluster_ipc::Error::Closed) => return frames,
+            Err(err) => panic!("the handoff socket failed: {err}"),
+        }
+    }
+}
+
 /// Sends a `Connections` batch carrying `fds`.
 pub fn send_batch(handoff: &mut Channel, fds: &[OwnedFd]) {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
