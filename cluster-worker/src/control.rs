@@ -101,8 +101,22 @@ impl ControlLoop {
         let span = tracing::info_span!("worker", id = worker.id, slot = worker.slot);
         let _entered = span.enter();
         worker.register_control_thread();
-        self.run_loop();
-        // Everything the loop owned (channel, poll, signal pipe) is dropped by now.
+        let exit_when_disconnected = worker.options.exit_when_disconnected;
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        // Everything the loop owned (channel, poll, signal pipe) is dropped by now, even
+        // after a panic: the primary has seen the channel close.
+        if outcome.is_err() {
+            tracing::error!("the worker's control thread panicked");
+            for command in worker.close_commands() {
+                fail_command(command, || Error::ChannelClosed);
+            }
+            worker.close_messages();
+            worker.publish_disconnect(DisconnectReason::ChannelClosed);
+            if exit_when_disconnected {
+                // The worker cannot drain without its control thread; exit as a panic would.
+                std::process::exit(101);
+            }
+        }
         worker.mark_finished();
     }
 
@@ -135,6 +149,8 @@ impl ControlLoop {
     /// One turn: everything that can be done now.
     fn turn(&mut self) {
         self.receive();
+        // Flush first: commands held back by a full channel go as soon as it drains.
+        self.flush();
         self.run_commands();
         self.requests.on_time(Instant::now());
         self.complete_requests();

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 /// Everything that can go wrong in a worker.
 ///
-/// [`From<Error> for io::Error`](#impl-From<Error>-for-Error) picks the [`io::ErrorKind`] a plain
-/// socket call would have given, so that [`Worker::listen`](crate::Worker::listen) can stand in
-/// for `TcpListener::bind`: a listen the primary refused with `EADDRINUSE` becomes an
-/// `io::Error` of kind [`AddrInUse`](io::ErrorKind::AddrInUse).
+/// The conversion into an [`io::Error`] picks the [`kind`](Error::kind) a plain socket call
+/// would have given, so that [`Worker::listen`](crate::Worker::listen) can stand in for
+/// `TcpListener::bind`: a listen the primary refused with `EADDRINUSE` becomes an `io::Error`
+/// of kind [`AddrInUse`](io::ErrorKind::AddrInUse). The `io::Error` wraps this error, so it
+/// can be recovered with `downcast`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

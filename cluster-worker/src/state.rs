@@ -147,6 +147,14 @@ fn wait_until<'a, T>(
     }
 }
 
+/// Runs an application callback on the control thread; a panic in it is logged and goes no
+/// further, so that one bad callback cannot take the worker's control thread down.
+fn run_callback(what: &'static str, callback: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(callback)).is_err() {
+        tracing::error!(callback = what, "a worker callback panicked");
+    }
+}
+
 /// A deadline `timeout` from now, saturating far in the future instead of overflowing.
 pub(crate) fn deadline_after(timeout: Duration) -> Instant {
     let now = Instant::now();
@@ -348,7 +356,7 @@ impl WorkerState {
         drop(lifecycle);
         self.lifecycle_changed.notify_all();
         for callback in callbacks {
-            callback(reason);
+            run_callback("disconnect", || callback(reason));
         }
         true
     }
@@ -385,7 +393,7 @@ impl WorkerState {
         };
         // Never run application code under a lock it could want.
         drop(messages);
-        callback(message);
+        run_callback("message", || callback(message));
         let mut messages = lock(&self.messages);
         if messages.callback.is_none() {
             messages.callback = Some(callback);

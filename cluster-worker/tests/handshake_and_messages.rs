@@ -365,3 +365,56 @@ fn a_process_without_the_environment_is_not_a_worker() {
     assert!(Worker::start(options()).unwrap().is_none());
     assert!(Worker::current().is_none());
 }
+
+#[test]
+fn a_primary_that_does_not_read_pushes_back_and_nothing_is_lost() {
+    no_leak(|| {
+        let (worker, mut primary) = connect_worker(options());
+        let body = vec![0xA5u8; 60_000];
+        let mut sent = 0u32;
+        let refusal = loop {
+            assert!(sent < 10_000, "the queue never filled");
+            match worker.send(&(sent, &body)) {
+                Ok(()) => sent += 1,
+                Err(err) => break err,
+            }
+        };
+        assert!(
+            matches!(refusal, Error::SendQueueFull { .. }),
+            "{refusal:?}"
+        );
+        assert_eq!(io::Error::from(refusal).kind(), io::ErrorKind::WouldBlock);
+        // Everything accepted arrives, in order, once the primary reads.
+        for n in 0..sent {
+            let (got, got_body): (u32, Vec<u8>) = primary.recv().decode().unwrap();
+            assert_eq!(got, n);
+            assert_eq!(got_body.len(), body.len());
+        }
+        worker.send(&(sent, &body)).unwrap();
+        let (got, _): (u32, Vec<u8>) = primary.recv().decode().unwrap();
+        assert_eq!(got, sent);
+        finish(worker, primary);
+    });
+}
+
+#[test]
+fn a_panicking_callback_does_not_take_the_worker_down() {
+    no_leak(|| {
+        let (worker, mut primary) = connect_worker(options());
+        let (tx, rx) = mpsc::channel();
+        worker.on_message(move |message| {
+            let n: u32 = message.decode().unwrap();
+            assert_ne!(n, 0, "the first message makes this callback panic");
+            tx.send(n).unwrap();
+        });
+        primary.channel.send(Kind::User, None, &0u32, &[]).unwrap();
+        primary.channel.send(Kind::User, None, &1u32, &[]).unwrap();
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), 1);
+        let seq = primary
+            .channel
+            .send(Kind::Control, None, &Control::Heartbeat, &[])
+            .unwrap();
+        assert_eq!(primary.expect(Control::Ack).ack(), Some(seq));
+        finish(worker, primary);
+    });
+}
