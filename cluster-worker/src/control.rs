@@ -33,6 +33,9 @@ const SIGTERM: Token = Token(2);
 /// messages (`CloseListener`, `Disconnecting`) always have room behind them.
 const USER_QUEUE_SHARE: usize = 3 * 1024 * 1024;
 
+/// The least time between two load reports.
+const LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(10);
+
 /// How long an exiting worker waits for its last frames to leave.
 const EXIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -59,6 +62,8 @@ pub(crate) struct ControlLoop {
     /// Listeners to close on disconnect. Weak: a listener the application dropped is gone.
     listeners: BTreeMap<ListenerId, Weak<ListenerCore>>,
     disconnecting_since: Option<Instant>,
+    /// When the last load report went, and what it said.
+    last_load_report: Option<(Instant, u32)>,
 }
 
 impl ControlLoop {
@@ -92,6 +97,7 @@ impl ControlLoop {
             requests: Requests::new(),
             listeners: BTreeMap::new(),
             disconnecting_since: None,
+            last_load_report: None,
         })
     }
 
@@ -152,6 +158,7 @@ impl ControlLoop {
         // Flush first: commands held back by a full channel go as soon as it drains.
         self.flush();
         self.run_commands();
+        self.report_load();
         self.requests.on_time(Instant::now());
         self.complete_requests();
         self.flush();
@@ -163,11 +170,15 @@ impl ControlLoop {
             .disconnecting_since
             .filter(|_| self.worker.options.exit_when_disconnected)
             .map(|since| since + self.worker.drain_timeout);
-        let next = match (self.requests.next_deadline(), drain) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        next.map(|at| at.saturating_duration_since(Instant::now()))
+        let report = self
+            .last_load_report
+            .filter(|_| self.channel_open && self.worker.load_report_due())
+            .map(|(at, _)| at + LOAD_REPORT_INTERVAL);
+        [self.requests.next_deadline(), drain, report]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| at.saturating_duration_since(Instant::now()))
     }
 
     // ----- the channel -----
@@ -374,6 +385,32 @@ impl ControlLoop {
             tracing::error!(error = %err, "cannot track a request");
         }
         Ok(())
+    }
+
+    /// Tells the primary the open-connection count when it changed, at most once per
+    /// [`LOAD_REPORT_INTERVAL`] (a later turn sends what is still due).
+    fn report_load(&mut self) {
+        if !self.channel_open || !self.worker.load_report_due() {
+            return;
+        }
+        let now = Instant::now();
+        if let Some((at, _)) = self.last_load_report {
+            if now < at + LOAD_REPORT_INTERVAL {
+                return;
+            }
+        }
+        self.worker.take_load_report_due();
+        let open = u32::try_from(self.worker.open_connections()).unwrap_or(u32::MAX);
+        if self.last_load_report.map(|(_, sent)| sent) == Some(open) {
+            return;
+        }
+        self.last_load_report = Some((now, open));
+        self.send_control(
+            None,
+            &Control::LoadReport {
+                open_connections: open,
+            },
+        );
     }
 
     // ----- replies -----

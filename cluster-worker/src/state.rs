@@ -106,6 +106,7 @@ pub(crate) struct WorkerState {
     connections: Mutex<usize>,
     connections_changed: Condvar,
     disconnecting: AtomicBool,
+    load_report_due: AtomicBool,
     lifecycle: Mutex<Lifecycle>,
     lifecycle_changed: Condvar,
     messages: Mutex<Messages>,
@@ -193,6 +194,7 @@ impl WorkerState {
             connections: Mutex::new(0),
             connections_changed: Condvar::new(),
             disconnecting: AtomicBool::new(false),
+            load_report_due: AtomicBool::new(false),
             lifecycle: Mutex::default(),
             lifecycle_changed: Condvar::new(),
             message_arrived: Condvar::new(),
@@ -305,6 +307,7 @@ impl WorkerState {
 
     pub(crate) fn connection_opened(&self) {
         *lock(&self.connections) += 1;
+        self.load_changed();
     }
 
     pub(crate) fn connection_closed(&self) {
@@ -319,6 +322,26 @@ impl WorkerState {
                 self.wake();
             }
         }
+        self.load_changed();
+    }
+
+    /// Asks the control thread for a load report, once per batch of changes.
+    fn load_changed(&self) {
+        if self.options.load_reports == Some(true)
+            && !self.load_report_due.swap(true, Ordering::AcqRel)
+        {
+            self.wake();
+        }
+    }
+
+    /// True (once) when the open-connection count changed since the last call.
+    pub(crate) fn take_load_report_due(&self) -> bool {
+        self.load_report_due.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether a load report waits (without taking it).
+    pub(crate) fn load_report_due(&self) -> bool {
+        self.load_report_due.load(Ordering::Acquire)
     }
 
     pub(crate) fn open_connections(&self) -> usize {

@@ -48,6 +48,7 @@ pub struct WorkerOptions {
     pub(crate) request_timeout: Duration,
     pub(crate) exit_when_disconnected: bool,
     pub(crate) handle_sigterm: Option<bool>,
+    pub(crate) load_reports: Option<bool>,
     pub(crate) message_queue_len: usize,
 }
 
@@ -58,6 +59,7 @@ impl Default for WorkerOptions {
             request_timeout: Duration::from_secs(10),
             exit_when_disconnected: true,
             handle_sigterm: None,
+            load_reports: None,
             message_queue_len: 1024,
         }
     }
@@ -65,8 +67,8 @@ impl Default for WorkerOptions {
 
 impl WorkerOptions {
     /// The defaults: 10 s for the handshake and for each request, exit once disconnected and
-    /// idle, `SIGTERM` handled by [`Worker::start`] (not by [`Worker::connect`]), up to 1024
-    /// unread messages.
+    /// idle, `SIGTERM` handled and load reported by [`Worker::start`] (not by
+    /// [`Worker::connect`]), up to 1024 unread messages.
     pub fn new() -> WorkerOptions {
         WorkerOptions::default()
     }
@@ -99,6 +101,15 @@ impl WorkerOptions {
     #[must_use]
     pub fn handle_sigterm(mut self, handle: bool) -> WorkerOptions {
         self.handle_sigterm = Some(handle);
+        self
+    }
+
+    /// Whether the worker tells the primary how many connections it has open (`LoadReport`,
+    /// at most one every 10 ms, when the count changed), for least-connections dispatch. By
+    /// default [`Worker::start`] does and [`Worker::connect`] does not.
+    #[must_use]
+    pub fn load_reports(mut self, report: bool) -> WorkerOptions {
+        self.load_reports = Some(report);
         self
     }
 
@@ -161,6 +172,7 @@ impl Worker {
         )?;
         let options = WorkerOptions {
             handle_sigterm: Some(options.handle_sigterm.unwrap_or(true)),
+            load_reports: Some(options.load_reports.unwrap_or(true)),
             ..options
         };
         let worker = Worker::connect(channel, id, slot, options)?;
@@ -195,6 +207,10 @@ impl Worker {
             drain_timeout: welcome.drain_timeout,
         };
         let handle_sigterm = options.handle_sigterm.unwrap_or(false);
+        let options = WorkerOptions {
+            load_reports: Some(options.load_reports.unwrap_or(false)),
+            ..options
+        };
         let limits = *channel.limits();
         let state = Arc::new(WorkerState::new(identity, options, limits, waker));
         let control = ControlLoop::new(Arc::clone(&state), poll, channel, handle_sigterm)?;

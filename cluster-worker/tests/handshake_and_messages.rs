@@ -17,7 +17,7 @@ use support::{FakePrimary, WAIT, connect_worker, finish, no_leak, options};
 fn connect_with_reply(reply: Control) -> Result<Worker, Error> {
     let (primary, worker_end) = Channel::pair().unwrap();
     let primary = std::thread::spawn(move || {
-        let mut primary = FakePrimary { channel: primary };
+        let mut primary = FakePrimary::new(primary);
         let (hello, _) = primary.recv_control();
         primary
             .channel
@@ -35,7 +35,7 @@ fn the_handshake_says_who_the_worker_is_and_learns_about_the_primary() {
     no_leak(|| {
         let (primary, worker_end) = Channel::pair().unwrap();
         let primary = std::thread::spawn(move || {
-            let mut primary = FakePrimary { channel: primary };
+            let mut primary = FakePrimary::new(primary);
             let hello = primary.welcome();
             (primary, hello)
         });

@@ -556,3 +556,33 @@ fn a_shared_listener_hands_out_non_blocking_streams_from_try_accept() {
         finish(worker, primary);
     });
 }
+
+#[test]
+fn load_reports_follow_the_open_connections_when_asked_for() {
+    no_leak(|| {
+        let (worker, mut primary) = connect_worker(options().load_reports(true));
+        let (listener, mut handoff) = round_robin_listener(&worker, &mut primary, 1, 4);
+        let (_clients, fds) = tcp_connections(2);
+        send_batch(&mut handoff, &fds);
+        drop(fds);
+        let streams: Vec<Stream> = (0..2)
+            .map(|_| listener.accept_timeout(WAIT).unwrap().0)
+            .collect();
+        // Reports may coalesce; the last one says what is open now.
+        let mut wait_for_report = |open: u32| loop {
+            match primary.recv_control().1 {
+                Control::LoadReport { open_connections } if open_connections == open => break,
+                Control::LoadReport { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        wait_for_report(2);
+        drop(streams);
+        wait_for_report(0);
+        drop(listener);
+        primary.expect(Control::CloseListener {
+            listener: ListenerId(1),
+        });
+        finish(worker, primary);
+    });
+}

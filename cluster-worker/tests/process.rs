@@ -137,7 +137,10 @@ impl WorkerProcess {
         WorkerProcess {
             pid,
             exited: wait_in_thread(child),
-            primary: Some(FakePrimary { channel: primary }),
+            primary: Some(FakePrimary {
+                channel: primary,
+                skip_load_reports: true,
+            }),
         }
     }
 

@@ -83,12 +83,28 @@ pub fn options() -> WorkerOptions {
 /// The primary's end of one worker's control channel.
 pub struct FakePrimary {
     pub channel: Channel,
+    /// Pass over `LoadReport`s (a worker from `Worker::start` sends them).
+    pub skip_load_reports: bool,
 }
 
 impl FakePrimary {
+    pub fn new(channel: Channel) -> FakePrimary {
+        FakePrimary {
+            channel,
+            skip_load_reports: false,
+        }
+    }
+
     /// Receives the next frame (failing the test after `WAIT`).
     pub fn recv(&mut self) -> Frame {
-        self.channel.recv(deadline()).unwrap()
+        loop {
+            let frame = self.channel.recv(deadline()).unwrap();
+            let is_load_report = frame.kind() == Kind::Control
+                && matches!(frame.decode(), Ok(Control::LoadReport { .. }));
+            if !(self.skip_load_reports && is_load_report) {
+                return frame;
+            }
+        }
     }
 
     /// Receives the next control message.
@@ -185,7 +201,7 @@ impl FakePrimary {
 pub fn connect_worker(options: WorkerOptions) -> (Worker, FakePrimary) {
     let (primary, worker_end) = Channel::pair().unwrap();
     let primary = std::thread::spawn(move || {
-        let mut primary = FakePrimary { channel: primary };
+        let mut primary = FakePrimary::new(primary);
         primary.welcome();
         primary
     });
