@@ -244,6 +244,12 @@ impl<S: Selector> Core<S> {
         self.finish_step();
     }
 
+    pub(crate) fn requeue_delivered(&mut self, conns: &[ConnId]) {
+        tracing::trace!(requeued = conns.len(), "delivered connections came back");
+        self.requeue_front(conns.iter().copied().collect());
+        self.finish_step();
+    }
+
     pub(crate) fn acked(&mut self, worker: WorkerId, count: usize) -> Result<Vec<ConnId>, Error> {
         let window = self.window();
         let (key, entry) = self.workers.find_mut(worker)?;
@@ -502,6 +508,9 @@ macro_rules! dispatch_via_core {
                 conns: &[$crate::ConnId],
             ) -> Result<(), $crate::Error> {
                 self.core.returned(worker, conns)
+            }
+            fn requeue_front(&mut self, conns: &[$crate::ConnId]) {
+                self.core.requeue_delivered(conns)
             }
             fn load_report(
                 &mut self,

@@ -142,6 +142,13 @@ pub trait Dispatch {
     /// at once if some worker has credit.
     fn incoming(&mut self, conn: ConnId);
 
+    /// Connections that were delivered (acked) and came back unserved, for example from a
+    /// worker that closed its listener with connections it had received but not yet handed
+    /// to its application. They are older than anything pending, so they go to the front of
+    /// the pending queue, in their order, and out at once if some worker has credit. After
+    /// [`shutdown`](Dispatch::shutdown) they are closed.
+    fn requeue_front(&mut self, conns: &[ConnId]);
+
     /// A worker acknowledged its `count` oldest in-flight connections: they are delivered, and
     /// the caller may close its copies of exactly the connections returned here. The worker's
     /// credit comes back.

@@ -315,6 +315,71 @@ mod tests {
     }
 
     #[test]
+    fn delivered_connections_that_come_back_go_out_before_older_pending_ones() {
+        // A bound no test step reaches, so that only handoffs come out.
+        let config = Config::new(window(2)).with_pending_bound(PendingBound::Fixed(100));
+        let mut rr = RoundRobin::with_config(config);
+        rr.worker_joined(WorkerId(1)).unwrap();
+        rr.worker_joined(WorkerId(2)).unwrap();
+        for conn in 0..8 {
+            rr.incoming(ConnId(conn));
+        }
+        let _ = rr.take_actions();
+        assert_eq!(
+            rr.acked(WorkerId(1), 2).unwrap(),
+            vec![ConnId(0), ConnId(2)]
+        );
+        assert_eq!(rr.take_actions(), vec![handoff(1, &[4, 5])]);
+        // Worker 1 closes its listener: `worker_left` puts 4 and 5 back, and 0 and 2, acked
+        // but never passed to its application, come back under the fresh ids 10 and 12.
+        // Those were accepted first, so they are first in line.
+        rr.worker_left(WorkerId(1)).unwrap();
+        rr.requeue_front(&[ConnId(10), ConnId(12)]);
+        assert!(rr.take_actions().is_empty(), "nobody has credit");
+        assert_eq!(
+            rr.pending_conns(),
+            [10, 12, 4, 5, 6, 7].map(ConnId).to_vec()
+        );
+        assert_eq!(
+            rr.acked(WorkerId(2), 2).unwrap(),
+            vec![ConnId(1), ConnId(3)]
+        );
+        assert_eq!(rr.take_actions(), vec![handoff(2, &[10, 12])]);
+        rr.worker_joined(WorkerId(3)).unwrap();
+        assert_eq!(rr.take_actions(), vec![handoff(3, &[4, 5])]);
+        assert_eq!(rr.pending_conns(), vec![ConnId(6), ConnId(7)]);
+    }
+
+    #[test]
+    fn delivered_connections_that_come_back_go_out_at_once_one_per_turn() {
+        let mut rr = with_workers(2, 2);
+        rr.requeue_front(&[ConnId(7), ConnId(8), ConnId(9)]);
+        assert_eq!(
+            rr.take_actions(),
+            vec![handoff(1, &[7, 9]), handoff(2, &[8])]
+        );
+    }
+
+    #[test]
+    fn delivered_connections_that_come_back_after_shutdown_are_closed() {
+        let mut rr = with_workers(1, 1);
+        rr.incoming(ConnId(0));
+        rr.incoming(ConnId(1));
+        let _ = rr.take_actions();
+        rr.shutdown();
+        rr.requeue_front(&[ConnId(5), ConnId(6)]);
+        assert_eq!(
+            rr.take_actions(),
+            vec![
+                Action::Close(ConnId(1)),
+                Action::Close(ConnId(5)),
+                Action::Close(ConnId(6))
+            ]
+        );
+        assert!(rr.pending_conns().is_empty());
+    }
+
+    #[test]
     fn works_as_a_trait_object() {
         let mut dispatchers: Vec<Box<dyn Dispatch>> = vec![
             Box::new(RoundRobin::new(window(1))),

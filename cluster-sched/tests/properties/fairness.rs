@@ -2,7 +2,9 @@
 //!
 //! - Prompt acks (each handoff answered before the next connection arrives): delivered counts
 //!   differ by at most 1, and by at most 1 plus the number of returns when workers return
-//!   some connections instead of acking them.
+//!   some connections instead of acking them. A worker that acks a batch and then gives it
+//!   back unserved ([`Dispatch::requeue_front`], under fresh ids) counts as returning it: the
+//!   connections were not served there, and they go out again at the front of the queue.
 //! - Acks in rounds (connections arrive in bursts; between bursts every worker acks all it
 //!   holds, in any order, and may return some instead): delivered counts differ by at most
 //!   the window plus the returns.
@@ -56,12 +58,37 @@ fn handoffs(actions: Vec<Action>) -> Vec<(WorkerId, Vec<ConnId>)> {
         .collect()
 }
 
-/// Every handoff is answered at once: returned if the next `returns` flag says so (while
-/// flags last), acked otherwise.
-pub fn prompt(dispatcher: &mut dyn Dispatch, workers: u64, conns: u64, returns: &[bool]) -> Tally {
+/// How a worker answers one handoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Ack,
+    Return,
+    /// Ack, then hand the connections back unserved, as a worker closing its listener does
+    /// with connections it received but did not pass to its application.
+    AckThenRequeue,
+}
+
+pub fn answer() -> impl Strategy<Value = Answer> {
+    prop_oneof![
+        8 => Just(Answer::Ack),
+        1 => Just(Answer::Return),
+        1 => Just(Answer::AckThenRequeue),
+    ]
+}
+
+/// Every handoff is answered at once, as the next of `answers` says (acked once they run
+/// out).
+pub fn prompt(
+    dispatcher: &mut dyn Dispatch,
+    workers: u64,
+    conns: u64,
+    answers: &[Answer],
+) -> Tally {
     join_all(dispatcher, workers);
     let mut tally = Tally::default();
-    let mut flags = returns.iter();
+    let mut answers = answers.iter();
+    // The primary gives requeued fds ids it has never used.
+    let mut fresh = (conns..).map(ConnId);
     for conn in 0..conns {
         dispatcher.incoming(ConnId(conn));
         loop {
@@ -70,12 +97,22 @@ pub fn prompt(dispatcher: &mut dyn Dispatch, workers: u64, conns: u64, returns: 
                 break;
             }
             for (worker, conns) in batch {
-                if flags.next() == Some(&true) {
-                    dispatcher.returned(worker, &conns).unwrap();
-                    tally.returns += conns.len() as u64;
-                } else {
-                    dispatcher.acked(worker, conns.len()).unwrap();
-                    *tally.delivered.entry(worker).or_default() += conns.len() as u64;
+                let count = conns.len() as u64;
+                match answers.next().copied().unwrap_or(Answer::Ack) {
+                    Answer::Ack => {
+                        dispatcher.acked(worker, conns.len()).unwrap();
+                        *tally.delivered.entry(worker).or_default() += count;
+                    }
+                    Answer::Return => {
+                        dispatcher.returned(worker, &conns).unwrap();
+                        tally.returns += count;
+                    }
+                    Answer::AckThenRequeue => {
+                        dispatcher.acked(worker, conns.len()).unwrap();
+                        let again: Vec<ConnId> = fresh.by_ref().take(conns.len()).collect();
+                        dispatcher.requeue_front(&again);
+                        tally.returns += count;
+                    }
                 }
             }
         }
@@ -168,9 +205,9 @@ proptest! {
         workers in 1u64..=16,
         window in 1u32..=4,
         conns in 0u64..300,
-        returns in prop::collection::vec(prop::bool::weighted(0.2), 0..300),
+        answers in prop::collection::vec(answer(), 0..300),
     ) {
-        let tally = prompt(&mut *make(least_connections, window), workers, conns, &returns);
+        let tally = prompt(&mut *make(least_connections, window), workers, conns, &answers);
         prop_assert!(tally.spread(workers) <= 1 + tally.returns, "{:?}", tally);
     }
 

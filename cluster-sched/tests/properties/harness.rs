@@ -16,6 +16,10 @@ pub enum Op {
     Drain(u8),
     Leave(u8),
     Incoming,
+    /// This many connections (possibly none) that a worker had acked but not served come
+    /// back. The primary gives their fds fresh ids, so they are new to the dispatcher, yet
+    /// older than anything pending.
+    RequeueFront(u8),
     Ack {
         worker: u8,
         count: u8,
@@ -48,6 +52,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Drain),
         1 => any::<u8>().prop_map(Op::Leave),
         10 => Just(Op::Incoming),
+        2 => (0u8..4).prop_map(Op::RequeueFront),
         7 => (any::<u8>(), any::<u8>()).prop_map(|(worker, count)| Op::Ack { worker, count }),
         2 => (any::<u8>(), any::<u8>()).prop_map(|(worker, mask)| Op::Return { worker, mask }),
         2 => (any::<u8>(), 0u8..6).prop_map(|(worker, open)| Op::Load { worker, open }),
@@ -92,6 +97,8 @@ pub enum Input {
     Draining(WorkerId),
     Left(WorkerId),
     Incoming(ConnId),
+    /// Fresh ids for delivered connections that came back, oldest first.
+    RequeuedFront(Vec<ConnId>),
     Acked(WorkerId, usize),
     Returned(WorkerId, Vec<ConnId>),
     Load(WorkerId, u32),
@@ -113,6 +120,10 @@ pub fn feed(dispatcher: &mut dyn Dispatch, input: &Input) -> (Reply, Vec<Action>
         Input::Left(worker) => Reply::Unit(dispatcher.worker_left(*worker)),
         Input::Incoming(conn) => {
             dispatcher.incoming(*conn);
+            Reply::Unit(Ok(()))
+        }
+        Input::RequeuedFront(conns) => {
+            dispatcher.requeue_front(conns);
             Reply::Unit(Ok(()))
         }
         Input::Acked(worker, count) => Reply::Acked(dispatcher.acked(*worker, *count)),
@@ -272,6 +283,12 @@ impl Ledger {
         (!live.is_empty()).then(|| live[pick as usize % live.len()])
     }
 
+    fn fresh_conn(&mut self) -> ConnId {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        conn
+    }
+
     /// Turns a random event into a concrete input, or `None` if it names a worker and there
     /// is none.
     pub fn resolve(&mut self, op: &Op) -> Option<Input> {
@@ -283,10 +300,9 @@ impl Ledger {
             }
             Op::Drain(pick) => Input::Draining(self.live(pick)?),
             Op::Leave(pick) => Input::Left(self.live(pick)?),
-            Op::Incoming => {
-                let conn = ConnId(self.next_conn);
-                self.next_conn += 1;
-                Input::Incoming(conn)
+            Op::Incoming => Input::Incoming(self.fresh_conn()),
+            Op::RequeueFront(count) => {
+                Input::RequeuedFront((0..count).map(|_| self.fresh_conn()).collect())
             }
             Op::Ack { worker, count } => {
                 let worker = self.live(worker)?;
@@ -363,7 +379,7 @@ impl Ledger {
                         conn,
                     })
             }),
-            Input::Incoming(_) | Input::Shutdown => None,
+            Input::Incoming(_) | Input::RequeuedFront(_) | Input::Shutdown => None,
         }
     }
 
@@ -456,6 +472,9 @@ impl Ledger {
                 self.places.insert(*conn, Place::Pending);
                 self.pending.push_back(*conn);
             }
+            // New ids, but ahead of everything pending, in the order given. After shutdown
+            // they are pending here like late arrivals, and the checks require them closed.
+            Input::RequeuedFront(conns) => self.requeue_front(conns.iter().copied().collect()),
             Input::Acked(worker, count) => self.apply_ack(found, *worker, *count, reply),
             Input::Returned(worker, conns) => {
                 if let Some(entry) = self.workers.get_mut(worker) {
@@ -488,7 +507,8 @@ impl Ledger {
         *self.delivered.entry(worker).or_default() += count as u64;
     }
 
-    /// Connections taken back from a worker: to the front, in the order it was handed them.
+    /// Connections taken back from a worker (in the order it was handed them), or delivered
+    /// ones that came back (in the order given): to the front, keeping that order.
     fn requeue_front(&mut self, conns: VecDeque<ConnId>) {
         for conn in conns.into_iter().rev() {
             self.places.insert(conn, Place::Pending);

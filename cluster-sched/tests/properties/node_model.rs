@@ -5,7 +5,7 @@
 //! The comparison covers what Node does well: workers joining, connections arriving, acks,
 //! and idle workers leaving. It leaves out what Node gets wrong on purpose (a worker leaving
 //! with a connection in flight: Node leaks it, we re-dispatch it) and what Node lacks
-//! (draining, pending bound).
+//! (draining, pending bound, delivered connections that come back through `requeue_front`).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::num::NonZeroU32;

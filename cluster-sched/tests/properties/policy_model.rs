@@ -194,6 +194,20 @@ impl Dispatch for NaivePolicy {
         }
     }
 
+    fn requeue_front(&mut self, conns: &[ConnId]) {
+        if self.shut_down {
+            self.actions
+                .extend(conns.iter().copied().map(Action::Close));
+        } else {
+            // Spelled out rather than through `put_back`: the given ids, in order, then
+            // everything that was already waiting.
+            let mut queue: VecDeque<ConnId> = conns.iter().copied().collect();
+            queue.extend(self.pending.drain(..));
+            self.pending = queue;
+            self.step();
+        }
+    }
+
     fn acked(&mut self, worker: WorkerId, count: usize) -> Result<Vec<ConnId>, Error> {
         self.known(worker)?;
         let had_credit = self.has_credit(worker);

@@ -29,6 +29,15 @@ enum Flaw {
     DropsResume,
     /// Closes what waits when the last worker leaves, as Node does.
     ClosesWhenLastWorkerLeaves,
+    /// Queues delivered connections that came back behind those already waiting, as if
+    /// they had just been accepted.
+    RequeuesAtTheBack,
+    /// Puts delivered connections that came back at the front one by one, which reverses
+    /// them.
+    RequeuesReversed,
+    /// Neither queues nor closes delivered connections that come back after shutdown, so
+    /// their fds leak.
+    LeaksRequeuedAfterShutdown,
 }
 
 /// A correct `RoundRobin` behind a wrapper that introduces one flaw.
@@ -96,6 +105,22 @@ impl Dispatch for Flawed {
             self.inner.worker_joined(worker).unwrap();
         }
         self.inner.incoming(conn);
+    }
+
+    fn requeue_front(&mut self, conns: &[ConnId]) {
+        match self.flaw {
+            Flaw::RequeuesAtTheBack => {
+                for &conn in conns {
+                    self.inner.incoming(conn);
+                }
+            }
+            Flaw::RequeuesReversed => {
+                let reversed: Vec<ConnId> = conns.iter().rev().copied().collect();
+                self.inner.requeue_front(&reversed);
+            }
+            Flaw::LeaksRequeuedAfterShutdown if self.inner.is_shut_down() => {}
+            _ => self.inner.requeue_front(conns),
+        }
     }
 
     fn acked(&mut self, worker: WorkerId, count: usize) -> Result<Vec<ConnId>, Error> {
@@ -231,6 +256,24 @@ fn closing_for_lack_of_workers_is_caught() {
     assert_caught(
         Flaw::ClosesWhenLastWorkerLeaves,
         Property::ClosedWithoutShutdown,
+    );
+}
+
+#[test]
+fn requeueing_behind_what_waits_is_caught() {
+    assert_caught(Flaw::RequeuesAtTheBack, Property::Fifo);
+}
+
+#[test]
+fn requeueing_in_reverse_is_caught() {
+    assert_caught(Flaw::RequeuesReversed, Property::Fifo);
+}
+
+#[test]
+fn leaking_requeued_connections_after_shutdown_is_caught() {
+    assert_caught(
+        Flaw::LeaksRequeuedAfterShutdown,
+        Property::PendingAfterShutdown,
     );
 }
 
