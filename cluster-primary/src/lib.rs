@@ -1,8 +1,69 @@
-//! The primary process of a cluster (not built yet).
+//! The primary process of a cluster: it owns the listening sockets, starts N worker
+//! processes, hands them connections, replaces the ones that die, and stops them in order.
 //!
-//! This crate will hold the supervisor: a single-threaded `mio` loop that spawns worker
-//! processes (fork+exec, one process group each), watches them through pidfds, respawns the
-//! ones that die, owns every listening socket and hands connections to workers according to a
-//! `cluster-sched` policy, and stops everything gracefully. See `DESIGN.md` section 7.
+//! # Overview
 //!
-//! Nothing here works yet: the crate exists so the workspace has its final shape.
+//! - [`Builder`] sets the cluster up (how many workers, which program, round-robin or shared
+//!   listeners, the credit window, timeouts) and makes a [`Primary`].
+//! - [`Primary::run`] runs a single-threaded `mio` loop on the calling thread: listeners,
+//!   control channels, handoff sockets, pidfds (or SIGCHLD), signals and timers. It calls your
+//!   hook with an [`Event`] for everything that happens (fork, online, listening, ready,
+//!   message, disconnect, exit) and a [`Cluster`] to act on (send, broadcast, disconnect,
+//!   kill, status, stop). A [`Handle`] does the same from other threads.
+//! - Workers are fork+exec'd (never a bare fork) from the loop thread, each in its own process
+//!   group, with their control channel at fd 3 ([`IPC_FD_ENV`]), their id and slot in the
+//!   environment ([`WORKER_ID_ENV`], [`WORKER_SLOT_ENV`]) and SIGTERM as their parent-death
+//!   signal. The worker side is `cluster-worker`.
+//! - Round-robin listeners: only the primary accepts, and hands connections down a handoff
+//!   socket per (worker, listener), with up to `window` un-acknowledged per worker
+//!   (`cluster-sched` decides who gets what). The primary keeps its copy of each connection
+//!   until the worker acknowledges it, so a worker that dies or closes its listener loses
+//!   nothing: what it never acknowledged goes to another worker. When every worker is
+//!   saturated the primary stops accepting and the kernel's backlog holds new clients. Shared
+//!   listeners: the listening socket itself goes to every worker.
+//! - A worker that exits unexpectedly is replaced at once, then with a capped backoff if its
+//!   slot keeps failing. SIGTERM or SIGINT stop the cluster gracefully (a second one, or
+//!   SIGQUIT, at once); workers get the shutdown timeout to finish, then SIGKILL.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use cluster_primary::{Builder, Event};
+//!
+//! let primary = Builder::new().workers(4).build()?;
+//! primary.run(|cluster, event| match event {
+//!     Event::Ready { addrs } => println!("ready on {addrs:?}"),
+//!     Event::Exit { worker, status, .. } => eprintln!("worker {worker} exited: {status:?}"),
+//!     Event::Message { worker, message } => {
+//!         let text: String = message.decode().unwrap_or_default();
+//!         let _ = cluster.broadcast(&format!("{worker} says {text}"));
+//!     }
+//!     _ => {}
+//! })?;
+//! # Ok::<(), cluster_primary::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+mod cluster;
+mod config;
+mod control;
+mod dispatch;
+mod error;
+mod event;
+mod lifecycle;
+mod listen;
+mod primary;
+mod spawn;
+mod sys;
+
+pub use cluster::Cluster;
+pub use cluster_ipc::proto::ListenMode;
+pub use cluster_sched::WorkerId;
+pub use config::{
+    Builder, DEFAULT_BACKLOG, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_START_TIMEOUT, DEFAULT_WINDOW,
+};
+pub use error::Error;
+pub use event::{Event, ExitStatus, Message, Status, WorkerInfo, WorkerState};
+pub use nix::sys::signal::Signal;
+pub use primary::{Handle, Primary};
+pub use spawn::{IPC_FD, IPC_FD_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV};

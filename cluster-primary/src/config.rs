@@ -1,0 +1,259 @@
+//! How a primary is set up: the builder.
+
+use std::ffi::OsString;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cluster_ipc::proto::ListenMode;
+use nix::sys::signal::Signal;
+
+use crate::Error;
+use crate::primary::Primary;
+
+/// The default credit window: how many connections a worker may have handed to it and not
+/// yet acknowledged. 1 is Node's protocol; a few more let the handoff pipeline.
+pub const DEFAULT_WINDOW: u32 = 8;
+/// The default time a worker has to say Hello after it was spawned.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default time workers have to finish their connections when the cluster stops, before
+/// they are killed (Gunicorn's `graceful_timeout`).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default listen backlog of the primary's sockets. While every worker is saturated the
+/// primary stops accepting and this backlog holds new clients.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+
+/// Which program a worker runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Program {
+    /// The primary's own executable, resolved once when the primary is built.
+    CurrentExe,
+    /// Another program.
+    Path(PathBuf),
+}
+
+/// Everything a primary needs to know, settled by [`Builder::build`].
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) workers: usize,
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) envs: Vec<(OsString, Option<OsString>)>,
+    pub(crate) cwd: Option<PathBuf>,
+    pub(crate) mode: ListenMode,
+    pub(crate) window: NonZeroU32,
+    pub(crate) backlog: u32,
+    pub(crate) start_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) respawn: bool,
+    pub(crate) parent_death_signal: Option<Signal>,
+    pub(crate) handle_signals: bool,
+}
+
+/// Sets up a [`Primary`].
+///
+/// ```
+/// use std::time::Duration;
+/// use cluster_primary::{Builder, ListenMode};
+///
+/// let primary = Builder::new()
+///     .workers(4)
+///     .mode(ListenMode::RoundRobin)
+///     .window(8)
+///     .shutdown_timeout(Duration::from_secs(10))
+///     .build()?;
+/// # drop(primary);
+/// # Ok::<(), cluster_primary::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Builder {
+    workers: Option<usize>,
+    program: Program,
+    args: Option<Vec<OsString>>,
+    envs: Vec<(OsString, Option<OsString>)>,
+    cwd: Option<PathBuf>,
+    mode: ListenMode,
+    window: u32,
+    backlog: u32,
+    start_timeout: Duration,
+    shutdown_timeout: Duration,
+    respawn: bool,
+    parent_death_signal: Option<Signal>,
+    handle_signals: bool,
+}
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder {
+            workers: None,
+            program: Program::CurrentExe,
+            args: None,
+            envs: Vec::new(),
+            cwd: None,
+            mode: ListenMode::RoundRobin,
+            window: DEFAULT_WINDOW,
+            backlog: DEFAULT_BACKLOG,
+            start_timeout: DEFAULT_START_TIMEOUT,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            respawn: true,
+            parent_death_signal: Some(Signal::SIGTERM),
+            handle_signals: true,
+        }
+    }
+}
+
+impl Builder {
+    /// The defaults: one worker per available CPU running this very program with the same
+    /// arguments, round-robin with a window of [`DEFAULT_WINDOW`], respawn on, SIGTERM to
+    /// workers whose primary dies, and the primary handles SIGTERM, SIGINT and SIGQUIT.
+    pub fn new() -> Builder {
+        Builder::default()
+    }
+
+    /// How many workers to keep running (default: the available parallelism).
+    pub fn workers(mut self, count: usize) -> Builder {
+        self.workers = Some(count);
+        self
+    }
+
+    /// Run `path` as the worker program instead of this executable.
+    pub fn program(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.program = Program::Path(path.into());
+        self
+    }
+
+    /// The workers' arguments (default: the primary's own, without the program name).
+    pub fn args<I, S>(mut self, args: I) -> Builder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sets an environment variable for workers (they inherit the primary's otherwise).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Builder {
+        self.envs.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Removes an environment variable from the workers' environment.
+    pub fn env_remove(mut self, key: impl Into<OsString>) -> Builder {
+        self.envs.push((key.into(), None));
+        self
+    }
+
+    /// The workers' working directory (default: the primary's).
+    pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> Builder {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// How listeners deliver connections when a worker does not say (default round-robin).
+    pub fn mode(mut self, mode: ListenMode) -> Builder {
+        self.mode = mode;
+        self
+    }
+
+    /// The round-robin credit window per worker (default [`DEFAULT_WINDOW`]; 1 is Node's
+    /// protocol; at most 253, the kernel's limit on fds per message).
+    pub fn window(mut self, window: u32) -> Builder {
+        self.window = window;
+        self
+    }
+
+    /// The listen backlog of the primary's sockets (default [`DEFAULT_BACKLOG`]).
+    pub fn backlog(mut self, backlog: u32) -> Builder {
+        self.backlog = backlog;
+        self
+    }
+
+    /// How long a new worker has to say Hello before it is killed (default 10 s).
+    pub fn start_timeout(mut self, timeout: Duration) -> Builder {
+        self.start_timeout = timeout;
+        self
+    }
+
+    /// How long disconnecting workers have to finish before they are killed, when the cluster
+    /// stops or a worker is disconnected (default 30 s). Workers use the same value as their
+    /// drain timeout when the primary dies.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Builder {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Whether a worker that exits unexpectedly is replaced (default true).
+    pub fn respawn(mut self, respawn: bool) -> Builder {
+        self.respawn = respawn;
+        self
+    }
+
+    /// The signal a worker gets when the primary dies (`PR_SET_PDEATHSIG`, Linux only;
+    /// default SIGTERM, which workers treat as "disconnect"). `None` leaves only the end of
+    /// file on the control channel to tell them.
+    pub fn parent_death_signal(mut self, signal: Option<Signal>) -> Builder {
+        self.parent_death_signal = signal;
+        self
+    }
+
+    /// Whether the primary handles SIGTERM and SIGINT (graceful stop; a second one stops at
+    /// once) and SIGQUIT (stop at once). Default true; turn it off when the application
+    /// handles signals itself and stops the primary through its [`Handle`](crate::Handle).
+    pub fn handle_signals(mut self, handle: bool) -> Builder {
+        self.handle_signals = handle;
+        self
+    }
+
+    /// Checks the settings, resolves the program, and makes the primary.
+    pub fn build(self) -> Result<Primary, Error> {
+        Primary::new(self.settle()?)
+    }
+
+    fn settle(self) -> Result<Config, Error> {
+        let invalid = |reason: &str| Error::InvalidConfig {
+            reason: reason.to_owned(),
+        };
+        let window =
+            NonZeroU32::new(self.window).ok_or_else(|| invalid("window must be at least 1"))?;
+        if self.window > 253 {
+            return Err(invalid(
+                "window may not exceed 253, the kernel's limit on fds per message",
+            ));
+        }
+        let workers = match self.workers {
+            Some(count) => count,
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        };
+        if workers == 0 {
+            return Err(invalid(
+                "a primary needs at least one worker (run in-process for none)",
+            ));
+        }
+        let program = match self.program {
+            Program::Path(path) => path,
+            Program::CurrentExe => {
+                std::env::current_exe().map_err(|source| Error::io("current_exe", source))?
+            }
+        };
+        let args = self
+            .args
+            .unwrap_or_else(|| std::env::args_os().skip(1).collect());
+        Ok(Config {
+            workers,
+            program,
+            args,
+            envs: self.envs,
+            cwd: self.cwd,
+            mode: self.mode,
+            window,
+            backlog: self.backlog,
+            start_timeout: self.start_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            respawn: self.respawn,
+            parent_death_signal: self.parent_death_signal,
+            handle_signals: self.handle_signals,
+        })
+    }
+}

@@ -1,0 +1,161 @@
+//! What the primary tells the application.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cluster_sched::WorkerId;
+use serde::de::DeserializeOwned;
+
+/// Something that happened in the cluster, in the order it happened. For one worker the order
+/// is always `Fork`, `Online`, `Listening` (once per listener), `Disconnect`, `Exit`; a worker
+/// that never got that far skips the steps it did not reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A worker process was started.
+    Fork {
+        /// The new worker's id (ids start at 1 and are never reused).
+        worker: WorkerId,
+        /// Its process id.
+        pid: u32,
+        /// The slot it fills (a replacement takes the slot of the worker it replaces).
+        slot: u32,
+    },
+    /// A worker said Hello.
+    Online {
+        /// Which worker.
+        worker: WorkerId,
+    },
+    /// A worker is listening on an address.
+    Listening {
+        /// Which worker.
+        worker: WorkerId,
+        /// The address it listens on (the real port, when `:0` was asked).
+        addr: SocketAddr,
+    },
+    /// Every one of the configured number of workers listens (sent once, the first time).
+    Ready {
+        /// Every address some worker listens on.
+        addrs: Vec<SocketAddr>,
+    },
+    /// A worker sent a message.
+    Message {
+        /// Which worker.
+        worker: WorkerId,
+        /// What it sent.
+        message: Message,
+    },
+    /// A worker's control channel closed.
+    Disconnect {
+        /// Which worker.
+        worker: WorkerId,
+    },
+    /// A worker process ended and was reaped.
+    Exit {
+        /// Which worker.
+        worker: WorkerId,
+        /// Its process id.
+        pid: u32,
+        /// How it ended.
+        status: ExitStatus,
+        /// True when it was asked to disconnect, or disconnected or retired of its own
+        /// accord, before it exited (Node's `exitedAfterDisconnect`).
+        after_disconnect: bool,
+    },
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal number.
+    Signal(i32),
+}
+
+impl From<std::process::ExitStatus> for ExitStatus {
+    fn from(status: std::process::ExitStatus) -> ExitStatus {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ExitStatus::Code(code),
+            (None, Some(signal)) => ExitStatus::Signal(signal),
+            // Neither: stopped or continued, which waitpid without WUNTRACED never reports.
+            (None, None) => ExitStatus::Code(-1),
+        }
+    }
+}
+
+/// A user message from a worker: the body as sent, to decode into the sender's type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    body: Vec<u8>,
+}
+
+impl Message {
+    pub(crate) fn new(body: Vec<u8>) -> Message {
+        Message { body }
+    }
+
+    /// Decodes the message as a `T` (the type the worker sent).
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, cluster_ipc::Error> {
+        postcard::from_bytes(&self.body).map_err(|source| cluster_ipc::Error::Decode {
+            kind: cluster_ipc::Kind::User,
+            source,
+        })
+    }
+
+    /// The encoded body.
+    pub fn bytes(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum WorkerState {
+    /// Spawned, no Hello yet.
+    Starting,
+    /// Said Hello.
+    Online,
+    /// Listens on at least one address.
+    Listening,
+    /// Asked to disconnect, or disconnecting of its own accord.
+    Disconnecting,
+    /// Its control channel closed; waiting to be reaped.
+    Disconnected,
+}
+
+/// A snapshot of one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Its id.
+    pub id: WorkerId,
+    /// Its process id.
+    pub pid: u32,
+    /// Its slot.
+    pub slot: u32,
+    /// Where it is in its life.
+    pub state: WorkerState,
+    /// How long ago it was spawned.
+    pub uptime: Duration,
+    /// How many connections it acknowledged (round-robin listeners).
+    pub connections_handed: u64,
+    /// Connections handed to it and not yet acknowledged (round-robin listeners): the
+    /// primary still holds its copies, and gives them to another worker if this one leaves.
+    pub in_flight: usize,
+}
+
+/// A snapshot of the whole cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// The live workers, by id.
+    pub workers: Vec<WorkerInfo>,
+    /// How many workers were started to replace one that exited.
+    pub restarts: u64,
+    /// The addresses the primary listens on.
+    pub listening: Vec<SocketAddr>,
+    /// Connections the primary accepted and has not handed to a worker yet.
+    pub pending_connections: usize,
+    /// True once the cluster is stopping.
+    pub stopping: bool,
+}

@@ -1,0 +1,288 @@
+//! The primary's event loop, and a handle to steer it from other threads.
+
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::time::{Duration, Instant};
+
+use cluster_sched::WorkerId;
+use mio::{Events, Interest, Poll, Waker};
+use serde::Serialize;
+
+use crate::Error;
+use crate::cluster::{Cluster, SIGNALS, Source, WAKER};
+use crate::config::Config;
+use crate::event::{Event, Status};
+
+/// A cluster's primary process: it owns the listening sockets, starts and watches the
+/// workers, and hands them connections. Made by [`Builder`](crate::Builder); runs with
+/// [`run`](Primary::run).
+pub struct Primary {
+    poll: Poll,
+    cluster: Cluster,
+    commands: Receiver<Command>,
+    handle: Handle,
+}
+
+/// What a [`Handle`] asks the loop to do.
+enum Command {
+    Stop { graceful: bool },
+    Send { worker: WorkerId, body: Vec<u8> },
+    Broadcast { body: Vec<u8> },
+    Disconnect { worker: WorkerId },
+    Status { reply: SyncSender<Status> },
+}
+
+impl Primary {
+    pub(crate) fn new(config: Config) -> Result<Primary, Error> {
+        let poll = Poll::new().map_err(|source| Error::io("epoll_create", source))?;
+        let registry = poll
+            .registry()
+            .try_clone()
+            .map_err(|source| Error::io("dup", source))?;
+        let waker =
+            Waker::new(poll.registry(), WAKER).map_err(|source| Error::io("eventfd", source))?;
+        let (sender, commands) = mpsc::channel();
+        let mut cluster = Cluster::new(config, registry);
+        cluster.tokens.insert(WAKER, Source::Waker);
+        cluster.tokens.insert(SIGNALS, Source::Signals);
+        Ok(Primary {
+            poll,
+            cluster,
+            commands,
+            handle: Handle {
+                sender,
+                waker: Arc::new(waker),
+            },
+        })
+    }
+
+    /// A handle to steer the running primary from other threads.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Runs the cluster on the calling thread until it stops: starts the workers, then serves
+    /// them, calling `on_event` for everything that happens. It returns once the cluster was
+    /// stopped (by a signal, [`Cluster::stop`] or [`Handle::stop`]) and every worker is gone,
+    /// or when respawning is off and the last worker exited.
+    ///
+    /// Workers are spawned from this thread only: their parent-death signal follows the
+    /// thread that spawned them, so call this on a thread that lives as long as the cluster.
+    pub fn run(mut self, mut on_event: impl FnMut(&mut Cluster, Event)) -> Result<(), Error> {
+        raise_fd_limit();
+        if self.cluster.config.handle_signals {
+            self.install_signals()?;
+        }
+        self.cluster.spawn_all();
+        let mut events = Events::with_capacity(256);
+        loop {
+            self.dispatch_events(&mut on_event);
+            if self.cluster.is_finished() {
+                break;
+            }
+            let timeout = self.poll_timeout();
+            if let Err(err) = self.poll.poll(&mut events, timeout) {
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io("epoll_wait", err));
+            }
+            for event in events.iter() {
+                self.on_ready(event);
+            }
+            let again: Vec<u64> = self.cluster.accept_ready.iter().copied().collect();
+            for listener_id in again {
+                self.cluster.accept_turn(listener_id);
+            }
+            self.cluster.on_time(Instant::now());
+            self.run_commands();
+        }
+        self.dispatch_events(&mut on_event);
+        tracing::info!("primary stopped");
+        Ok(())
+    }
+
+    fn install_signals(&mut self) -> Result<(), Error> {
+        let mut signals =
+            signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGQUIT])
+                .map_err(|source| Error::io("install signal handlers", source))?;
+        self.cluster
+            .registry
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|source| Error::io("register signals", source))?;
+        self.cluster.signals = Some(signals);
+        Ok(())
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.cluster.accept_ready.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        self.cluster
+            .next_deadline()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Hands queued events to the application; what it does may queue more.
+    fn dispatch_events(&mut self, on_event: &mut impl FnMut(&mut Cluster, Event)) {
+        loop {
+            while let Some(event) = self.cluster.events.pop_front() {
+                on_event(&mut self.cluster, event);
+            }
+            if !self.cluster.workers.is_empty() || self.cluster.on_all_gone.is_empty() {
+                return;
+            }
+            for done in std::mem::take(&mut self.cluster.on_all_gone) {
+                done(&mut self.cluster);
+            }
+        }
+    }
+
+    fn on_ready(&mut self, event: &mio::event::Event) {
+        let Some(&source) = self.cluster.tokens.get(&event.token()) else {
+            return;
+        };
+        let cluster = &mut self.cluster;
+        match source {
+            Source::Waker => self.run_commands(),
+            Source::Signals => self.on_signals(),
+            Source::Listener(id) => cluster.accept_turn(id),
+            Source::Control(worker) => {
+                cluster.on_control_readable(worker);
+                if event.is_writable() {
+                    cluster.flush_control(worker);
+                }
+            }
+            Source::Handoff(worker, listener) => cluster.on_handoff_readable(worker, listener),
+            Source::Pidfd(worker) => cluster.try_reap(worker),
+        }
+    }
+
+    fn on_signals(&mut self) {
+        let Some(signals) = self.cluster.signals.as_mut() else {
+            return;
+        };
+        let pending: Vec<i32> = signals.pending().collect();
+        for signal in pending {
+            match signal {
+                libc::SIGTERM | libc::SIGINT => {
+                    // The first asks for a graceful stop; a second one, while stopping, for
+                    // an immediate one.
+                    tracing::info!(signal, "stop requested");
+                    self.cluster.begin_stop(true);
+                }
+                libc::SIGQUIT => self.cluster.begin_stop(false),
+                libc::SIGCHLD => self.cluster.try_reap_all(),
+                _ => {}
+            }
+        }
+    }
+
+    fn run_commands(&mut self) {
+        while let Ok(command) = self.commands.try_recv() {
+            let cluster = &mut self.cluster;
+            let result = match command {
+                Command::Stop { graceful } => {
+                    cluster.begin_stop(graceful);
+                    Ok(())
+                }
+                Command::Send { worker, body } => cluster.send_raw(worker, &body),
+                Command::Broadcast { body } => cluster.broadcast_raw(&body).map(drop),
+                Command::Disconnect { worker } => cluster.disconnect(worker),
+                Command::Status { reply } => {
+                    let _ = reply.try_send(cluster.status());
+                    Ok(())
+                }
+            };
+            if let Err(err) = result {
+                tracing::warn!(%err, "a command from a handle failed");
+            }
+        }
+    }
+}
+
+/// Steers a running [`Primary`] from any thread. Commands are carried out by the primary's
+/// loop, in order; a handle whose primary stopped answers [`Error::NotRunning`].
+#[derive(Clone)]
+pub struct Handle {
+    sender: Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle").finish_non_exhaustive()
+    }
+}
+
+impl Handle {
+    fn command(&self, command: Command) -> Result<(), Error> {
+        self.sender.send(command).map_err(|_| Error::NotRunning)?;
+        self.waker
+            .wake()
+            .map_err(|source| Error::io("wake the primary", source))
+    }
+
+    /// Stops the cluster (see [`Cluster::stop`]).
+    pub fn stop(&self, graceful: bool) -> Result<(), Error> {
+        self.command(Command::Stop { graceful })
+    }
+
+    /// Sends a user message to one worker.
+    pub fn send<T: Serialize + ?Sized>(&self, worker: WorkerId, msg: &T) -> Result<(), Error> {
+        self.command(Command::Send {
+            worker,
+            body: encode_user(msg)?,
+        })
+    }
+
+    /// Sends a user message to every worker.
+    pub fn broadcast<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
+        self.command(Command::Broadcast {
+            body: encode_user(msg)?,
+        })
+    }
+
+    /// Asks a worker to disconnect (see [`Cluster::disconnect`]).
+    pub fn disconnect(&self, worker: WorkerId) -> Result<(), Error> {
+        self.command(Command::Disconnect { worker })
+    }
+
+    /// A snapshot of the cluster, waiting at most `timeout` for the loop to answer.
+    pub fn status(&self, timeout: Duration) -> Result<Status, Error> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.command(Command::Status { reply })?;
+        answer.recv_timeout(timeout).map_err(|_| Error::NotRunning)
+    }
+}
+
+/// Encodes a user message, refusing one over the frame limit before it is queued.
+fn encode_user<T: Serialize + ?Sized>(msg: &T) -> Result<Vec<u8>, Error> {
+    let limits = cluster_ipc::Limits::default();
+    let mut frame = Vec::new();
+    cluster_ipc::encode_message(
+        &mut frame,
+        cluster_ipc::Kind::User,
+        0,
+        None,
+        0,
+        msg,
+        &limits,
+    )?;
+    Ok(frame.split_off(cluster_ipc::frame::HEADER_LEN))
+}
+
+/// Raises the soft limit on open files to the hard limit: the primary holds every
+/// connection it has not yet handed out, and every handoff socket.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%err, soft, hard, "could not raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(%err, "could not read the open-files limit"),
+    }
+}

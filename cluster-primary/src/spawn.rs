@@ -1,0 +1,71 @@
+//! Starting a worker process: fork+exec of the configured program with the control channel
+//! at a fixed fd and the worker's identity in its environment.
+
+use std::os::fd::OwnedFd;
+use std::process::{Child, Command, Stdio};
+
+use cluster_ipc::{Channel, process::pass_channel};
+
+use crate::config::Config;
+use crate::{Error, sys};
+
+/// The variable that tells a worker its id.
+pub const WORKER_ID_ENV: &str = "CLUSTER_WORKER_ID";
+/// The variable that tells a worker its slot.
+pub const WORKER_SLOT_ENV: &str = "CLUSTER_WORKER_SLOT";
+/// The variable that names the fd of a worker's control channel.
+pub const IPC_FD_ENV: &str = "CLUSTER_IPC_FD";
+/// The fd number the control channel gets in a worker.
+pub const IPC_FD: i32 = 3;
+
+/// A worker process just started.
+pub(crate) struct Spawned {
+    pub(crate) child: Child,
+    pub(crate) control: Channel,
+    pub(crate) pidfd: Option<OwnedFd>,
+}
+
+/// Starts worker `id` in `slot`. Must run on the primary's loop thread: the parent-death
+/// signal follows the thread that forked.
+pub(crate) fn spawn_worker(config: &Config, id: u64, slot: u32) -> Result<Spawned, Error> {
+    let (control, workers_end) = Channel::pair()?;
+    let mut cmd = Command::new(&config.program);
+    cmd.args(&config.args);
+    for (key, value) in &config.envs {
+        match value {
+            Some(value) => cmd.env(key, value),
+            None => cmd.env_remove(key),
+        };
+    }
+    if let Some(dir) = &config.cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.env(WORKER_ID_ENV, id.to_string())
+        .env(WORKER_SLOT_ENV, slot.to_string())
+        .stdin(Stdio::null());
+    // Its own process group: a terminal's Ctrl-C reaches only the primary, which stops the
+    // workers in order.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    pass_channel(&mut cmd, workers_end.into_fd(), IPC_FD, IPC_FD_ENV)?;
+    if let Some(signal) = config.parent_death_signal {
+        sys::set_parent_death_signal(&mut cmd, signal as libc::c_int);
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|source| Error::io("spawn worker", source))?;
+    // The command holds the parent's copy of the worker's end; drop it so that the worker is
+    // its only holder and its exit reads as end of file here.
+    drop(cmd);
+    let pidfd = match sys::pidfd_open(child.id()) {
+        Ok(pidfd) => pidfd,
+        Err(err) => {
+            tracing::warn!(%err, "pidfd_open failed; falling back to SIGCHLD");
+            None
+        }
+    };
+    Ok(Spawned {
+        child,
+        control,
+        pidfd,
+    })
+}
