@@ -1,7 +1,300 @@
-//! The facade most users depend on (not built yet).
+//! One API for a clustered server: the same program runs as the primary, as each of its
+//! workers, or alone.
 //!
-//! This crate will offer one API that works in the primary, in a worker, or with no cluster
-//! at all: `Cluster::builder().workers(n).run(|worker| ...)` and a `TcpListener::bind` that a
-//! worker's primary answers. See `DESIGN.md` section 8.
+//! # Overview
 //!
-//! Nothing here works yet: the crate exists so the workspace has its final shape.
+//! [`Cluster::builder`] sets the cluster up and [`run`](Builder::run) takes the worker's
+//! code as a closure:
+//!
+//! - in the **primary** (the process you start) `run` supervises: it starts the workers (this
+//!   same program again), owns the listening sockets, hands out connections, replaces workers
+//!   that die and stops them all on SIGTERM or Ctrl-C. It never calls the closure. Primary
+//!   hooks ([`Builder::on_event`]) see every [`Event`] with a [`PrimaryCluster`] to act on.
+//! - in a **worker** `run` calls the closure; inside it [`TcpListener::bind`] is answered by
+//!   the primary, so every worker "binds" the same port. When the closure returns (its
+//!   `incoming()` loop ends once the worker is asked to disconnect), the worker finishes its
+//!   open connections and exits.
+//! - with **no cluster** ([`Builder::workers`]`(0)`) the closure runs in this process and
+//!   `bind` is a plain bind: the single-process baseline, with no change to the code.
+//!
+//! The crates underneath are re-exported for everything beyond the common case: [`primary`],
+//! [`worker`], [`ipc`] and [`sched`].
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//!
+//! fn main() -> Result<(), cluster_net::Error> {
+//!     cluster_net::Cluster::builder().workers(4).run(|worker| {
+//!         let listener = cluster_net::TcpListener::bind("127.0.0.1:8080")?; // intercepted
+//!         for stream in listener.incoming() {
+//!             let mut stream = stream?;
+//!             let mut request = [0u8; 1024];
+//!             let _ = stream.read(&mut request)?;
+//!             let body = format!("handled by worker {:?}\n", worker.id());
+//!             write!(stream, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())?;
+//!         }
+//!         Ok(())
+//!     })
+//! }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod net;
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+pub use cluster_ipc as ipc;
+pub use cluster_primary as primary;
+pub use cluster_primary::{
+    Cluster as PrimaryCluster, Event, ExitStatus, ListenMode, Signal, Status, WorkerId,
+};
+pub use cluster_sched as sched;
+pub use cluster_worker as worker;
+pub use cluster_worker::{DisconnectReason, Message};
+pub use net::{TcpListener, TcpStream};
+
+/// What can go wrong in a clustered program.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The primary failed.
+    #[error(transparent)]
+    Primary(#[from] cluster_primary::Error),
+    /// The worker side failed.
+    #[error(transparent)]
+    Worker(#[from] cluster_worker::Error),
+    /// An I/O operation of the application failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The operation needs a primary, and this process runs alone (`workers(0)`).
+    #[error("{what} needs a cluster; this process runs alone")]
+    NotClustered {
+        /// What was attempted.
+        what: &'static str,
+    },
+    /// The application's own error.
+    #[error("{0}")]
+    App(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Error {
+    /// Wraps an application error.
+    pub fn app(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+        Error::App(err.into())
+    }
+}
+
+/// True in a process started as a cluster worker.
+pub fn is_worker() -> bool {
+    cluster_worker::is_worker()
+}
+
+/// True in a process that is not a cluster worker (the primary, or a program running alone).
+pub fn is_primary() -> bool {
+    !is_worker()
+}
+
+/// This worker's id (from 1), or `None` outside a running worker.
+pub fn worker_id() -> Option<u64> {
+    cluster_worker::Worker::current().map(|worker| worker.id())
+}
+
+/// Where the cluster is set up: the entry point.
+#[derive(Debug, Clone, Copy)]
+pub struct Cluster;
+
+impl Cluster {
+    /// A builder with the defaults: one worker per available CPU, round-robin.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+}
+
+type EventHook = Box<dyn FnMut(&mut PrimaryCluster, Event)>;
+
+/// Sets up and runs a clustered program.
+#[must_use]
+pub struct Builder {
+    primary: cluster_primary::Builder,
+    workers: Option<usize>,
+    on_event: Option<EventHook>,
+    worker_options: cluster_worker::WorkerOptions,
+}
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder {
+            primary: cluster_primary::Builder::new(),
+            workers: None,
+            on_event: None,
+            worker_options: cluster_worker::WorkerOptions::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("primary", &self.primary)
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// How many workers (default: the available parallelism). 0 runs the closure in this
+    /// process with no cluster.
+    pub fn workers(mut self, count: usize) -> Builder {
+        self.workers = Some(count);
+        self
+    }
+
+    /// How listeners deliver connections: round-robin (default) or shared.
+    pub fn mode(mut self, mode: ListenMode) -> Builder {
+        self.primary = self.primary.mode(mode);
+        self
+    }
+
+    /// The round-robin credit window per worker (see
+    /// [`primary::DEFAULT_WINDOW`](cluster_primary::DEFAULT_WINDOW)).
+    pub fn window(mut self, window: u32) -> Builder {
+        self.primary = self.primary.window(window);
+        self
+    }
+
+    /// How long workers get to finish when they disconnect or the cluster stops.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Builder {
+        self.primary = self.primary.shutdown_timeout(timeout);
+        self
+    }
+
+    /// Any other primary setting (program, arguments, environment, respawn, signals, ...).
+    pub fn primary(
+        mut self,
+        configure: impl FnOnce(cluster_primary::Builder) -> cluster_primary::Builder,
+    ) -> Builder {
+        self.primary = configure(self.primary);
+        self
+    }
+
+    /// Worker-side settings (timeouts, message queue).
+    pub fn worker_options(mut self, options: cluster_worker::WorkerOptions) -> Builder {
+        self.worker_options = options;
+        self
+    }
+
+    /// The primary's hook: called on the primary's loop for every [`Event`], with the
+    /// cluster to act on (send, broadcast, disconnect, status, stop). Keep it quick.
+    pub fn on_event(mut self, hook: impl FnMut(&mut PrimaryCluster, Event) + 'static) -> Builder {
+        self.on_event = Some(Box::new(hook));
+        self
+    }
+
+    /// Runs the program in whatever role this process has (see the crate docs). In a worker,
+    /// an error from the closure is returned after the worker disconnected, so the process
+    /// exits with a failure and the primary replaces it.
+    pub fn run<F>(self, worker_main: F) -> Result<(), Error>
+    where
+        F: FnOnce(&Worker) -> Result<(), Error>,
+    {
+        if let Some(worker) = cluster_worker::Worker::start(self.worker_options)? {
+            return run_worker(worker, worker_main);
+        }
+        match self.workers {
+            Some(0) => worker_main(&Worker { inner: None }),
+            count => {
+                let primary = match count {
+                    Some(count) => self.primary.workers(count),
+                    None => self.primary,
+                };
+                let mut on_event = self.on_event;
+                primary.build()?.run(move |cluster, event| {
+                    if let Some(hook) = on_event.as_mut() {
+                        hook(cluster, event);
+                    }
+                })?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn run_worker<F>(worker: cluster_worker::Worker, worker_main: F) -> Result<(), Error>
+where
+    F: FnOnce(&Worker) -> Result<(), Error>,
+{
+    let context = Worker {
+        inner: Some(worker.clone()),
+    };
+    let result = worker_main(&context);
+    if let Err(err) = &result {
+        tracing::error!(%err, "the worker's code failed");
+    }
+    // Done accepting either way: finish what is open, then let the process end.
+    worker.disconnect();
+    worker.wait_idle(Instant::now() + worker.drain_timeout());
+    result
+}
+
+/// The worker side as the closure sees it: a cluster worker, or this process alone.
+#[derive(Debug)]
+pub struct Worker {
+    inner: Option<cluster_worker::Worker>,
+}
+
+impl Worker {
+    /// This worker's id (from 1); `None` when running alone.
+    pub fn id(&self) -> Option<u64> {
+        self.inner.as_ref().map(cluster_worker::Worker::id)
+    }
+
+    /// True in a cluster worker, false when running alone.
+    pub fn is_clustered(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// The underlying worker, for everything this facade does not cover.
+    pub fn inner(&self) -> Option<&cluster_worker::Worker> {
+        self.inner.as_ref()
+    }
+
+    /// Sends a message to the primary (its hook gets [`Event::Message`]).
+    pub fn send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
+        Ok(self.clustered("send")?.send(msg)?)
+    }
+
+    /// Calls `callback` (on the worker's control thread) for each message from the primary.
+    pub fn on_message(&self, callback: impl Fn(Message) + Send + 'static) -> Result<(), Error> {
+        self.clustered("on_message")?.on_message(callback);
+        Ok(())
+    }
+
+    /// True once the worker is disconnecting: stop keep-alive and finish up.
+    pub fn is_disconnecting(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(cluster_worker::Worker::is_disconnecting)
+    }
+
+    /// Stops taking connections, finishes the open ones, exits.
+    pub fn disconnect(&self) {
+        if let Some(worker) = &self.inner {
+            worker.disconnect();
+        }
+    }
+
+    /// Asks the primary to start a replacement, then disconnects (the seed's "suicide"
+    /// pattern, with no gap in capacity).
+    pub fn retire(&self) -> Result<(), Error> {
+        Ok(self.clustered("retire")?.retire()?)
+    }
+
+    fn clustered(&self, what: &'static str) -> Result<&cluster_worker::Worker, Error> {
+        self.inner.as_ref().ok_or(Error::NotClustered { what })
+    }
+}

@@ -1,0 +1,283 @@
+//! `TcpListener` and `TcpStream` that are answered by the primary inside a worker, and plain
+//! sockets anywhere else.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Deref;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+/// A TCP listener. In a cluster worker, [`bind`](TcpListener::bind) asks the primary, which
+/// owns the socket and either hands this worker connections (round-robin) or shares the
+/// listening socket with it; anywhere else it is a plain bind. The API is the same.
+#[derive(Debug)]
+pub struct TcpListener {
+    inner: ListenerInner,
+}
+
+#[derive(Debug)]
+enum ListenerInner {
+    /// Non-blocking, so that `try_accept` and `mio` work; `accept` waits with `poll`.
+    Plain(std::net::TcpListener),
+    Cluster(cluster_worker::Listener),
+}
+
+impl TcpListener {
+    /// Listens on `addr` (the first of its addresses that works, like
+    /// `std::net::TcpListener::bind`). In a worker the primary answers: every worker that
+    /// binds the same address shares it, `:0` gives every worker the same port, and errors
+    /// such as `AddrInUse` or `PermissionDenied` come back as they would from a plain bind.
+    pub fn bind<A: ToSocketAddrs>(addr: A) -> io::Result<TcpListener> {
+        let Some(worker) = cluster_worker::Worker::current() else {
+            let listener = std::net::TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            return Ok(TcpListener {
+                inner: ListenerInner::Plain(listener),
+            });
+        };
+        let mut last_error = None;
+        for addr in addr.to_socket_addrs()? {
+            match worker.listen(addr, None) {
+                Ok(listener) => {
+                    return Ok(TcpListener {
+                        inner: ListenerInner::Cluster(listener),
+                    });
+                }
+                Err(err) => last_error = Some(io::Error::from(err)),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "could not resolve to any addresses",
+            )
+        }))
+    }
+
+    /// The address listened on (the real port when port 0 was asked).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.inner {
+            ListenerInner::Plain(listener) => listener.local_addr(),
+            ListenerInner::Cluster(listener) => listener.local_addr(),
+        }
+    }
+
+    /// True when the primary answered this listener (this process is a cluster worker).
+    pub fn is_clustered(&self) -> bool {
+        matches!(self.inner, ListenerInner::Cluster(_))
+    }
+
+    /// Waits for a connection. The stream is in blocking mode. In a worker that disconnects,
+    /// waiting ends with [`NotConnected`](io::ErrorKind::NotConnected).
+    pub fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        match &self.inner {
+            ListenerInner::Plain(listener) => loop {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        stream.set_nonblocking(false)?;
+                        return Ok((TcpStream::plain(stream), peer));
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        wait_readable(listener.as_fd(), None)?;
+                    }
+                    Err(err) => return Err(err),
+                }
+            },
+            ListenerInner::Cluster(listener) => {
+                let (stream, peer) = listener.accept()?;
+                Ok((TcpStream::cluster(stream), peer))
+            }
+        }
+    }
+
+    /// A connection if one is ready now, else [`WouldBlock`](io::ErrorKind::WouldBlock). The
+    /// stream is in non-blocking mode, ready for `mio`.
+    pub fn try_accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        match &self.inner {
+            ListenerInner::Plain(listener) => {
+                let (stream, peer) = listener.accept()?;
+                stream.set_nonblocking(true)?;
+                Ok((TcpStream::plain(stream), peer))
+            }
+            ListenerInner::Cluster(listener) => {
+                let (stream, peer) = listener.try_accept()?;
+                Ok((TcpStream::cluster(stream), peer))
+            }
+        }
+    }
+
+    /// The connections as they come (blocking). In a worker the iterator ends when the worker
+    /// disconnects, so `for stream in listener.incoming()` ends by itself.
+    pub fn incoming(&self) -> impl Iterator<Item = io::Result<TcpStream>> + '_ {
+        std::iter::from_fn(move || match self.accept() {
+            Ok((stream, _)) => Some(Ok(stream)),
+            Err(_) if self.is_closed() => None,
+            Err(err) => Some(Err(err)),
+        })
+    }
+
+    /// True once a cluster listener was closed (the worker disconnects); never for a plain one.
+    pub fn is_closed(&self) -> bool {
+        match &self.inner {
+            ListenerInner::Plain(_) => false,
+            ListenerInner::Cluster(listener) => listener.is_closed(),
+        }
+    }
+}
+
+/// Registers the fd that becomes readable when a connection can be taken; then call
+/// [`TcpListener::try_accept`] until it says `WouldBlock`.
+impl mio::event::Source for TcpListener {
+    fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        match &mut self.inner {
+            ListenerInner::Plain(listener) => {
+                mio::unix::SourceFd(&listener.as_raw_fd()).register(registry, token, interests)
+            }
+            ListenerInner::Cluster(listener) => listener.register(registry, token, interests),
+        }
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        match &mut self.inner {
+            ListenerInner::Plain(listener) => {
+                mio::unix::SourceFd(&listener.as_raw_fd()).reregister(registry, token, interests)
+            }
+            ListenerInner::Cluster(listener) => listener.reregister(registry, token, interests),
+        }
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        match &mut self.inner {
+            ListenerInner::Plain(listener) => {
+                mio::unix::SourceFd(&listener.as_raw_fd()).deregister(registry)
+            }
+            ListenerInner::Cluster(listener) => listener.deregister(registry),
+        }
+    }
+}
+
+/// Waits until `fd` is readable, or the timeout passes.
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<()> {
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(timeout) => PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX),
+    };
+    match poll(&mut [PollFd::new(fd, PollFlags::POLLIN)], timeout) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// A TCP connection from a [`TcpListener`]. It dereferences to a `std::net::TcpStream` and
+/// reads and writes like one; in a worker it also counts as open until dropped, which a
+/// disconnecting worker waits for before it exits.
+#[derive(Debug)]
+pub struct TcpStream {
+    inner: StreamInner,
+}
+
+#[derive(Debug)]
+enum StreamInner {
+    Plain(std::net::TcpStream),
+    Cluster(cluster_worker::Stream),
+}
+
+impl TcpStream {
+    fn plain(stream: std::net::TcpStream) -> TcpStream {
+        TcpStream {
+            inner: StreamInner::Plain(stream),
+        }
+    }
+
+    fn cluster(stream: cluster_worker::Stream) -> TcpStream {
+        TcpStream {
+            inner: StreamInner::Cluster(stream),
+        }
+    }
+
+    /// The plain `std::net::TcpStream`. In a worker the connection stops counting as open, so
+    /// a disconnecting worker may exit while it is still in use.
+    pub fn into_std(self) -> std::net::TcpStream {
+        match self.inner {
+            StreamInner::Plain(stream) => stream,
+            StreamInner::Cluster(stream) => stream.into_tcp(),
+        }
+    }
+}
+
+impl Deref for TcpStream {
+    type Target = std::net::TcpStream;
+
+    fn deref(&self) -> &std::net::TcpStream {
+        match &self.inner {
+            StreamInner::Plain(stream) => stream,
+            StreamInner::Cluster(stream) => stream,
+        }
+    }
+}
+
+impl AsFd for TcpStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        (**self).as_fd()
+    }
+}
+
+impl Read for TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&**self).read(buf)
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        (&**self).read_vectored(bufs)
+    }
+}
+
+impl Write for TcpStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&**self).write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        (&**self).write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&**self).flush()
+    }
+}
+
+impl mio::event::Source for TcpStream {
+    fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        mio::unix::SourceFd(&self.as_raw_fd()).register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        mio::unix::SourceFd(&self.as_raw_fd()).reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        mio::unix::SourceFd(&self.as_raw_fd()).deregister(registry)
+    }
+}
