@@ -1,5 +1,132 @@
-//! Runnable example programs for the cluster crates (not built yet).
+//! Shared pieces of the example programs: command-line flags, logging, and a small HTTP
+//! server.
 //!
-//! This package will hold `[[bin]]` targets: `hello` (the seed's benchmark HTTP server),
-//! `crash` (workers that retire after one request) and `messages` (workers reporting to the
-//! primary). They arrive with the primary, worker and facade crates.
+//! The programs themselves are the `[[bin]]` targets of this package:
+//!
+//! - `hello`: the seed's benchmark server; every response is `handled by process.<pid>`.
+//! - `crash`: every worker answers one request, then retires; the primary starts its
+//!   replacement first, so the cluster keeps serving.
+//! - `messages`: workers report each request to the primary, which keeps the global count
+//!   and broadcasts it; responses carry it.
+//!
+//! Run one with `cargo run --release -p cluster-examples --bin hello -- --help`.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod http;
+
+use std::net::{IpAddr, SocketAddr};
+
+use clap::{Parser, ValueEnum};
+use cluster_net::ListenMode;
+
+/// The flags every example server takes.
+#[derive(Debug, Clone, Parser)]
+pub struct ServerArgs {
+    /// How many worker processes; 0 runs one process with no cluster (the baseline).
+    /// Default: one per available CPU.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// The port to listen on; 0 picks a free one.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// How connections reach workers: the primary hands them out round-robin, or every
+    /// worker accepts on the shared socket.
+    #[arg(long, value_enum, default_value_t = Mode::Rr)]
+    pub mode: Mode,
+    /// Round-robin only: how many connections a worker may have handed to it and not yet
+    /// acknowledged (1 is Node's protocol).
+    #[arg(long, default_value_t = cluster_net::primary::DEFAULT_WINDOW)]
+    pub window: u32,
+    /// CPU work per request: a loop of this many iterations (the seed's benchmark used 1e7).
+    #[arg(long, default_value_t = 0)]
+    pub work: u64,
+}
+
+/// How listeners deliver connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Round-robin handoff by the primary.
+    Rr,
+    /// One listening socket shared by every worker.
+    Shared,
+}
+
+impl ServerArgs {
+    /// The listen mode to configure.
+    pub fn listen_mode(&self) -> ListenMode {
+        match self.mode {
+            Mode::Rr => ListenMode::RoundRobin,
+            Mode::Shared => ListenMode::Shared,
+        }
+    }
+
+    /// The worker count in effect.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+    }
+
+    /// The address to bind.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
+
+    /// A cluster builder with these flags applied.
+    pub fn builder(&self) -> cluster_net::Builder {
+        cluster_net::Cluster::builder()
+            .workers(self.worker_count())
+            .mode(self.listen_mode())
+            .window(self.window)
+    }
+
+    /// The line the primary prints once every worker listens (an IPv6 host in brackets).
+    pub fn ready_line(&self, addr: SocketAddr) -> String {
+        let mode = match self.mode {
+            Mode::Rr => "rr",
+            Mode::Shared => "shared",
+        };
+        format!(
+            "ready http://{addr} workers={} mode={mode}",
+            self.worker_count()
+        )
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: warnings and errors).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_line_brackets_ipv6_hosts() {
+        let args = ServerArgs::parse_from([
+            "hello",
+            "--workers",
+            "3",
+            "--host",
+            "::1",
+            "--mode",
+            "shared",
+        ]);
+        let addr: SocketAddr = "[::1]:4321".parse().unwrap();
+        assert_eq!(
+            args.ready_line(addr),
+            "ready http://[::1]:4321 workers=3 mode=shared"
+        );
+    }
+}

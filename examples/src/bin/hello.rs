@@ -1,0 +1,67 @@
+//! The seed's benchmark server: every response is `handled by process.<pid>`.
+//!
+//! `hello --workers 4 --port 8080` runs a primary with four workers; `--workers 0` runs one
+//! process with no cluster, the baseline. Once every worker listens the primary prints
+//! `ready http://HOST:PORT workers=N mode=M` on stdout, once.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cluster_examples::http::{Handler, busy_work, serve};
+use cluster_examples::{ServerArgs, init_logging};
+use cluster_net::{Event, TcpListener, Worker};
+
+struct Hello<'a> {
+    worker: &'a Worker,
+    body: String,
+    work: u64,
+}
+
+impl Handler for Hello<'_> {
+    fn respond(&mut self) -> String {
+        busy_work(self.work);
+        self.body.clone()
+    }
+
+    fn keep_alive_allowed(&self) -> bool {
+        !self.worker.is_disconnecting()
+    }
+}
+
+fn main() -> ExitCode {
+    let args = ServerArgs::parse();
+    init_logging();
+    let ready = args.clone();
+    let result = args
+        .builder()
+        .on_event(move |_, event| {
+            if let Event::Ready { addrs } = event {
+                if let Some(addr) = addrs.first() {
+                    println!("{}", ready.ready_line(*addr));
+                }
+            }
+        })
+        .run(|worker| {
+            let listener = TcpListener::bind(args.addr())?;
+            if !worker.is_clustered() {
+                println!("{}", args.ready_line(listener.local_addr()?));
+            }
+            let body = format!("handled by process.{}\n", std::process::id());
+            serve(
+                listener,
+                &mut Hello {
+                    worker,
+                    body,
+                    work: args.work,
+                },
+            )?;
+            Ok(())
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("hello: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

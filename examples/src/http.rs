@@ -1,0 +1,300 @@
+//! A small single-threaded HTTP/1.x server on `mio`, the shape of a Node.js worker: one event
+//! loop per process, many connections, keep-alive when the client asks for it.
+//!
+//! Requests are parsed with `httparse`; bodies announced by `Content-Length` are read and
+//! ignored. Every response is `200 OK` with the body the [`Handler`] gives.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use cluster_net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+
+/// What the server asks of the application.
+pub trait Handler {
+    /// The body of the response to one request.
+    fn respond(&mut self) -> String;
+
+    /// False when connections should close after their current request (for example while
+    /// the worker is disconnecting); keep-alive connections that wait for their next request
+    /// are then closed too.
+    fn keep_alive_allowed(&self) -> bool {
+        true
+    }
+}
+
+const LISTENER: Token = Token(usize::MAX);
+const MAX_HEADERS: usize = 32;
+/// A request head larger than this is refused.
+const MAX_HEAD: usize = 16 * 1024;
+/// How often the loop looks at the handler's state without an event.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Serves HTTP on `listener` until the listener closes (the cluster worker disconnects) and
+/// every open connection is done. A plain listener never closes: that server runs until the
+/// process is stopped.
+pub fn serve(mut listener: TcpListener, handler: &mut impl Handler) -> io::Result<()> {
+    let mut poll = Poll::new()?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let mut listener = Some(listener);
+    let mut conns: HashMap<Token, Connection> = HashMap::new();
+    let mut next_token = 0usize;
+    let mut events = Events::with_capacity(256);
+    loop {
+        if listener.is_none() && conns.is_empty() {
+            return Ok(());
+        }
+        match poll.poll(&mut events, Some(TICK)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        }
+        for event in events.iter() {
+            if event.token() == LISTENER {
+                let open = listener
+                    .as_ref()
+                    .is_some_and(|l| accept_all(l, &poll, &mut conns, &mut next_token));
+                if !open {
+                    listener = None;
+                }
+            } else if let Some(conn) = conns.get_mut(&event.token()) {
+                if conn.on_ready(handler).is_err() || conn.done {
+                    conns.remove(&event.token());
+                }
+            }
+        }
+        if !handler.keep_alive_allowed() {
+            // Disconnecting: keep-alive connections waiting for their next request would hold
+            // the worker up for nothing. (A new connection whose first request is still on
+            // its way is not idle: it gets its answer.)
+            conns.retain(|_, conn| !conn.is_idle_keep_alive());
+        }
+    }
+}
+
+/// Accepts until nothing is left. Returns false once the listener is closed.
+fn accept_all(
+    listener: &TcpListener,
+    poll: &Poll,
+    conns: &mut HashMap<Token, Connection>,
+    next_token: &mut usize,
+) -> bool {
+    loop {
+        match listener.try_accept() {
+            Ok((mut stream, _)) => {
+                let token = Token(*next_token);
+                *next_token = (*next_token + 1) % (usize::MAX - 1);
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                if let Err(err) = poll.registry().register(&mut stream, token, interest) {
+                    tracing::warn!(%err, "could not register a connection");
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                conns.insert(token, Connection::new(stream));
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if listener.is_closed() || err.kind() == io::ErrorKind::NotConnected => {
+                return false;
+            }
+            Err(err) => {
+                // A client that left before we took it, or fds exhausted: keep serving.
+                tracing::debug!(%err, "accept failed");
+                return true;
+            }
+        }
+    }
+}
+
+/// One client connection: bytes read and not yet parsed, bytes to write.
+struct Connection {
+    stream: TcpStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+    /// Bytes of a request body still to skip.
+    body_left: usize,
+    /// Close once the output is written.
+    closing: bool,
+    done: bool,
+    /// Requests answered on this connection so far.
+    answered: u64,
+}
+
+impl Connection {
+    fn new(stream: TcpStream) -> Connection {
+        Connection {
+            stream,
+            input: Vec::with_capacity(1024),
+            output: Vec::with_capacity(256),
+            written: 0,
+            body_left: 0,
+            closing: false,
+            done: false,
+            answered: 0,
+        }
+    }
+
+    /// Answered at least one request, and nothing of the next one has arrived.
+    fn is_idle_keep_alive(&self) -> bool {
+        self.answered > 0 && self.input.is_empty() && self.written == self.output.len()
+    }
+
+    /// Reads what is there, answers every whole request, writes what it can.
+    fn on_ready(&mut self, handler: &mut impl Handler) -> io::Result<()> {
+        if !self.closing {
+            self.read_and_answer(handler)?;
+        }
+        self.write_out()?;
+        if self.closing && self.written == self.output.len() {
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            self.done = true;
+        }
+        Ok(())
+    }
+
+    fn read_and_answer(&mut self, handler: &mut impl Handler) -> io::Result<()> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    // The client is done sending; finish what it asked for, then close.
+                    self.closing = true;
+                    break;
+                }
+                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        while !self.closing && self.answer_one(handler) {}
+        Ok(())
+    }
+
+    /// Answers the request at the front of the input, if it is whole. Returns true if it did.
+    fn answer_one(&mut self, handler: &mut impl Handler) -> bool {
+        if self.body_left > 0 {
+            let skipped = self.body_left.min(self.input.len());
+            self.input.drain(..skipped);
+            self.body_left -= skipped;
+            if self.body_left > 0 {
+                return false;
+            }
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        let head_len = match request.parse(&self.input) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if self.input.len() <= MAX_HEAD => return false,
+            Ok(httparse::Status::Partial) | Err(_) => {
+                self.queue_response("400 Bad Request", "bad request\n", false, 1);
+                return false;
+            }
+        };
+        let minor = request.version.unwrap_or(0);
+        let keep_alive = wants_keep_alive(minor, request.headers) && handler.keep_alive_allowed();
+        let body_len = content_length(request.headers);
+        self.input.drain(..head_len);
+        self.body_left = body_len;
+        let body = handler.respond();
+        self.answered += 1;
+        let keep_alive = keep_alive && handler.keep_alive_allowed();
+        self.queue_response("200 OK", &body, keep_alive, minor);
+        !self.closing
+    }
+
+    fn queue_response(&mut self, status: &str, body: &str, keep_alive: bool, minor: u8) {
+        let connection = if keep_alive { "keep-alive" } else { "close" };
+        let _ = write!(
+            self.output,
+            "HTTP/1.{minor} {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+            body.len()
+        );
+        if !keep_alive {
+            self.closing = true;
+        }
+    }
+
+    fn write_out(&mut self) -> io::Result<()> {
+        while self.written < self.output.len() {
+            match self.stream.write(&self.output[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        self.output.clear();
+        self.written = 0;
+        Ok(())
+    }
+}
+
+/// HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked.
+fn wants_keep_alive(minor: u8, headers: &[httparse::Header<'_>]) -> bool {
+    let connection = headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("connection"))
+        .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase());
+    match (minor, connection.as_deref()) {
+        (_, Some(value)) if value.contains("close") => false,
+        (0, Some(value)) => value.contains("keep-alive"),
+        (0, None) => false,
+        _ => true,
+    }
+}
+
+fn content_length(headers: &[httparse::Header<'_>]) -> usize {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Burns `iterations` of CPU in a way the optimiser cannot remove: the seed's
+/// `for (i < 1e7) {}` handler.
+pub fn busy_work(iterations: u64) -> u64 {
+    let mut acc = 0u64;
+    for i in 0..iterations {
+        acc = std::hint::black_box(acc.wrapping_mul(31).wrapping_add(i));
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers<'a>(pairs: &'a [(&'a str, &'a str)]) -> Vec<httparse::Header<'a>> {
+        pairs
+            .iter()
+            .map(|(name, value)| httparse::Header {
+                name,
+                value: value.as_bytes(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_the_connection_header() {
+        assert!(wants_keep_alive(1, &headers(&[])));
+        assert!(!wants_keep_alive(1, &headers(&[("Connection", "close")])));
+        assert!(!wants_keep_alive(0, &headers(&[])));
+        assert!(wants_keep_alive(
+            0,
+            &headers(&[("connection", "Keep-Alive")])
+        ));
+    }
+
+    #[test]
+    fn content_length_is_read_and_defaults_to_zero() {
+        assert_eq!(content_length(&headers(&[("Content-Length", " 12 ")])), 12);
+        assert_eq!(content_length(&headers(&[("content-length", "x")])), 0);
+        assert_eq!(content_length(&headers(&[])), 0);
+    }
+}
