@@ -17,9 +17,8 @@
 //! The table judges each case's goal (from the issue, for the 2-core machine) by the median;
 //! everything runs on whatever else the machine is doing, so the load average is printed too.
 //!
-//! `cargo xtask` builds in debug, so when this binary is unoptimized it builds xtask in
-//! release (through `$CARGO`) and runs that binary instead: the numbers always come from an
-//! optimized build. Nothing here asserts on timings; it is a measurement.
+//! The numbers always come from an optimized build (see [`crate::release`]). Nothing here
+//! asserts on timings; it is a measurement.
 
 use std::fs::File;
 use std::io;
@@ -28,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use cluster_ipc::{Channel, Kind, Limits};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde_json::json;
@@ -37,8 +36,6 @@ use serde_json::json;
 const FD_VAR: &str = "CLUSTER_IPC_BENCH_FD";
 /// The fd number the receiver finds its channel end at.
 const CHILD_FD: i32 = 3;
-/// Set on the release binary this task re-runs itself as, so it never loops.
-const REEXEC_VAR: &str = "XTASK_IPC_BENCH_RELEASE";
 /// How long one round may take before the benchmark gives up (a hung peer, not slowness).
 const ROUND_TIMEOUT: Duration = Duration::from_secs(120);
 /// The most fds any case attaches to a frame.
@@ -61,6 +58,30 @@ pub(crate) struct Args {
     /// Also write the raw figures as a JSON object to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+impl Args {
+    /// The settings `cargo xtask bench` uses for its IPC scenario.
+    pub(crate) fn for_bench(quick: bool) -> Args {
+        Args {
+            frames: if quick { 20_000 } else { 100_000 },
+            reps: if quick { 1 } else { 3 },
+            cases: Vec::new(),
+            json: None,
+        }
+    }
+}
+
+/// Each case's median in its goal's unit, named for a report (`small frames/s`, ...).
+pub(crate) fn medians(measured: &Measured) -> Vec<(String, f64)> {
+    measured
+        .results
+        .iter()
+        .map(|result| {
+            let name = format!("{} {}", result.case.name, result.case.metric.unit());
+            (name, result.median_in_goal_metric())
+        })
+        .collect()
 }
 
 /// The names `--case` accepts, one per case.
@@ -172,16 +193,14 @@ impl CaseResult {
     }
 }
 
-/// Runs the benchmark (re-running itself in release first when this build is unoptimized).
+/// Runs the benchmark (from a release build: `main` sees to that).
 pub(crate) fn run(args: &Args) -> Result<()> {
-    if cfg!(debug_assertions) {
-        ensure!(
-            std::env::var_os(REEXEC_VAR).is_none(),
-            "the release build of xtask has debug assertions on; refusing to report numbers \
-             from an unoptimized build"
-        );
-        return rerun_in_release();
-    }
+    let measured = measure(args)?;
+    report(args, &measured)
+}
+
+/// Runs every selected case and returns the raw figures.
+pub(crate) fn measure(args: &Args) -> Result<Measured> {
     raise_fd_limit();
     let files = (0..MAX_FDS)
         .map(|_| File::open("/dev/null"))
@@ -212,8 +231,28 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         });
     }
     peer.finish()?;
-    let load = [load_before, load_average()];
-    print_table(args, &results);
+    Ok(Measured {
+        results,
+        warmup,
+        load: [load_before, load_average()],
+    })
+}
+
+/// What [`measure`] found.
+pub(crate) struct Measured {
+    results: Vec<CaseResult>,
+    warmup: u64,
+    load: [Option<String>; 2],
+}
+
+/// Prints the table and writes the JSON file if asked.
+fn report(args: &Args, measured: &Measured) -> Result<()> {
+    let Measured {
+        results,
+        warmup,
+        load,
+    } = measured;
+    print_table(args, results);
     println!(
         "load average (1 min) before and after: {} and {} on {} cpus; other busy processes \
          lower these figures",
@@ -222,63 +261,10 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         cpus()
     );
     if let Some(path) = &args.json {
-        write_json(path, args, warmup, &load, &results)?;
+        write_json(path, args, *warmup, load, results)?;
         println!("raw figures written to {}", path.display());
     }
     Ok(())
-}
-
-/// Builds xtask in release and runs this same command line with that binary, exiting with
-/// its status.
-fn rerun_in_release() -> Result<()> {
-    let exe = build_release()?;
-    let status = Command::new(&exe)
-        .args(std::env::args_os().skip(1))
-        .env(REEXEC_VAR, "1")
-        .status()
-        .with_context(|| format!("running {}", exe.display()))?;
-    std::process::exit(status.code().unwrap_or(1));
-}
-
-/// `cargo build --release -p xtask`, returning the path of the executable cargo reports.
-fn build_release() -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-    eprintln!("ipc-bench: building xtask in release, so the numbers come from an optimized build");
-    let output = Command::new(&cargo)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "--package",
-            "xtask",
-            "--bin",
-            "xtask",
-        ])
-        .arg("--message-format=json-render-diagnostics")
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", Path::new(&cargo).display()))?;
-    ensure!(
-        output.status.success(),
-        "cargo build --release -p xtask failed ({})",
-        output.status
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    for line in stdout.lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if message["reason"] == "compiler-artifact" && message["target"]["name"] == "xtask" {
-            if let Some(exe) = message["executable"].as_str() {
-                return Ok(PathBuf::from(exe));
-            }
-        }
-    }
-    bail!("cargo build --release -p xtask did not report the xtask executable")
 }
 
 /// The receiving process and the sender's end of the channel to it.

@@ -2,10 +2,17 @@
 //!
 //! Each task lives in its own module; `main` only parses the command line and dispatches.
 //!
+//! - `cargo xtask bench`: the cluster against a single process and Node's cluster, side by
+//!   side (see [`bench`]).
 //! - `cargo xtask ipc-bench`: one-way throughput of `cluster-ipc` channels between two
 //!   processes (see [`ipc_bench`]).
+//!
+//! Both measure optimized code: from a debug build they build in release and re-run
+//! themselves (see [`release`]).
 
+mod bench;
 mod ipc_bench;
+mod release;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +31,8 @@ struct Cli {
 /// Every task `cargo xtask` knows.
 #[derive(Debug, Subcommand)]
 enum Task {
+    /// Benchmark the cluster against a single process and Node's cluster.
+    Bench(bench::Args),
     /// Measure one-way frames/s and fds/s of a cluster-ipc channel between two processes.
     IpcBench(ipc_bench::Args),
     /// The receiving end of `ipc-bench`, started by it; not for direct use.
@@ -32,7 +41,13 @@ enum Task {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().task {
+    let task = Cli::parse().task;
+    let measures = matches!(task, Task::Bench(_) | Task::IpcBench(_));
+    if measures && cfg!(debug_assertions) {
+        return release::rerun_in_release();
+    }
+    match task {
+        Task::Bench(args) => bench::run(&args),
         Task::IpcBench(args) => ipc_bench::run(&args),
         Task::IpcBenchPeer => ipc_bench::peer(),
     }

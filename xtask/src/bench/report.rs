@@ -1,0 +1,336 @@
+//! What a benchmark run found, and how it is written: a table on the terminal,
+//! `report.json` for machines, `report.md` and `report.svg` for people.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::loadgen::LoadResult;
+
+/// Latency percentiles, in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Latency {
+    pub(crate) p50: u64,
+    pub(crate) p90: u64,
+    pub(crate) p99: u64,
+    pub(crate) max: u64,
+}
+
+impl Latency {
+    fn of(histogram: &Histogram<u64>) -> Latency {
+        Latency {
+            p50: histogram.value_at_quantile(0.5),
+            p90: histogram.value_at_quantile(0.9),
+            p99: histogram.value_at_quantile(0.99),
+            max: histogram.max(),
+        }
+    }
+}
+
+/// One server under one load.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Run {
+    pub(crate) target: String,
+    pub(crate) workers: usize,
+    pub(crate) keep_alive: bool,
+    pub(crate) connections: usize,
+    pub(crate) work: u64,
+    pub(crate) seconds: f64,
+    pub(crate) requests: u64,
+    pub(crate) rps: f64,
+    pub(crate) latency_us: Latency,
+    pub(crate) errors: BTreeMap<String, u64>,
+    /// Answers per worker process id.
+    pub(crate) per_worker: BTreeMap<u32, u64>,
+    /// The busiest worker's count over the least busy one's (over the expected workers).
+    pub(crate) balance_max_over_min: Option<f64>,
+    /// The primary's peak resident memory after the run, where measured.
+    pub(crate) primary_peak_rss_mib: Option<f64>,
+}
+
+impl Run {
+    pub(crate) fn new(
+        target: String,
+        workers: usize,
+        keep_alive: bool,
+        connections: usize,
+        work: u64,
+        load: &LoadResult,
+    ) -> Run {
+        Run {
+            target,
+            workers,
+            keep_alive,
+            connections,
+            work,
+            seconds: load.window.as_secs_f64(),
+            requests: load.requests,
+            rps: load.rps(),
+            latency_us: Latency::of(&load.latency_us),
+            errors: load.errors.clone(),
+            per_worker: load.per_pid.clone(),
+            balance_max_over_min: balance(&load.per_pid, workers),
+            primary_peak_rss_mib: None,
+        }
+    }
+
+    pub(crate) fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// max/min of the per-worker counts, counting a worker that got nothing as 0 (infinite
+/// imbalance: `None`).
+fn balance(per_pid: &BTreeMap<u32, u64>, workers: usize) -> Option<f64> {
+    if workers < 2 || per_pid.len() < workers {
+        return None;
+    }
+    let max = *per_pid.values().max()?;
+    let min = *per_pid.values().min()?;
+    (min > 0).then(|| max as f64 / min as f64)
+}
+
+/// One scenario's results.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Scenario {
+    pub(crate) name: &'static str,
+    pub(crate) title: &'static str,
+    pub(crate) runs: Vec<Run>,
+    /// Other figures of the scenario (respawn times, IPC rates), by name.
+    pub(crate) figures: BTreeMap<String, f64>,
+    /// Raw samples behind the figures, by name.
+    pub(crate) samples: BTreeMap<String, Vec<f64>>,
+}
+
+impl Scenario {
+    pub(crate) fn new(name: &'static str, title: &'static str) -> Scenario {
+        Scenario {
+            name,
+            title,
+            runs: Vec::new(),
+            figures: BTreeMap::new(),
+            samples: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) fn run(&self, target: &str) -> Option<&Run> {
+        self.runs.iter().find(|run| run.target == target)
+    }
+}
+
+/// The ratios the project tracks; `None` (JSON `null`) when a baseline was skipped.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Ratios {
+    pub(crate) rr_close_vs_node_rr: Option<f64>,
+    pub(crate) rr1_close_vs_node_rr: Option<f64>,
+    pub(crate) rr_close_vs_single: Option<f64>,
+    pub(crate) shared_close_vs_single: Option<f64>,
+    pub(crate) rr_balance_max_over_min: Option<f64>,
+    pub(crate) shared_balance_max_over_min: Option<f64>,
+    pub(crate) respawn_median_ms: Option<f64>,
+    pub(crate) node_respawn_median_ms: Option<f64>,
+    pub(crate) primary_rss_mib: Option<f64>,
+    pub(crate) cpu_scaling_2w_over_1w: Option<f64>,
+    pub(crate) keepalive_vs_node_rr: Option<f64>,
+    pub(crate) loadgen_ceiling_rps: Option<f64>,
+}
+
+impl Ratios {
+    /// Each ratio with its goal (from the project's benchmark issue), for the tables.
+    fn rows(&self) -> Vec<(&'static str, Option<f64>, &'static str)> {
+        vec![
+            ("rr_close_vs_node_rr", self.rr_close_vs_node_rr, ">= 3.0"),
+            ("rr1_close_vs_node_rr", self.rr1_close_vs_node_rr, ""),
+            ("rr_close_vs_single", self.rr_close_vs_single, ">= 0.95"),
+            (
+                "shared_close_vs_single",
+                self.shared_close_vs_single,
+                ">= 0.95",
+            ),
+            (
+                "rr_balance_max_over_min",
+                self.rr_balance_max_over_min,
+                "<= 1.1",
+            ),
+            (
+                "shared_balance_max_over_min",
+                self.shared_balance_max_over_min,
+                "",
+            ),
+            ("respawn_median_ms", self.respawn_median_ms, "<= 10"),
+            ("node_respawn_median_ms", self.node_respawn_median_ms, ""),
+            ("primary_rss_mib", self.primary_rss_mib, "<= 5"),
+            (
+                "cpu_scaling_2w_over_1w",
+                self.cpu_scaling_2w_over_1w,
+                ">= 1.7",
+            ),
+            ("keepalive_vs_node_rr", self.keepalive_vs_node_rr, ""),
+            ("loadgen_ceiling_rps", self.loadgen_ceiling_rps, ""),
+        ]
+    }
+}
+
+/// The machine a report came from.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Machine {
+    pub(crate) cpus: usize,
+    pub(crate) cpu_model: Option<String>,
+    pub(crate) kernel: Option<String>,
+    pub(crate) node: Option<String>,
+}
+
+/// The settings of a run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Settings {
+    pub(crate) quick: bool,
+    pub(crate) seconds_per_run: f64,
+    pub(crate) warmup_seconds: f64,
+    pub(crate) connections: usize,
+    pub(crate) workers: usize,
+    pub(crate) loadgen_threads: usize,
+    pub(crate) command: String,
+}
+
+/// Everything a run found.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Report {
+    /// Seconds since the Unix epoch when the run ended.
+    pub(crate) finished_unix: u64,
+    pub(crate) machine: Machine,
+    pub(crate) settings: Settings,
+    pub(crate) ratios: Ratios,
+    pub(crate) notes: Vec<String>,
+    pub(crate) scenarios: Vec<Scenario>,
+}
+
+impl Report {
+    /// Writes `report.json`, `report.md` and `report.svg` into `dir`, and a copy of the JSON
+    /// to `json_copy` if given.
+    pub(crate) fn write(&self, dir: &Path, json_copy: Option<&Path>) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let json = serde_json::to_string_pretty(self).context("encoding the report")?;
+        std::fs::write(dir.join("report.json"), &json).context("writing report.json")?;
+        if let Some(copy) = json_copy {
+            std::fs::write(copy, &json).with_context(|| format!("writing {}", copy.display()))?;
+        }
+        std::fs::write(dir.join("report.md"), self.markdown()).context("writing report.md")?;
+        super::chart::write_svg(self, &dir.join("report.svg"))
+    }
+
+    /// The terminal table.
+    pub(crate) fn table(&self) -> String {
+        let mut out = String::new();
+        for scenario in &self.scenarios {
+            if scenario.runs.is_empty() && scenario.figures.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "\n{} ({})", scenario.title, scenario.name);
+            if !scenario.runs.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  {:<22} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}",
+                    "target", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "max/min"
+                );
+            }
+            for run in &scenario.runs {
+                let _ = writeln!(
+                    out,
+                    "  {:<22} {:>10.0} {:>9.2} {:>9.2} {:>9.1} {:>8} {:>8}",
+                    run.target,
+                    run.rps,
+                    run.latency_us.p50 as f64 / 1000.0,
+                    run.latency_us.p99 as f64 / 1000.0,
+                    run.latency_us.max as f64 / 1000.0,
+                    run.error_count(),
+                    run.balance_max_over_min
+                        .map_or("-".into(), |b| format!("{b:.2}")),
+                );
+            }
+            for (name, value) in &scenario.figures {
+                let _ = writeln!(out, "  {name}: {value:.2}");
+            }
+        }
+        let _ = writeln!(out, "\nratios (goal in brackets)");
+        for (name, value, goal) in self.ratios.rows() {
+            let shown = value.map_or("null".into(), |v| format!("{v:.2}"));
+            let goal = if goal.is_empty() {
+                String::new()
+            } else {
+                format!("  [{goal}]")
+            };
+            let _ = writeln!(out, "  {name:<28} {shown:>10}{goal}");
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "note: {note}");
+        }
+        out
+    }
+
+    /// The Markdown report.
+    pub(crate) fn markdown(&self) -> String {
+        let mut out = String::new();
+        let machine = &self.machine;
+        let _ = writeln!(out, "# cluster benchmark\n");
+        let _ = writeln!(
+            out,
+            "Machine: {} CPUs ({}), kernel {}, node {}. Command: `{}`. {} s per run after {} s of \
+             warm-up, {} connections, {} workers{}.\n",
+            machine.cpus,
+            machine.cpu_model.as_deref().unwrap_or("unknown CPU"),
+            machine.kernel.as_deref().unwrap_or("unknown"),
+            machine.node.as_deref().unwrap_or("absent"),
+            self.settings.command,
+            self.settings.seconds_per_run,
+            self.settings.warmup_seconds,
+            self.settings.connections,
+            self.settings.workers,
+            if self.settings.quick {
+                " (quick smoke run: figures are rough)"
+            } else {
+                ""
+            },
+        );
+        let _ = writeln!(out, "## Ratios\n\n| ratio | value | goal |\n|---|---:|---|");
+        for (name, value, goal) in self.ratios.rows() {
+            let shown = value.map_or("null".into(), |v| format!("{v:.2}"));
+            let _ = writeln!(out, "| `{name}` | {shown} | {goal} |");
+        }
+        for scenario in &self.scenarios {
+            let _ = writeln!(out, "\n## {} (`{}`)\n", scenario.title, scenario.name);
+            if !scenario.runs.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "| target | req/s | p50 ms | p99 ms | errors | max/min per worker |\n|---|---:|---:|---:|---:|---:|"
+                );
+                for run in &scenario.runs {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+                        run.target,
+                        run.rps,
+                        run.latency_us.p50 as f64 / 1000.0,
+                        run.latency_us.p99 as f64 / 1000.0,
+                        run.error_count(),
+                        run.balance_max_over_min
+                            .map_or("-".into(), |b| format!("{b:.2}")),
+                    );
+                }
+            }
+            for (name, value) in &scenario.figures {
+                let _ = writeln!(out, "- {name}: {value:.2}");
+            }
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(out, "\n## Notes\n");
+            for note in &self.notes {
+                let _ = writeln!(out, "- {note}");
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,380 @@
+//! The scenarios: what runs against what, and which figures each one yields.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::loadgen::{self, LoadSpec, pid_in};
+use super::report::{Run, Scenario};
+use super::target::{Programs, Running, Server};
+
+/// Everything a scenario needs to run.
+pub(crate) struct Context {
+    pub(crate) programs: Programs,
+    pub(crate) progress: MultiProgress,
+    pub(crate) quick: bool,
+    pub(crate) workers: usize,
+    pub(crate) connections: usize,
+    pub(crate) warmup: Duration,
+    pub(crate) duration: Duration,
+    pub(crate) threads: usize,
+    pub(crate) work: u64,
+    pub(crate) respawns: usize,
+    pub(crate) notes: Vec<String>,
+}
+
+impl Context {
+    fn node_available(&self) -> bool {
+        self.programs.node.is_some()
+    }
+
+    /// The servers of the dispatch and keep-alive scenarios: a single process, our
+    /// round-robin with window 1 and with the default window, shared, and Node's two policies
+    /// (when `node` is installed).
+    fn comparison_set(&self) -> Vec<Server> {
+        let workers = self.workers;
+        let mut servers = vec![
+            Server::Single,
+            Server::Rr {
+                workers,
+                window: Some(1),
+            },
+            Server::Rr {
+                workers,
+                window: None,
+            },
+            Server::Shared { workers },
+        ];
+        if self.node_available() {
+            servers.extend([Server::NodeRr { workers }, Server::NodeShared { workers }]);
+        }
+        servers
+    }
+
+    /// Starts `server`, loads it, stops it. Returns the run and the primary's peak RSS.
+    fn measure(&self, scenario: &str, server: Server, keep_alive: bool, work: u64) -> Result<Run> {
+        let running = Running::start(&self.programs, server, work)?;
+        let spec = LoadSpec {
+            addr: running.addr,
+            connections: self.connections,
+            warmup: self.warmup,
+            duration: self.duration,
+            keep_alive,
+            threads: self.threads,
+            request_timeout: Duration::from_secs(10),
+        };
+        let load = self.with_progress(&format!("{scenario} {server}"), &spec, |counter| {
+            loadgen::run(&spec, counter)
+        })?;
+        let workers = match server {
+            Server::Single => 1,
+            Server::Rr { workers, .. }
+            | Server::Shared { workers }
+            | Server::NodeRr { workers }
+            | Server::NodeShared { workers } => workers,
+        };
+        let mut run = Run::new(
+            server.label(),
+            workers,
+            keep_alive,
+            self.connections,
+            work,
+            &load,
+        );
+        run.primary_peak_rss_mib = running.peak_rss_mib();
+        running.stop();
+        Ok(run)
+    }
+
+    /// Shows a progress bar while `body` runs the load.
+    fn with_progress<T>(
+        &self,
+        label: &str,
+        spec: &LoadSpec,
+        body: impl FnOnce(Arc<AtomicU64>) -> T,
+    ) -> T {
+        let total = spec.warmup + spec.duration;
+        let bar = self
+            .progress
+            .add(ProgressBar::new(total.as_millis() as u64));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>28} [{bar:30}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(label.to_owned());
+        let counter = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let (bar, counter, done) = (bar.clone(), Arc::clone(&counter), Arc::clone(&done));
+            let start = Instant::now();
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    bar.set_position(start.elapsed().as_millis() as u64);
+                    bar.set_message(format!("{} answered", counter.load(Ordering::Relaxed)));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        let result = body(counter);
+        done.store(true, Ordering::Relaxed);
+        let _ = ticker.join();
+        bar.finish_and_clear();
+        result
+    }
+}
+
+/// Scenario 1 (connection dispatch) or 2 (keep-alive): trivial handler, every server of the
+/// comparison set.
+pub(crate) fn throughput(ctx: &mut Context, keep_alive: bool) -> Result<Scenario> {
+    let (name, title) = if keep_alive {
+        ("keepalive", "Keep-alive throughput, trivial handler")
+    } else {
+        (
+            "dispatch",
+            "Connection dispatch: a new connection per request, trivial handler",
+        )
+    };
+    let mut scenario = Scenario::new(name, title);
+    for server in ctx.comparison_set() {
+        scenario
+            .runs
+            .push(ctx.measure(name, server, keep_alive, 0)?);
+    }
+    Ok(scenario)
+}
+
+/// Scenario 3, the seed's benchmark: a CPU-bound handler, one process against 1 and 2
+/// workers (or `--workers`).
+pub(crate) fn cpu(ctx: &mut Context) -> Result<Scenario> {
+    let mut scenario = Scenario::new("cpu", "The seed's benchmark: CPU-bound handler");
+    let servers = [
+        Server::Single,
+        Server::Rr {
+            workers: 1,
+            window: None,
+        },
+        Server::Rr {
+            workers: ctx.workers,
+            window: None,
+        },
+    ];
+    for server in servers {
+        scenario
+            .runs
+            .push(ctx.measure("cpu", server, false, ctx.work)?);
+    }
+    Ok(scenario)
+}
+
+/// Scenario 4: how evenly round-robin and shared spread connections over workers. Uses the
+/// dispatch scenario's runs when it ran.
+pub(crate) fn balance(ctx: &mut Context, dispatch: Option<&Scenario>) -> Result<Scenario> {
+    let mut scenario = Scenario::new("balance", "Balance: per-worker max/min under load");
+    let workers = ctx.workers;
+    for server in [
+        Server::Rr {
+            workers,
+            window: None,
+        },
+        Server::Shared { workers },
+    ] {
+        let reused = dispatch.and_then(|d| d.run(&server.label())).cloned();
+        let run = match reused {
+            Some(run) => run,
+            None => ctx.measure("balance", server, false, 0)?,
+        };
+        scenario.runs.push(run);
+    }
+    Ok(scenario)
+}
+
+/// Scenario 5: time from SIGKILL of the only worker to the first answer from its
+/// replacement; the median over `respawns` kills, ours and Node's.
+pub(crate) fn respawn(ctx: &mut Context) -> Result<Scenario> {
+    let mut scenario = Scenario::new(
+        "respawn",
+        "Respawn latency: SIGKILL to the first answer from a new worker",
+    );
+    let mut servers = vec![(
+        Server::Rr {
+            workers: 1,
+            window: None,
+        },
+        "respawn_ms",
+    )];
+    if ctx.node_available() {
+        servers.push((Server::NodeRr { workers: 1 }, "node_respawn_ms"));
+    }
+    for (server, name) in servers {
+        let running = Running::start(&ctx.programs, server, 0)?;
+        let bar = ctx.progress.add(ProgressBar::new(ctx.respawns as u64));
+        bar.set_prefix(format!("respawn {server}"));
+        let mut samples = Vec::with_capacity(ctx.respawns);
+        for _ in 0..ctx.respawns {
+            samples.push(time_one_respawn(running.addr)?.as_secs_f64() * 1000.0);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        running.stop();
+        scenario
+            .figures
+            .insert(format!("{name}_median"), median(&samples));
+        scenario.samples.insert(name.into(), samples);
+    }
+    Ok(scenario)
+}
+
+/// A worker younger than this counts as a failed start, which a primary may answer with a
+/// backoff (ours waits from the second failure in a row); the measurement is about a healthy
+/// worker that crashes, so each victim gets to live this long first.
+const STABLE_WORKER: Duration = Duration::from_millis(1100);
+
+/// Kills the worker that answers now, once it has run for a while, and waits for an answer
+/// from another.
+fn time_one_respawn(addr: SocketAddr) -> Result<Duration> {
+    std::thread::sleep(STABLE_WORKER);
+    let victim = answering_pid(addr).context("asking which worker answers")?;
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).context("killing the worker")?;
+    let killed_at = Instant::now();
+    let deadline = killed_at + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        // A short wait per attempt: a server may lose a connection while it has no worker
+        // (Node's primary does), and the measurement must not wait for that one.
+        match answering_pid_within(addr, RETRY_WAIT) {
+            Ok(pid) if pid != victim => return Ok(killed_at.elapsed()),
+            // The victim's last answer, or nobody listening yet (Node closes the port while
+            // it has no worker): try again at once.
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_micros(200)),
+        }
+    }
+    bail!("no new worker answered within 20 s of the SIGKILL")
+}
+
+/// How long one attempt waits for an answer while a replacement is expected.
+const RETRY_WAIT: Duration = Duration::from_millis(20);
+
+/// One request on a fresh connection; the pid in the answer.
+fn answering_pid(addr: SocketAddr) -> Result<u32> {
+    answering_pid_within(addr, Duration::from_secs(5))
+}
+
+fn answering_pid_within(addr: SocketAddr, wait: Duration) -> Result<u32> {
+    let mut stream = TcpStream::connect_timeout(&addr, wait)?;
+    stream.set_read_timeout(Some(wait))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    let body_at = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no header end")?
+        + 4;
+    pid_in(&answer[body_at..]).context("no pid in the answer")
+}
+
+/// Scenario 6: the primary's peak RSS after the dispatch load (from the dispatch scenario's
+/// round-robin run when it ran), with Node's primary for comparison.
+pub(crate) fn memory(ctx: &mut Context, dispatch: Option<&Scenario>) -> Result<Scenario> {
+    let mut scenario = Scenario::new("memory", "Memory: the primary's peak RSS under load");
+    let workers = ctx.workers;
+    let mut servers = vec![(
+        Server::Rr {
+            workers,
+            window: None,
+        },
+        "primary_peak_rss_mib",
+    )];
+    if ctx.node_available() {
+        servers.push((Server::NodeRr { workers }, "node_primary_peak_rss_mib"));
+    }
+    for (server, name) in servers {
+        let reused = dispatch.and_then(|d| d.run(&server.label())).cloned();
+        let run = match reused {
+            Some(run) => run,
+            None => ctx.measure("memory", server, false, 0)?,
+        };
+        if let Some(rss) = run.primary_peak_rss_mib {
+            scenario.figures.insert(name.into(), rss);
+        }
+    }
+    Ok(scenario)
+}
+
+/// Scenario 7: the IPC micro-benchmarks.
+pub(crate) fn ipc(ctx: &mut Context) -> Result<Scenario> {
+    let mut scenario = Scenario::new(
+        "ipc",
+        "IPC micro-benchmarks (one-way, two processes, medians)",
+    );
+    let args = crate::ipc_bench::Args::for_bench(ctx.quick);
+    let spinner = ctx.progress.add(ProgressBar::new_spinner());
+    spinner.set_message("ipc micro-benchmarks");
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let measured = crate::ipc_bench::measure(&args);
+    spinner.finish_and_clear();
+    for (name, value) in crate::ipc_bench::medians(&measured?) {
+        scenario.figures.insert(name, value);
+    }
+    Ok(scenario)
+}
+
+/// wrk's figure for the single process with keep-alive, when wrk is installed, so the load
+/// generator's own ceiling shows.
+pub(crate) fn wrk_reference(ctx: &mut Context) -> Result<Option<f64>> {
+    let Some(wrk) = super::target::find_program("wrk") else {
+        ctx.notes
+            .push("wrk is not installed: no wrk reference figure".into());
+        return Ok(None);
+    };
+    let running = Running::start(&ctx.programs, Server::Single, 0)?;
+    let seconds = (ctx.duration.as_secs_f64().ceil() as u64).max(1);
+    let output = std::process::Command::new(wrk)
+        .args([
+            "-t1",
+            &format!("-c{}", ctx.connections),
+            &format!("-d{seconds}s"),
+        ])
+        .arg(format!("http://{}/", running.addr))
+        .output()
+        .context("running wrk")?;
+    running.stop();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let rps = text
+        .lines()
+        .find_map(|line| line.strip_prefix("Requests/sec:"))
+        .and_then(|value| value.trim().parse::<f64>().ok());
+    if rps.is_none() {
+        ctx.notes
+            .push(format!("wrk gave no Requests/sec line: {}", text.trim()));
+    }
+    Ok(rps)
+}
+
+pub(crate) fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[5.0, 1.0, 3.0]), 3.0);
+    }
+}
