@@ -41,15 +41,24 @@ impl SharedSocket {
         check_listening_socket(socket.as_fd())?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|errno| Error::errno("epoll_create1", errno))?;
-        epoll
-            .add(
-                &socket,
-                EpollEvent::new(
-                    EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
-                    SOCKET_EVENT,
-                ),
-            )
-            .map_err(|errno| Error::errno("epoll_ctl(EPOLLEXCLUSIVE)", errno))?;
+        let exclusive = EpollEvent::new(
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
+            SOCKET_EVENT,
+        );
+        match epoll.add(&socket, exclusive) {
+            Ok(()) => {}
+            // Kernels before 4.5, and some sandboxes (gVisor), refuse the flag: accept then
+            // works, only with every waiting worker woken for each connection.
+            Err(Errno::EINVAL) => {
+                tracing::warn!(
+                    "EPOLLEXCLUSIVE is not supported; every worker wakes per connection"
+                );
+                epoll
+                    .add(&socket, EpollEvent::new(EpollFlags::EPOLLIN, SOCKET_EVENT))
+                    .map_err(|errno| Error::errno("epoll_ctl", errno))?;
+            }
+            Err(errno) => return Err(Error::errno("epoll_ctl(EPOLLEXCLUSIVE)", errno)),
+        }
         let close_event = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|errno| Error::errno("eventfd", errno))?;
         epoll
