@@ -26,6 +26,8 @@ pub(crate) struct LoadSpec {
     pub(crate) duration: Duration,
     pub(crate) keep_alive: bool,
     pub(crate) threads: usize,
+    /// The CPUs the load threads run on, if pinned.
+    pub(crate) cpus: Option<Vec<usize>>,
     /// A request not answered by then counts as a `timeout` error.
     pub(crate) request_timeout: Duration,
 }
@@ -64,7 +66,12 @@ pub(crate) fn run(spec: &LoadSpec, progress: Arc<AtomicU64>) -> Result<LoadResul
             let progress = Arc::clone(&progress);
             std::thread::Builder::new()
                 .name(format!("loadgen-{i}"))
-                .spawn(move || Generator::new(spec, clients, window_start, end, progress)?.run())
+                .spawn(move || {
+                    if let Some(cpus) = &spec.cpus {
+                        super::affinity::pin_current_thread(cpus)?;
+                    }
+                    Generator::new(spec, clients, window_start, end, progress)?.run()
+                })
         })
         .collect::<io::Result<_>>()
         .context("starting load threads")?;

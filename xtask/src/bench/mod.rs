@@ -7,6 +7,7 @@
 //! machine's speed cancels out; nothing is asserted, this is a measurement. The report goes
 //! to `target/bench/report.{json,md,svg}`; the server logs to `target/bench/logs/`.
 
+mod affinity;
 mod chart;
 mod loadgen;
 mod report;
@@ -79,6 +80,13 @@ pub(crate) struct Args {
     /// Also write the JSON report to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Pin the servers to these CPUs (a list like `0-7` or `0,2,4`), so that they do not
+    /// share cores with the load generator.
+    #[arg(long, value_name = "CPUS")]
+    server_cpus: Option<String>,
+    /// Pin the load generator to these CPUs.
+    #[arg(long, value_name = "CPUS")]
+    load_cpus: Option<String>,
 }
 
 /// Runs the selected scenarios and writes the report.
@@ -152,12 +160,22 @@ pub(crate) fn run(args: &Args) -> Result<()> {
 
 fn context(args: &Args) -> Result<Context> {
     let quick = args.quick;
+    let load_cpus = args
+        .load_cpus
+        .as_deref()
+        .map(affinity::parse_cpus)
+        .transpose()?;
+    if let Some(cpus) = &args.server_cpus {
+        // Servers are this process's children and inherit its affinity; the load threads set
+        // their own.
+        affinity::pin_current_thread(&affinity::parse_cpus(cpus)?)?;
+    }
     let logs = bench_dir().join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let programs = Programs {
         hello: crate::release::sibling_binary("hello")?,
         node: target::find_program("node"),
-        node_script: Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/node_cluster.js"),
+        node_script: workspace_root().join("xtask/bench/node_cluster.js"),
         logs,
     };
     let default_seconds = if quick { 1.0 } else { 6.0 };
@@ -177,13 +195,25 @@ fn context(args: &Args) -> Result<Context> {
         threads: args.threads.unwrap_or(1).max(1),
         work: args.work.unwrap_or(1_000_000),
         respawns: if quick { 3 } else { 20 },
+        load_cpus,
         notes: Vec::new(),
     })
 }
 
-/// `target/bench` of this workspace.
+/// The workspace's root: where xtask was built, or (for a copied binary, as on a lent
+/// benchmark machine) the current directory.
+fn workspace_root() -> PathBuf {
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if built_in.join("xtask/bench/node_cluster.js").exists() {
+        built_in
+    } else {
+        PathBuf::from(".")
+    }
+}
+
+/// `target/bench` of the workspace.
 fn bench_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench")
+    workspace_root().join("target/bench")
 }
 
 /// The tracked ratios, from whichever scenarios ran.

@@ -27,6 +27,7 @@ pub(crate) struct Context {
     pub(crate) threads: usize,
     pub(crate) work: u64,
     pub(crate) respawns: usize,
+    pub(crate) load_cpus: Option<Vec<usize>>,
     pub(crate) notes: Vec<String>,
 }
 
@@ -68,6 +69,7 @@ impl Context {
             duration: self.duration,
             keep_alive,
             threads: self.threads,
+            cpus: self.load_cpus.clone(),
             request_timeout: Duration::from_secs(10),
         };
         let load = self.with_progress(&format!("{scenario} {server}"), &spec, |counter| {
