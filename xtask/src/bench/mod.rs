@@ -205,7 +205,7 @@ fn context(args: &Args) -> Result<Context> {
 fn workspace_root() -> PathBuf {
     let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     if built_in.join("xtask/bench/node_cluster.js").exists() {
-        built_in
+        built_in.canonicalize().unwrap_or(built_in)
     } else {
         PathBuf::from(".")
     }
