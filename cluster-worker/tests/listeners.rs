@@ -181,6 +181,46 @@ fn closing_returns_the_connections_not_handed_out_then_hangs_up() {
 }
 
 #[test]
+fn closing_lets_go_of_batches_it_never_read_while_the_listener_lives_on() {
+    no_leak(|| {
+        let (worker, mut primary) = connect_worker(options());
+        let (listener, mut handoff) = round_robin_listener(&worker, &mut primary, 5, 8);
+        let (mut clients, fds) = tcp_connections(2);
+        // Two batches; the worker reads only the first (its FIFO empties on the accept).
+        send_batch(&mut handoff, &fds[..1]);
+        send_batch(&mut handoff, &fds[1..]);
+        // From here on the unread batch holds the only copy of the second connection (a real
+        // primary would give its own to another worker, which closes it when done).
+        drop(fds);
+        let (served, _) = listener.accept_timeout(WAIT).unwrap();
+
+        listener.close();
+        let messages: Vec<Control> = read_to_end(&mut handoff)
+            .into_iter()
+            .map(|(_, message)| message)
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                Control::ConnectionsAck { count: 1 },
+                Control::ConnectionsReturned { count: 0 },
+            ]
+        );
+        // The listener is still alive, but the connection it never read is closed: its
+        // client sees the end of the stream instead of waiting for ever.
+        clients[1].set_read_timeout(Some(WAIT)).unwrap();
+        let mut byte = [0u8];
+        assert_eq!(clients[1].read(&mut byte).unwrap(), 0);
+        primary.expect(Control::CloseListener {
+            listener: ListenerId(5),
+        });
+        drop(served);
+        drop(listener);
+        finish(worker, primary);
+    });
+}
+
+#[test]
 fn disconnect_wakes_a_blocked_accept_and_ends_incoming() {
     no_leak(|| {
         let (worker, mut primary) = connect_worker(options());

@@ -187,7 +187,22 @@ impl Handoff {
             state.channel.as_fd().as_raw_fd(),
             nix::sys::socket::Shutdown::Both,
         );
-        tracing::debug!(returned = unserved.len(), "round-robin listener closed");
+        // Batches the primary sent that were never read (so never acked) sit in this socket's
+        // receive queue, and every fd in them keeps its connection open for as long as the
+        // socket lives, which is as long as the application keeps the `Listener` (`poll_fd`
+        // is a dup). The primary gives those connections to another worker once it reads our
+        // end of file; if we kept them, their clients would never see the connection close
+        // after that worker answered. So read them now and close our copies. Nothing more
+        // can arrive: after the shutdown the primary's sends fail.
+        let mut discarded = 0;
+        while let Ok(Some(frame)) = state.channel.try_recv() {
+            discarded += frame.fds.len();
+        }
+        tracing::debug!(
+            returned = unserved.len(),
+            discarded,
+            "round-robin listener closed"
+        );
         // Dropping `unserved` closes this worker's copies; the primary has its own.
     }
 
