@@ -9,6 +9,11 @@
 //! - `messages`: workers report each request to the primary, which keeps the global count
 //!   and broadcasts it; responses carry it.
 //!
+//! Two more binaries are test helpers, not examples: `test-worker` (a worker program whose
+//! behaviour the end-to-end tests in `tests/` pick through environment variables) and
+//! `test-primary` (a primary in a process of its own that prints its events, for the tests
+//! that kill it).
+//!
 //! Run one with `cargo run --release -p cluster-examples --bin hello -- --help`.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]

@@ -1,0 +1,103 @@
+//! The example programs, run as a user would: `hello` and `crash`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use cluster_primary::Signal;
+use nix::sys::wait::WaitStatus;
+
+use crate::support::{Guard, Lines, Slot, http_get, init, is_alive, pid, signal};
+
+const HELLO: &str = env!("CARGO_BIN_EXE_hello");
+const CRASH: &str = env!("CARGO_BIN_EXE_crash");
+
+/// Starts an example with `args` and waits for its ready line, which must be exactly
+/// `ready http://127.0.0.1:PORT workers=N mode=rr`; returns the address.
+fn start(program: &str, args: &[&str], workers: usize) -> (Guard, Lines, SocketAddr) {
+    init();
+    let mut child = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Lines::new(child.stdout.take().unwrap());
+    let guard = Guard::new(child);
+    let line = lines.next().expect("a ready line");
+    let addr = line
+        .strip_prefix("ready http://")
+        .and_then(|rest| rest.strip_suffix(&format!(" workers={workers} mode=rr")))
+        .unwrap_or_else(|| panic!("not the ready line: {line:?}"));
+    let addr: SocketAddr = addr.parse().unwrap();
+    assert_eq!(addr.ip().to_string(), "127.0.0.1");
+    assert_ne!(addr.port(), 0);
+    (guard, lines, addr)
+}
+
+/// The pid in a `handled by process.<pid>` body.
+fn handled_by(body: &str) -> u32 {
+    body.lines()
+        .next()
+        .and_then(|line| line.strip_prefix("handled by process."))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected body {body:?}"))
+}
+
+fn get_ok(addr: SocketAddr) -> u32 {
+    let (status, body) = http_get(addr);
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body:?}");
+    handled_by(&body)
+}
+
+#[test]
+fn hello_with_2_workers_is_ready_once_serves_from_both_and_ends_on_sigterm() {
+    let _slot = Slot::take();
+    let (mut primary, mut lines, addr) = start(HELLO, &["--workers", "2", "--port", "0"], 2);
+    let pids: BTreeSet<u32> = (0..4).map(|_| get_ok(addr)).collect();
+    assert_eq!(pids.len(), 2, "both workers answer: {pids:?}");
+    assert!(!pids.contains(&primary.pid()), "the primary serves nothing");
+    primary.others.extend(&pids);
+
+    signal(primary.pid(), Signal::SIGTERM);
+    let primary_pid = primary.pid();
+    assert_eq!(primary.wait(), WaitStatus::Exited(pid(primary_pid), 0));
+    // The primary returns only once every worker was reaped, so they are gone already.
+    for &worker in &pids {
+        assert!(!is_alive(worker), "worker {worker} outlived its primary");
+    }
+    // Every holder of its stdout is gone, and it printed nothing but the one ready line.
+    assert_eq!(lines.rest(), Vec::<String>::new());
+    primary.others.clear();
+}
+
+#[test]
+fn hello_with_0_workers_serves_alone() {
+    let _slot = Slot::take();
+    let (mut process, _lines, addr) = start(HELLO, &["--workers", "0", "--port", "0"], 0);
+    // A plain bind: the process itself answers.
+    for _ in 0..3 {
+        assert_eq!(get_ok(addr), process.pid());
+    }
+    signal(process.pid(), Signal::SIGTERM);
+    process.wait();
+}
+
+#[test]
+fn crash_with_2_workers_serves_200_sequential_requests_without_a_failure() {
+    let _slot = Slot::take();
+    let (mut primary, _lines, addr) = start(CRASH, &["--workers", "2", "--port", "0"], 2);
+    let mut pids = BTreeSet::new();
+    for request in 0..200 {
+        let pid = get_ok(addr);
+        // Each worker retires after its one request (it leaves the rotation before its
+        // answer is written), so every request meets a fresh worker.
+        assert!(pids.insert(pid), "request {request}: {pid} answered twice");
+        primary.others.push(pid);
+    }
+    signal(primary.pid(), Signal::SIGTERM);
+    let primary_pid = primary.pid();
+    assert_eq!(primary.wait(), WaitStatus::Exited(pid(primary_pid), 0));
+    primary.others.clear();
+}
