@@ -231,9 +231,16 @@ where
     let context = Worker {
         inner: Some(worker.clone()),
     };
-    let result = worker_main(&context);
+    let mut result = worker_main(&context);
     if let Err(err) = &result {
-        tracing::error!(%err, "the worker's code failed");
+        if worker.is_disconnecting() {
+            // The disconnect came first (a bind refused because the worker is leaving, an
+            // accept on a closed listener): the way out, not a failure.
+            tracing::info!(%err, "the worker's code ended while disconnecting");
+            result = Ok(());
+        } else {
+            tracing::error!(%err, "the worker's code failed");
+        }
     }
     // Done accepting either way: finish what is open, then let the process end.
     worker.disconnect();

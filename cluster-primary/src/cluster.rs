@@ -343,8 +343,8 @@ impl Cluster {
         self.on_all_gone.push(Box::new(on_done));
     }
 
-    /// Sends a signal to a worker process. A worker killed this way counts as having exited
-    /// unexpectedly (it is replaced), unless it was disconnecting.
+    /// Sends a signal to a worker process. A worker that dies of it is replaced, unless the
+    /// primary had asked it to disconnect.
     pub fn kill(&mut self, id: WorkerId, signal: Signal) -> Result<(), Error> {
         let worker = self
             .workers

@@ -184,7 +184,9 @@ impl Builder {
         self
     }
 
-    /// Whether a worker that exits unexpectedly is replaced (default true).
+    /// Whether a worker that exits without the primary asking it to is replaced (default
+    /// true): a crash, a kill, or a worker that disconnected by itself (its own `disconnect`,
+    /// or a SIGTERM from outside). A retiring worker's replacement starts before it leaves.
     pub fn respawn(mut self, respawn: bool) -> Builder {
         self.respawn = respawn;
         self

@@ -183,10 +183,14 @@ impl Cluster {
             status,
             after_disconnect,
         });
-        self.settle_slot(&worker, after_disconnect);
+        self.settle_slot(&worker);
     }
 
-    fn settle_slot(&mut self, worker: &Worker, after_disconnect: bool) {
+    /// Frees the worker's slot and refills it, unless the primary itself asked the worker to
+    /// go (a requested disconnect or a stop). A worker that left of its own accord (its
+    /// `disconnect()`, or a SIGTERM from an operator) is replaced once it is gone, so the
+    /// cluster keeps its size; one that retired was replaced before it left.
+    fn settle_slot(&mut self, worker: &Worker) {
         let slot = worker.slot;
         let Some(state) = self.slots.get_mut(slot as usize) else {
             return;
@@ -197,7 +201,7 @@ impl Cluster {
         state.worker = None;
         let stable = worker.reached_listening && worker.spawned_at.elapsed() >= STABLE_UPTIME;
         state.failures = if stable { 0 } else { state.failures + 1 };
-        if after_disconnect || !self.config.respawn || self.stopping {
+        if worker.leaving.asked || !self.config.respawn || self.stopping {
             return;
         }
         self.schedule_respawn(slot);
