@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The end-to-end checks a new user would make by hand, as a script: ab against the clustered
+# hello, kill -9 of a worker, SIGTERM and SIGKILL to the primary, and crash under ab.
+# Needs ab (Debian: apache2-utils) and curl. Run from the workspace root after
+#   cargo build --release -p cluster-examples
+set -u
+H=target/release/hello
+ms() { date +%s%3N; }
+$H --workers 2 --port 0 > /tmp/acc.out 2>/tmp/acc.err & P=$!
+for i in $(seq 100); do grep -q ready /tmp/acc.out && break; sleep 0.05; done
+cat /tmp/acc.out; PORT=$(grep -o ':[0-9]*' /tmp/acc.out | tail -1 | tr -d :)
+echo "== ab -l -c 10 -n 5000 -r"; ab -l -c 10 -n 5000 -r http://127.0.0.1:$PORT/ 2>&1 | grep -E "Complete requests|Failed requests"
+for i in $(seq 10); do curl -s http://127.0.0.1:$PORT/; done | sort | uniq -c
+echo "== kill -9 of a worker"
+W=$(pgrep -P $P | head -1); T0=$(ms); kill -9 $W
+while true; do B=$(curl -s -m 1 http://127.0.0.1:$PORT/); NP=$(echo "$B" | grep -o '[0-9]*$'); [ -n "$NP" ] && [ "$NP" != "$W" ] && pgrep -P $P | grep -qx "$NP" && [ "$(pgrep -P $P | wc -l)" = 2 ] && break; done
+echo "replacement serving after $(( $(ms) - T0 )) ms (killed $W); children now: $(pgrep -P $P | tr '\n' ' ')"
+sleep 0.2; echo "zombies: $(ps -eo stat,ppid | awk -v p=$P '$2==p && $1 ~ /Z/' | wc -l)"
+echo "== SIGTERM to the primary"; KIDS=$(pgrep -P $P | tr '\n' ' '); T0=$(ms); kill -TERM $P; wait $P; echo "primary exit code $? after $(( $(ms) - T0 )) ms"
+sleep 0.1; for k in $KIDS; do kill -0 $k 2>/dev/null && echo "worker $k survived"; done; echo "workers gone: $KIDS"
+echo "== SIGKILL to the primary"
+$H --workers 2 --port 0 > /tmp/acc2.out 2>/tmp/acc2.err & P=$!
+for i in $(seq 100); do grep -q ready /tmp/acc2.out && break; sleep 0.05; done
+KIDS=$(pgrep -P $P | tr '\n' ' '); T0=$(ms); kill -9 $P
+for k in $KIDS; do while kill -0 $k 2>/dev/null && [ "$(ps -o stat= -p $k | cut -c1)" != Z ]; do sleep 0.01; done; done
+echo "idle workers $KIDS gone $(( $(ms) - T0 )) ms after the primary's SIGKILL"
+echo "== crash --workers 2 under ab -l -c 4 -n 500 -r"
+target/release/crash --workers 2 --port 0 > /tmp/acc3.out 2>/tmp/acc3.err & P=$!
+for i in $(seq 100); do grep -q ready /tmp/acc3.out && break; sleep 0.05; done
+PORT=$(grep -o ':[0-9]*' /tmp/acc3.out | tail -1 | tr -d :)
+ab -l -c 4 -n 500 -r http://127.0.0.1:$PORT/ 2>&1 | grep -E "Complete requests|Failed requests"
+kill -TERM $P; wait $P
