@@ -130,6 +130,10 @@ mod full_socket_addr {
     }
 }
 
+/// The address of a connection's peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PeerAddr(#[serde(with = "full_socket_addr")] pub SocketAddr);
+
 /// How a listener's connections reach its workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ListenMode {
@@ -266,10 +270,14 @@ pub enum Control {
     },
     /// Either way: are you alive? The reply is `Ack`.
     Heartbeat,
-    /// Primary → worker on a handoff socket: `count` accepted connections, attached.
+    /// Primary → worker on a handoff socket: `count` accepted connections, attached, in
+    /// non-blocking mode.
     Connections {
         /// How many sockets are attached.
         count: u32,
+        /// Their peers' addresses, in the same order, as `accept` reported them (so the worker
+        /// need not ask the kernel again); empty when the primary does not know them.
+        peers: Vec<PeerAddr>,
     },
     /// Worker → primary on a handoff socket: `count` more connections arrived (the oldest
     /// un-acked ones, in order); the primary may close its copies.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 use cluster_ipc::proto::{
-    Control, Delivery, ListenAddr, ListenGranted, ListenMode, ListenRequest, ListenerId,
+    Control, Delivery, ListenAddr, ListenGranted, ListenMode, ListenRequest, ListenerId, PeerAddr,
 };
 use cluster_ipc::{Decoder, Error, Frame, Kind, Limits, Status, encode_message, encode_raw};
 use proptest::prelude::*;
@@ -52,7 +52,12 @@ fn control() -> impl Strategy<Value = Control> {
                 delivery: Delivery::Handoff { window },
             })
         }),
-        any::<u32>().prop_map(|count| Control::Connections { count }),
+        proptest::collection::vec(any::<SocketAddr>(), 0..4).prop_map(|peers| {
+            Control::Connections {
+                count: peers.len() as u32,
+                peers: peers.into_iter().map(PeerAddr).collect(),
+            }
+        }),
         any::<u32>().prop_map(|open_connections| Control::LoadReport { open_connections }),
         Just(Control::Disconnect),
         Just(Control::Retire),

@@ -5,13 +5,13 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use cluster_ipc::proto::Control;
+use cluster_ipc::proto::{Control, PeerAddr};
 use cluster_ipc::{Frame, Kind};
 use cluster_sched::{ConnId, WorkerId};
 use mio::Interest;
 
 use crate::cluster::Cluster;
-use crate::listen::Delivery;
+use crate::listen::{Delivery, Held};
 
 /// At most this many connections are accepted from one listener per turn of the loop, so that
 /// acks and other listeners are served in between.
@@ -67,7 +67,7 @@ impl Cluster {
                 break;
             }
             match listener.socket.accept() {
-                Ok((stream, _)) => dispatcher.incoming(OwnedFd::from(stream)),
+                Ok((stream, peer)) => dispatcher.incoming(OwnedFd::from(stream), peer),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     drained = true;
                     break;
@@ -152,11 +152,18 @@ impl Cluster {
         let Delivery::RoundRobin(dispatcher) = &listener.delivery else {
             return;
         };
-        let fds: Vec<BorrowedFd<'_>> = conns
+        let held: Vec<&Held> = conns
             .iter()
             .filter_map(|id| dispatcher.conns.get(id))
-            .map(AsFd::as_fd)
             .collect();
+        let fds: Vec<BorrowedFd<'_>> = held.iter().map(|held| held.fd.as_fd()).collect();
+        // The peers' addresses save each worker a getpeername per connection; all or none,
+        // so that they line up with the fds.
+        let peers: Vec<PeerAddr> = held
+            .iter()
+            .map(|held| held.peer.map(PeerAddr))
+            .collect::<Option<_>>()
+            .unwrap_or_default();
         let Some(handoff) = self
             .workers
             .get_mut(&worker)
@@ -167,10 +174,11 @@ impl Cluster {
         };
         let batch = Control::Connections {
             count: fds.len() as u32,
+            peers,
         };
         let sent = handoff.channel.send(Kind::Control, None, &batch, &fds);
         handoff.update_interest(&self.registry);
-        drop(fds);
+        drop((fds, held));
         if let Err(err) = sent {
             tracing::debug!(%worker, %err, "handoff failed; the batch waits for the socket's end");
             self.drain_worker_in(listener_id, worker);

@@ -78,7 +78,7 @@ pub(crate) enum Delivery {
 /// (pending, or handed out and not yet acknowledged).
 pub(crate) struct Dispatcher {
     pub(crate) policy: Box<dyn Dispatch + Send>,
-    pub(crate) conns: BTreeMap<ConnId, OwnedFd>,
+    pub(crate) conns: BTreeMap<ConnId, Held>,
     next_conn: u64,
     /// Registered for accepting: false while accept is paused (every worker saturated, or
     /// out of fds, or the cluster is stopping).
@@ -99,22 +99,28 @@ impl Dispatcher {
     }
 
     /// Takes ownership of an accepted connection and queues it with the policy.
-    pub(crate) fn incoming(&mut self, conn: OwnedFd) {
-        let id = self.adopt(conn);
+    pub(crate) fn incoming(&mut self, fd: OwnedFd, peer: SocketAddr) {
+        let id = self.adopt(Held {
+            fd,
+            peer: Some(peer),
+        });
         self.policy.incoming(id);
     }
 
     /// Takes back connections a worker returned (acked but never served), ahead of the
     /// others, in their order.
-    pub(crate) fn returned(&mut self, conns: Vec<OwnedFd>) {
-        let ids: Vec<ConnId> = conns.into_iter().map(|conn| self.adopt(conn)).collect();
+    pub(crate) fn returned(&mut self, fds: Vec<OwnedFd>) {
+        let ids: Vec<ConnId> = fds
+            .into_iter()
+            .map(|fd| self.adopt(Held { fd, peer: None }))
+            .collect();
         self.policy.requeue_front(&ids);
     }
 
-    fn adopt(&mut self, conn: OwnedFd) -> ConnId {
+    fn adopt(&mut self, held: Held) -> ConnId {
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
-        self.conns.insert(id, conn);
+        self.conns.insert(id, held);
         id
     }
 
@@ -138,6 +144,13 @@ impl Dispatcher {
         }
         actions
     }
+}
+
+/// A connection the primary holds: its copy of the socket, and the peer's address when
+/// `accept` reported it.
+pub(crate) struct Held {
+    pub(crate) fd: OwnedFd,
+    pub(crate) peer: Option<SocketAddr>,
 }
 
 /// What a dispatcher asks the primary to do.

@@ -8,12 +8,12 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use cluster_ipc::proto::{Control, Delivery, ListenAddr, ListenMode, ListenerId};
+use cluster_ipc::proto::{Control, Delivery, ListenAddr, ListenMode, ListenerId, PeerAddr};
 use cluster_ipc::{Channel, Frame, Kind};
 use cluster_worker::{Error, Listener, Stream, Worker};
 use support::{
     FakePrimary, WAIT, connect_worker, deadline, finish, no_leak, options, read_to_end,
-    round_robin_listener, send_batch, tcp_connections, wait_until_blocked,
+    round_robin_listener, send_batch, send_batch_with_peers, tcp_connections, wait_until_blocked,
 };
 
 fn handoff_message(handoff: &mut Channel) -> (Frame, Control) {
@@ -324,7 +324,10 @@ fn a_malformed_batch_closes_the_listener_and_leaves_the_fds_to_the_primary() {
             .send(
                 Kind::Control,
                 None,
-                &Control::Connections { count: 2 },
+                &Control::Connections {
+                    count: 2,
+                    peers: Vec::new(),
+                },
                 &[fds[0].as_fd()],
             )
             .unwrap();
@@ -623,6 +626,51 @@ fn load_reports_follow_the_open_connections_when_asked_for() {
         primary.expect(Control::CloseListener {
             listener: ListenerId(1),
         });
+        finish(worker, primary);
+    });
+}
+
+#[test]
+fn peer_addresses_from_the_primary_are_the_ones_reported_and_must_match_the_fds() {
+    no_leak(|| {
+        let (worker, mut primary) = connect_worker(options());
+        let (listener, mut handoff) = round_robin_listener(&worker, &mut primary, 1, 4);
+        let (_clients, fds) = tcp_connections(2);
+        // Addresses no real peer has: the worker reports what the primary said, without
+        // asking the kernel.
+        let named: Vec<SocketAddr> = vec![
+            "192.0.2.1:1111".parse().unwrap(),
+            "[2001:db8::1]:2222".parse().unwrap(),
+        ];
+        send_batch_with_peers(
+            &mut handoff,
+            &fds,
+            named.iter().copied().map(PeerAddr).collect(),
+        );
+        drop(fds);
+        let (_, first) = listener.accept_timeout(WAIT).unwrap();
+        let (_, second) = listener.try_accept().unwrap();
+        assert_eq!([first, second], [named[0], named[1]]);
+
+        // A batch whose addresses do not line up with its fds is a protocol error: the
+        // listener closes, and the un-acked connections stay the primary's.
+        let (_clients, fds) = tcp_connections(2);
+        send_batch_with_peers(&mut handoff, &fds, vec![PeerAddr(named[0])]);
+        drop(fds);
+        let err = listener.accept_timeout(WAIT).unwrap_err();
+        assert!(listener.is_closed(), "{err}");
+        let messages: Vec<Control> = read_to_end(&mut handoff)
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                Control::ConnectionsAck { count: 2 },
+                Control::ConnectionsReturned { count: 0 }
+            ]
+        );
+        drop(listener);
         finish(worker, primary);
     });
 }

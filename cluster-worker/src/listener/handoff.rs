@@ -10,13 +10,13 @@
 //! socket down, so that the primary reads to the end before it re-dispatches anything.
 
 use std::collections::VecDeque;
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cluster_ipc::frame::KERNEL_MAX_FDS;
-use cluster_ipc::proto::Control;
+use cluster_ipc::proto::{Control, PeerAddr};
 use cluster_ipc::{Channel, Frame, Kind, Limits};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
@@ -37,7 +37,8 @@ const MIN_HANDOFF_FDS: usize = 16;
 struct State {
     channel: Channel,
     /// Connections received and acked, not yet handed out.
-    fifo: VecDeque<OwnedFd>,
+    /// Acked connections not yet handed out, with their peers' addresses when known.
+    fifo: VecDeque<(OwnedFd, Option<SocketAddr>)>,
     closed: bool,
 }
 
@@ -95,15 +96,18 @@ impl Handoff {
             if state.closed {
                 return Err(Error::ListenerClosed);
             }
-            if let Some(fd) = state.fifo.pop_front() {
+            if let Some((fd, peer)) = state.fifo.pop_front() {
                 let open = OpenConnection::new(Arc::clone(worker));
                 drop(state);
                 let tcp = TcpStream::from(fd);
                 // Connections arrive non-blocking (the primary accepts with SOCK_NONBLOCK);
-                // this socket's open file is this connection's alone, so changing it is safe.
-                tcp.set_nonblocking(nonblocking)
-                    .map_err(|err| Error::io("fcntl(F_SETFL)", err))?;
-                return Ok(Some((tcp, open)));
+                // this socket's open file is this connection's alone, so changing it for the
+                // blocking API is safe (and the non-blocking one needs no system call).
+                if !nonblocking {
+                    tcp.set_nonblocking(false)
+                        .map_err(|err| Error::io("fcntl(F_SETFL)", err))?;
+                }
+                return Ok(Some((tcp, open, peer)));
             }
             match state.channel.try_recv() {
                 Ok(None) => return Ok(None),
@@ -125,8 +129,8 @@ impl Handoff {
     /// Checks a batch, acks it, and queues its connections. A malformed batch closes the
     /// listener: its fds were not acked, so the primary still owns them.
     fn accept_batch(&self, state: &mut State, frame: Frame) -> Result<(), Error> {
-        let count = match batch_count(&frame) {
-            Ok(count) => count,
+        let (count, peers) = match batch_count(&frame) {
+            Ok(batch) => batch,
             Err(err) => {
                 tracing::warn!(error = %err, "bad batch on the handoff socket: closing the listener");
                 drop(frame);
@@ -149,7 +153,11 @@ impl Handoff {
             return Err(Error::protocol("acking connections", error_chain(&err)));
         }
         tracing::trace!(count, "acked a batch of connections");
-        state.fifo.extend(frame.fds);
+        // Peer addresses come with the batch, or not at all (the worker then asks the kernel).
+        let mut peers = peers.into_iter().map(|peer| Some(peer.0));
+        state
+            .fifo
+            .extend(frame.fds.into_iter().map(|fd| (fd, peers.next().flatten())));
         Ok(())
     }
 
@@ -177,7 +185,7 @@ impl Handoff {
             return;
         }
         state.closed = true;
-        let unserved: Vec<OwnedFd> = state.fifo.drain(..).collect();
+        let unserved: Vec<OwnedFd> = state.fifo.drain(..).map(|(fd, _)| fd).collect();
         if !state.channel.is_closed() {
             self.return_connections(&mut state.channel, &unserved);
         }
@@ -231,7 +239,7 @@ impl Handoff {
 }
 
 /// The `count` of a `Connections` batch, checked against the fds that came with it.
-fn batch_count(frame: &Frame) -> Result<u32, Error> {
+fn batch_count(frame: &Frame) -> Result<(u32, Vec<PeerAddr>), Error> {
     const CONTEXT: &str = "receiving connections";
     if frame.kind() != Kind::Control {
         return Err(Error::protocol(CONTEXT, "a user frame on a handoff socket"));
@@ -239,7 +247,7 @@ fn batch_count(frame: &Frame) -> Result<u32, Error> {
     let message: Control = frame
         .decode()
         .map_err(|err| Error::protocol(CONTEXT, error_chain(&err)))?;
-    let Control::Connections { count } = message else {
+    let Control::Connections { count, peers } = message else {
         return Err(Error::protocol(
             CONTEXT,
             format!("unexpected {message:?} on a handoff socket"),
@@ -254,5 +262,11 @@ fn batch_count(frame: &Frame) -> Result<u32, Error> {
             ),
         ));
     }
-    Ok(count)
+    if !peers.is_empty() && peers.len() != frame.fds.len() {
+        return Err(Error::protocol(
+            CONTEXT,
+            format!("a batch of {count} connections named {} peers", peers.len()),
+        ));
+    }
+    Ok((count, peers))
 }

@@ -49,7 +49,9 @@ pub(crate) struct ListenerCore {
 /// A connection taken from a listener, not yet wrapped: the socket and its place in the
 /// open-connection count (taken while the listener could not close, so that a disconnecting
 /// worker never exits between the two).
-pub(crate) type Taken = (TcpStream, OpenConnection);
+/// A connection taken from a listener, counted as open, with its peer's address when the
+/// listener already knows it.
+pub(crate) type Taken = (TcpStream, OpenConnection, Option<SocketAddr>);
 
 impl ListenerCore {
     pub(crate) fn local_addr(&self) -> SocketAddr {
@@ -110,9 +112,12 @@ impl ListenerCore {
     /// already gone (no address to report) is dropped and the next one taken.
     fn take_with_addr(&self, nonblocking: bool) -> Result<Option<(Stream, SocketAddr)>, Error> {
         loop {
-            let Some((tcp, open)) = self.take(nonblocking)? else {
+            let Some((tcp, open, peer)) = self.take(nonblocking)? else {
                 return Ok(None);
             };
+            if let Some(addr) = peer {
+                return Ok(Some((Stream::new(tcp, open), addr)));
+            }
             match tcp.peer_addr() {
                 Ok(addr) => return Ok(Some((Stream::new(tcp, open), addr))),
                 Err(err) => {

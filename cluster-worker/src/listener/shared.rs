@@ -102,7 +102,7 @@ impl SharedSocket {
                 Ok(fd) => {
                     let open = OpenConnection::new(Arc::clone(worker));
                     drop(closed);
-                    return Ok(Some((TcpStream::from(fd), open)));
+                    return Ok(Some((TcpStream::from(fd), open, None)));
                 }
                 Err(Errno::EAGAIN) => return Ok(None),
                 Err(Errno::EINTR) => continue,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use cluster_ipc::proto::{
     Control, Delivery, ListenAddr, ListenGranted, ListenRefused, ListenRequest, ListenerId,
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSION, PeerAddr,
 };
 use cluster_ipc::{Channel, Frame, Kind};
 use cluster_worker::{Worker, WorkerOptions};
@@ -281,15 +281,20 @@ pub fn read_to_end(handoff: &mut Channel) -> Vec<(Frame, Control)> {
     }
 }
 
-/// Sends a `Connections` batch carrying `fds`.
+/// Sends a `Connections` batch carrying `fds`, without peer addresses.
 pub fn send_batch(handoff: &mut Channel, fds: &[OwnedFd]) {
+    send_batch_with_peers(handoff, fds, Vec::new());
+}
+
+/// Sends a `Connections` batch carrying `fds` and naming `peers`.
+pub fn send_batch_with_peers(handoff: &mut Channel, fds: &[OwnedFd], peers: Vec<PeerAddr>) {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     let count = u32::try_from(fds.len()).unwrap();
     handoff
         .send(
             Kind::Control,
             None,
-            &Control::Connections { count },
+            &Control::Connections { count, peers },
             &borrowed,
         )
         .unwrap();
