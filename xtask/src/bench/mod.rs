@@ -74,9 +74,13 @@ pub(crate) struct Args {
     /// Load generator threads (default 1: on a small machine the load takes a core).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
-    /// Iterations of CPU work per request in the cpu scenario (default 1,000,000).
+    /// Iterations of CPU work per request in the cpu scenario (default 10,000,000, the
+    /// seed's `for (i < 1e7) {}`).
     #[arg(long, value_name = "N")]
     work: Option<u64>,
+    /// SIGKILLs per server in the respawn scenario (default 20, or 3 with --quick).
+    #[arg(long, value_name = "N")]
+    respawns: Option<usize>,
     /// Also write the JSON report to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -193,8 +197,8 @@ fn context(args: &Args) -> Result<Context> {
         },
         duration,
         threads: args.threads.unwrap_or(1).max(1),
-        work: args.work.unwrap_or(1_000_000),
-        respawns: if quick { 3 } else { 20 },
+        work: args.work.unwrap_or(10_000_000),
+        respawns: args.respawns.unwrap_or(if quick { 3 } else { 20 }).max(1),
         load_cpus,
         notes: Vec::new(),
     })
