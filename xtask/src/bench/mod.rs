@@ -95,6 +95,8 @@ pub(crate) struct Args {
 
 /// Runs the selected scenarios and writes the report.
 pub(crate) fn run(args: &Args) -> Result<()> {
+    // Before any pinning narrows what this process sees.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let mut ctx = context(args)?;
     let selected: Vec<ScenarioName> = if args.scenarios.is_empty() {
         ALL.to_vec()
@@ -104,6 +106,12 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         chosen.dedup();
         chosen
     };
+    if ctx.workers != 2 {
+        ctx.notes.push(format!(
+            "cpu_scaling_2w_over_1w compares {} workers with 1 (--workers {})",
+            ctx.workers, ctx.workers
+        ));
+    }
     if ctx.programs.node.is_none() {
         ctx.notes
             .push("node is not on PATH: the Node.js baselines were skipped".into());
@@ -137,7 +145,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         finished_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        machine: machine(ctx.programs.node.as_deref()),
+        machine: machine(cpus, ctx.programs.node.as_deref()),
         settings: Settings {
             quick: ctx.quick,
             seconds_per_run: ctx.duration.as_secs_f64(),
@@ -266,7 +274,7 @@ fn ratios(scenarios: &[Scenario], workers: usize) -> Ratios {
     }
 }
 
-fn machine(node: Option<&Path>) -> Machine {
+fn machine(cpus: usize, node: Option<&Path>) -> Machine {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -286,7 +294,7 @@ fn machine(node: Option<&Path>) -> Machine {
         Some(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     });
     Machine {
-        cpus: std::thread::available_parallelism().map_or(1, usize::from),
+        cpus,
         cpu_model,
         kernel,
         node,
