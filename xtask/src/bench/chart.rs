@@ -138,6 +138,7 @@ mod tests {
             seconds: 1.0,
             requests: rps as u64,
             rps,
+            round_rps: vec![rps],
             latency_us: Latency {
                 p50: 1,
                 p90: 1,
@@ -172,6 +173,7 @@ mod tests {
             settings: Settings {
                 quick: true,
                 seconds_per_run: 1.0,
+                rounds: 1,
                 warmup_seconds: 0.0,
                 connections: 16,
                 workers: 2,

@@ -78,6 +78,10 @@ pub(crate) struct Args {
     /// seed's `for (i < 1e7) {}`).
     #[arg(long, value_name = "N")]
     work: Option<u64>,
+    /// Interleaved rounds per server in the throughput scenarios (default 3, or 1 with
+    /// --quick); the median round counts.
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
     /// SIGKILLs per server in the respawn scenario (default 20, or 3 with --quick).
     #[arg(long, value_name = "N")]
     respawns: Option<usize>,
@@ -149,6 +153,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         settings: Settings {
             quick: ctx.quick,
             seconds_per_run: ctx.duration.as_secs_f64(),
+            rounds: ctx.rounds,
             warmup_seconds: ctx.warmup.as_secs_f64(),
             connections: ctx.connections,
             workers: ctx.workers,
@@ -206,6 +211,7 @@ fn context(args: &Args) -> Result<Context> {
         duration,
         threads: args.threads.unwrap_or(1).max(1),
         work: args.work.unwrap_or(10_000_000),
+        rounds: args.rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
         respawns: args.respawns.unwrap_or(if quick { 3 } else { 20 }).max(1),
         load_cpus,
         notes: Vec::new(),

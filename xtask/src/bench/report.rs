@@ -41,7 +41,10 @@ pub(crate) struct Run {
     pub(crate) work: u64,
     pub(crate) seconds: f64,
     pub(crate) requests: u64,
+    /// The median round's requests/s.
     pub(crate) rps: f64,
+    /// Requests/s of each round, in the order they ran.
+    pub(crate) round_rps: Vec<f64>,
     pub(crate) latency_us: Latency,
     pub(crate) errors: BTreeMap<String, u64>,
     /// Answers per worker process id.
@@ -53,33 +56,83 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    pub(crate) fn new(
+    /// One run made of interleaved rounds (each against a fresh server): requests/s is the
+    /// median round's, so that one disturbed round does not move it; latencies, errors and
+    /// per-worker counts add up over the rounds; balance is the median round's.
+    pub(crate) fn from_rounds(
         target: String,
         workers: usize,
         keep_alive: bool,
         connections: usize,
         work: u64,
-        load: &LoadResult,
+        rounds: &[(LoadResult, Option<f64>)],
     ) -> Run {
+        let mut latency = rounds.first().map(|(load, _)| load.latency_us.clone());
+        let mut errors = BTreeMap::new();
+        let mut per_worker = BTreeMap::new();
+        for (load, _) in rounds.iter().skip(1) {
+            if let Some(latency) = latency.as_mut() {
+                let _ = latency.add(&load.latency_us);
+            }
+        }
+        for (load, _) in rounds {
+            for (kind, count) in &load.errors {
+                *errors.entry(kind.clone()).or_default() += count;
+            }
+            for (pid, count) in &load.per_pid {
+                *per_worker.entry(*pid).or_default() += count;
+            }
+        }
+        let round_rps: Vec<f64> = rounds.iter().map(|(load, _)| load.rps()).collect();
+        let balances: Vec<f64> = rounds
+            .iter()
+            .filter_map(|(load, _)| balance(&load.per_pid, workers))
+            .collect();
         Run {
             target,
             workers,
             keep_alive,
             connections,
             work,
-            seconds: load.window.as_secs_f64(),
-            requests: load.requests,
-            rps: load.rps(),
-            latency_us: Latency::of(&load.latency_us),
-            errors: load.errors.clone(),
-            per_worker: load.per_pid.clone(),
-            balance_max_over_min: balance(&load.per_pid, workers),
-            primary_peak_rss_mib: None,
+            seconds: rounds
+                .iter()
+                .map(|(load, _)| load.window.as_secs_f64())
+                .sum(),
+            requests: rounds.iter().map(|(load, _)| load.requests).sum(),
+            rps: median(&round_rps),
+            round_rps,
+            latency_us: latency.as_ref().map_or(
+                Latency {
+                    p50: 0,
+                    p90: 0,
+                    p99: 0,
+                    max: 0,
+                },
+                Latency::of,
+            ),
+            errors,
+            per_worker,
+            balance_max_over_min: (balances.len() == rounds.len()).then(|| median(&balances)),
+            primary_peak_rss_mib: rounds
+                .iter()
+                .filter_map(|(_, rss)| *rss)
+                .max_by(f64::total_cmp),
         }
     }
 
     pub(crate) fn error_count(&self) -> u64 {
         self.errors.values().sum()
+    }
+}
+
+/// The median (the mean of the middle two for an even count); NaN for none.
+pub(crate) fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
 }
 
@@ -188,7 +241,9 @@ pub(crate) struct Machine {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Settings {
     pub(crate) quick: bool,
+    /// Measured seconds per server, over all its rounds.
     pub(crate) seconds_per_run: f64,
+    pub(crate) rounds: usize,
     pub(crate) warmup_seconds: f64,
     pub(crate) connections: usize,
     pub(crate) workers: usize,
@@ -278,14 +333,16 @@ impl Report {
         let _ = writeln!(out, "# cluster benchmark\n");
         let _ = writeln!(
             out,
-            "Machine: {} CPUs ({}), kernel {}, node {}. Command: `{}`. {} s per run after {} s of \
-             warm-up, {} connections, {} workers{}.\n",
+            "Machine: {} CPUs ({}), kernel {}, node {}. Command: `{}`. {} s measured per server \
+             in {} interleaved rounds, each against a fresh server after {} s of warm-up; {} \
+             connections, {} workers{}.\n",
             machine.cpus,
             machine.cpu_model.as_deref().unwrap_or("unknown CPU"),
             machine.kernel.as_deref().unwrap_or("unknown"),
             machine.node.as_deref().unwrap_or("absent"),
             self.settings.command,
             self.settings.seconds_per_run,
+            self.settings.rounds,
             self.settings.warmup_seconds,
             self.settings.connections,
             self.settings.workers,
@@ -305,14 +362,19 @@ impl Report {
             if !scenario.runs.is_empty() {
                 let _ = writeln!(
                     out,
-                    "| target | req/s | p50 ms | p99 ms | errors | max/min per worker |\n|---|---:|---:|---:|---:|---:|"
+                    "| target | req/s (median round) | rounds | p50 ms | p99 ms | errors | max/min per worker |\n|---|---:|---|---:|---:|---:|---:|"
                 );
                 for run in &scenario.runs {
                     let _ = writeln!(
                         out,
-                        "| {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+                        "| {} | {:.0} | {} | {:.2} | {:.2} | {} | {} |",
                         run.target,
                         run.rps,
+                        run.round_rps
+                            .iter()
+                            .map(|rps| format!("{rps:.0}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         run.latency_us.p50 as f64 / 1000.0,
                         run.latency_us.p99 as f64 / 1000.0,
                         run.error_count(),
@@ -332,5 +394,25 @@ impl Report {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[5.0, 1.0, 3.0]), 3.0);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn balance_needs_every_worker_to_have_answered() {
+        let counts = BTreeMap::from([(1, 110), (2, 100)]);
+        assert_eq!(balance(&counts, 2), Some(1.1));
+        assert_eq!(balance(&counts, 3), None, "a worker that answered nothing");
+        assert_eq!(balance(&counts, 1), None);
     }
 }

@@ -11,8 +11,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use super::loadgen::LoadResult;
 use super::loadgen::{self, LoadSpec, pid_in};
-use super::report::{Run, Scenario};
+use super::report::{Run, Scenario, median};
 use super::target::{Programs, Running, Server};
 
 /// Everything a scenario needs to run.
@@ -27,6 +28,8 @@ pub(crate) struct Context {
     pub(crate) threads: usize,
     pub(crate) work: u64,
     pub(crate) respawns: usize,
+    /// Interleaved rounds per server in the throughput scenarios.
+    pub(crate) rounds: usize,
     pub(crate) load_cpus: Option<Vec<usize>>,
     pub(crate) notes: Vec<String>,
 }
@@ -59,40 +62,69 @@ impl Context {
         servers
     }
 
-    /// Starts `server`, loads it, stops it. Returns the run and the primary's peak RSS.
-    fn measure(&self, scenario: &str, server: Server, keep_alive: bool, work: u64) -> Result<Run> {
+    /// Loads each server in turn, `rounds` times over (interleaved, so that a disturbance of
+    /// the machine hits every server alike), each round against a fresh server.
+    fn measure_all(
+        &self,
+        scenario: &str,
+        servers: &[Server],
+        keep_alive: bool,
+        work: u64,
+    ) -> Result<Vec<Run>> {
+        let mut rounds: Vec<Vec<(LoadResult, Option<f64>)>> =
+            servers.iter().map(|_| Vec::new()).collect();
+        let duration = self.duration.div_f64(self.rounds as f64);
+        for round in 0..self.rounds {
+            for (server, results) in servers.iter().zip(&mut rounds) {
+                let label = if self.rounds > 1 {
+                    format!("{scenario} {server} ({}/{})", round + 1, self.rounds)
+                } else {
+                    format!("{scenario} {server}")
+                };
+                results.push(self.measure_once(&label, *server, keep_alive, work, duration)?);
+            }
+        }
+        Ok(servers
+            .iter()
+            .zip(&rounds)
+            .map(|(server, results)| {
+                Run::from_rounds(
+                    server.label(),
+                    server.workers(),
+                    keep_alive,
+                    self.connections,
+                    work,
+                    results,
+                )
+            })
+            .collect())
+    }
+
+    /// Starts `server`, loads it, stops it. Returns the load's result and the primary's peak
+    /// RSS.
+    fn measure_once(
+        &self,
+        label: &str,
+        server: Server,
+        keep_alive: bool,
+        work: u64,
+        duration: Duration,
+    ) -> Result<(LoadResult, Option<f64>)> {
         let running = Running::start(&self.programs, server, work)?;
         let spec = LoadSpec {
             addr: running.addr,
             connections: self.connections,
             warmup: self.warmup,
-            duration: self.duration,
+            duration,
             keep_alive,
             threads: self.threads,
             cpus: self.load_cpus.clone(),
             request_timeout: Duration::from_secs(10),
         };
-        let load = self.with_progress(&format!("{scenario} {server}"), &spec, |counter| {
-            loadgen::run(&spec, counter)
-        })?;
-        let workers = match server {
-            Server::Single => 1,
-            Server::Rr { workers, .. }
-            | Server::Shared { workers }
-            | Server::NodeRr { workers }
-            | Server::NodeShared { workers } => workers,
-        };
-        let mut run = Run::new(
-            server.label(),
-            workers,
-            keep_alive,
-            self.connections,
-            work,
-            &load,
-        );
-        run.primary_peak_rss_mib = running.peak_rss_mib();
+        let load = self.with_progress(label, &spec, |counter| loadgen::run(&spec, counter))?;
+        let rss = running.peak_rss_mib();
         running.stop();
-        Ok(run)
+        Ok((load, rss))
     }
 
     /// Shows a progress bar while `body` runs the load.
@@ -144,11 +176,7 @@ pub(crate) fn throughput(ctx: &mut Context, keep_alive: bool) -> Result<Scenario
         )
     };
     let mut scenario = Scenario::new(name, title);
-    for server in ctx.comparison_set() {
-        scenario
-            .runs
-            .push(ctx.measure(name, server, keep_alive, 0)?);
-    }
+    scenario.runs = ctx.measure_all(name, &ctx.comparison_set(), keep_alive, 0)?;
     Ok(scenario)
 }
 
@@ -167,11 +195,7 @@ pub(crate) fn cpu(ctx: &mut Context) -> Result<Scenario> {
             window: None,
         },
     ];
-    for server in servers {
-        scenario
-            .runs
-            .push(ctx.measure("cpu", server, false, ctx.work)?);
-    }
+    scenario.runs = ctx.measure_all("cpu", &servers, false, ctx.work)?;
     Ok(scenario)
 }
 
@@ -190,7 +214,7 @@ pub(crate) fn balance(ctx: &mut Context, dispatch: Option<&Scenario>) -> Result<
         let reused = dispatch.and_then(|d| d.run(&server.label())).cloned();
         let run = match reused {
             Some(run) => run,
-            None => ctx.measure("balance", server, false, 0)?,
+            None => ctx.measure_all("balance", &[server], false, 0)?.remove(0),
         };
         scenario.runs.push(run);
     }
@@ -301,7 +325,7 @@ pub(crate) fn memory(ctx: &mut Context, dispatch: Option<&Scenario>) -> Result<S
         let reused = dispatch.and_then(|d| d.run(&server.label())).cloned();
         let run = match reused {
             Some(run) => run,
-            None => ctx.measure("memory", server, false, 0)?,
+            None => ctx.measure_all("memory", &[server], false, 0)?.remove(0),
         };
         if let Some(rss) = run.primary_peak_rss_mib {
             scenario.figures.insert(name.into(), rss);
@@ -358,16 +382,6 @@ pub(crate) fn wrk_reference(ctx: &mut Context) -> Result<Option<f64>> {
             .push(format!("wrk gave no Requests/sec line: {}", text.trim()));
     }
     Ok(rps)
-}
-
-pub(crate) fn median(samples: &[f64]) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
 }
 
 #[cfg(test)]

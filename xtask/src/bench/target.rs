@@ -51,6 +51,19 @@ impl Server {
     }
 }
 
+impl Server {
+    /// How many processes serve requests.
+    pub(crate) fn workers(&self) -> usize {
+        match *self {
+            Server::Single => 1,
+            Server::Rr { workers, .. }
+            | Server::Shared { workers }
+            | Server::NodeRr { workers }
+            | Server::NodeShared { workers } => workers,
+        }
+    }
+}
+
 impl fmt::Display for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.label())
