@@ -416,12 +416,7 @@ impl Cluster {
     }
 
     fn on_load_report(&mut self, id: WorkerId, open: u32) {
-        let ids: Vec<u64> = self
-            .workers
-            .get(&id)
-            .map(|w| w.handoffs.keys().copied().collect())
-            .unwrap_or_default();
-        for listener_id in ids {
+        for listener_id in self.round_robin_listeners_of(id) {
             if let Some(Delivery::RoundRobin(dispatcher)) = self
                 .listeners
                 .get_mut(&listener_id)

@@ -294,12 +294,7 @@ impl Cluster {
 
     /// Reads every handoff socket of a worker that is gone (reaped) to its end.
     pub(crate) fn drain_handoffs(&mut self, worker: WorkerId) {
-        let listener_ids: Vec<u64> = self
-            .workers
-            .get(&worker)
-            .map(|w| w.handoffs.keys().copied().collect())
-            .unwrap_or_default();
-        for listener_id in listener_ids {
+        for listener_id in self.round_robin_listeners_of(worker) {
             self.on_handoff_readable(worker, listener_id);
             // The process is gone, so its end is closed and the read above reached it; if a
             // child of the worker still holds the socket, stop waiting for it.
@@ -323,13 +318,16 @@ impl Cluster {
 
     /// Sends nothing more to this worker on any listener.
     pub(crate) fn stop_dispatching_to(&mut self, worker: WorkerId) {
-        let listener_ids: Vec<u64> = self
-            .workers
-            .get(&worker)
-            .map(|w| w.handoffs.keys().copied().collect())
-            .unwrap_or_default();
-        for listener_id in listener_ids {
+        for listener_id in self.round_robin_listeners_of(worker) {
             self.drain_worker_in(listener_id, worker);
         }
+    }
+
+    /// The round-robin listeners a worker holds a handoff socket for.
+    pub(crate) fn round_robin_listeners_of(&self, worker: WorkerId) -> Vec<u64> {
+        self.workers
+            .get(&worker)
+            .map(|w| w.handoffs.keys().copied().collect())
+            .unwrap_or_default()
     }
 }

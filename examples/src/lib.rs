@@ -22,8 +22,10 @@ pub mod http;
 
 use std::net::{IpAddr, SocketAddr};
 
+use std::process::ExitCode;
+
 use clap::{Parser, ValueEnum};
-use cluster_net::ListenMode;
+use cluster_net::{Event, ListenMode, PrimaryCluster, TcpListener, Worker};
 
 /// The flags every example server takes.
 #[derive(Debug, Clone, Parser)]
@@ -98,6 +100,43 @@ impl ServerArgs {
             "ready http://{addr} workers={} mode={mode}",
             self.worker_count()
         )
+    }
+}
+
+/// Runs an example server with these flags: a primary and its workers (or one process with
+/// `--workers 0`). The ready line is printed once, by the primary when every worker
+/// listens (or by the single process once bound); `on_event` sees every primary event too;
+/// each worker binds the address and runs `serve` on the listener.
+pub fn run(
+    name: &str,
+    args: &ServerArgs,
+    mut on_event: impl FnMut(&mut PrimaryCluster, &Event) + 'static,
+    serve: impl FnOnce(&Worker, TcpListener) -> std::io::Result<()>,
+) -> ExitCode {
+    let ready = args.clone();
+    let result = args
+        .builder()
+        .on_event(move |cluster, event| {
+            if let Event::Ready { addrs } = &event {
+                if let Some(addr) = addrs.first() {
+                    println!("{}", ready.ready_line(*addr));
+                }
+            }
+            on_event(cluster, &event);
+        })
+        .run(|worker| {
+            let listener = TcpListener::bind(args.addr())?;
+            if !worker.is_clustered() {
+                println!("{}", args.ready_line(listener.local_addr()?));
+            }
+            Ok(serve(worker, listener)?)
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{name}: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

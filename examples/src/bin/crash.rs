@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use cluster_examples::http::{Handler, busy_work, serve};
 use cluster_examples::{ServerArgs, init_logging};
-use cluster_net::{Event, TcpListener, Worker};
+use cluster_net::Worker;
 
 struct OneRequest<'a> {
     worker: &'a Worker,
@@ -42,22 +42,12 @@ impl Handler for OneRequest<'_> {
 fn main() -> ExitCode {
     let args = ServerArgs::parse();
     init_logging();
-    let ready = args.clone();
-    let result = args
-        .builder()
-        .on_event(move |_, event| {
-            if let Event::Ready { addrs } = event {
-                if let Some(addr) = addrs.first() {
-                    println!("{}", ready.ready_line(*addr));
-                }
-            }
-        })
-        .run(|worker| {
-            let listener = TcpListener::bind(args.addr())?;
-            if !worker.is_clustered() {
-                println!("{}", args.ready_line(listener.local_addr()?));
-            }
-            let body = format!("handled by process.{}\n", std::process::id());
+    let body = format!("handled by process.{}\n", std::process::id());
+    cluster_examples::run(
+        "crash",
+        &args,
+        |_, _| {},
+        |worker, listener| {
             serve(
                 listener,
                 &mut OneRequest {
@@ -66,14 +56,7 @@ fn main() -> ExitCode {
                     work: args.work,
                     retired: false,
                 },
-            )?;
-            Ok(())
-        });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("crash: {err}");
-            ExitCode::FAILURE
-        }
-    }
+            )
+        },
+    )
 }

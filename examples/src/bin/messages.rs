@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use clap::Parser;
 use cluster_examples::http::{Handler, busy_work, serve};
 use cluster_examples::{ServerArgs, init_logging};
-use cluster_net::{Event, TcpListener, Worker};
+use cluster_net::{Event, PrimaryCluster, Worker};
 use serde::{Deserialize, Serialize};
 
 /// Worker to primary: one more request was served.
@@ -55,17 +55,10 @@ impl Handler for Counting<'_> {
 fn main() -> ExitCode {
     let args = ServerArgs::parse();
     init_logging();
-    let ready = args.clone();
     let mut total = 0u64;
-    let result = args
-        .builder()
-        .on_event(move |cluster, event| match event {
-            Event::Ready { addrs } => {
-                if let Some(addr) = addrs.first() {
-                    println!("{}", ready.ready_line(*addr));
-                }
-            }
-            Event::Message { worker, message } => match message.decode::<Served>() {
+    let count = move |cluster: &mut PrimaryCluster, event: &Event| {
+        if let Event::Message { worker, message } = event {
+            match message.decode::<Served>() {
                 Ok(Served) => {
                     total += 1;
                     if let Err(err) = cluster.broadcast(&Total(total)) {
@@ -73,38 +66,28 @@ fn main() -> ExitCode {
                     }
                 }
                 Err(err) => tracing::warn!(%worker, %err, "unexpected message"),
-            },
-            _ => {}
-        })
-        .run(|worker| {
-            let listener = TcpListener::bind(args.addr())?;
-            if !worker.is_clustered() {
-                println!("{}", args.ready_line(listener.local_addr()?));
             }
-            let total = Arc::new(AtomicU64::new(0));
-            if worker.is_clustered() {
-                let heard = Arc::clone(&total);
-                worker.on_message(move |message| {
+        }
+    };
+    cluster_examples::run("messages", &args, count, |worker, listener| {
+        let total = Arc::new(AtomicU64::new(0));
+        if worker.is_clustered() {
+            let heard = Arc::clone(&total);
+            worker
+                .on_message(move |message| {
                     if let Ok(Total(count)) = message.decode::<Total>() {
                         heard.fetch_max(count, Ordering::Relaxed);
                     }
-                })?;
-            }
-            serve(
-                listener,
-                &mut Counting {
-                    worker,
-                    total,
-                    work: args.work,
-                },
-            )?;
-            Ok(())
-        });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("messages: {err}");
-            ExitCode::FAILURE
+                })
+                .map_err(std::io::Error::other)?;
         }
-    }
+        serve(
+            listener,
+            &mut Counting {
+                worker,
+                total,
+                work: args.work,
+            },
+        )
+    })
 }

@@ -1,4 +1,4 @@
-//! The example programs, run as a user would: `hello` and `crash`.
+//! The example programs, run as a user would: `hello`, `crash` and `messages`.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -11,6 +11,7 @@ use crate::support::{Guard, Lines, Slot, http_get, init, is_alive, pid, signal};
 
 const HELLO: &str = env!("CARGO_BIN_EXE_hello");
 const CRASH: &str = env!("CARGO_BIN_EXE_crash");
+const MESSAGES: &str = env!("CARGO_BIN_EXE_messages");
 
 /// Starts an example with `args` and waits for its ready line, which must be exactly
 /// `ready http://127.0.0.1:PORT workers=N mode=rr`; returns the address.
@@ -96,6 +97,42 @@ fn crash_with_2_workers_serves_200_sequential_requests_without_a_failure() {
         assert!(pids.insert(pid), "request {request}: {pid} answered twice");
         primary.others.push(pid);
     }
+    signal(primary.pid(), Signal::SIGTERM);
+    let primary_pid = primary.pid();
+    assert_eq!(primary.wait(), WaitStatus::Exited(pid(primary_pid), 0));
+    primary.others.clear();
+}
+
+#[test]
+fn messages_workers_hear_the_cluster_wide_count_from_the_primary() {
+    let _slot = Slot::take();
+    let (mut primary, _lines, addr) = start(MESSAGES, &["--workers", "2", "--port", "0"], 2);
+    // Each response carries the latest cluster-wide count its worker heard, plus one. Once a
+    // worker reports more requests than it answered itself, the other worker's reports went
+    // through the primary and back: the count is global. Broadcasts are asynchronous, so ask
+    // until that shows (bounded by the deadline).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut answered: std::collections::BTreeMap<u32, u64> = Default::default();
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the count never spread: {answered:?}"
+        );
+        let (status, body) = http_get(addr);
+        assert_eq!(status, "HTTP/1.1 200 OK", "{body:?}");
+        let worker = handled_by(&body);
+        let own = answered.entry(worker).or_default();
+        *own += 1;
+        let count: u64 = body
+            .lines()
+            .find_map(|line| line.strip_prefix("requests served by the cluster: "))
+            .and_then(|count| count.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {body:?}"));
+        if count > *own {
+            break;
+        }
+    }
+    primary.others.extend(answered.keys());
     signal(primary.pid(), Signal::SIGTERM);
     let primary_pid = primary.pid();
     assert_eq!(primary.wait(), WaitStatus::Exited(pid(primary_pid), 0));

@@ -383,14 +383,3 @@ pub(crate) fn wrk_reference(ctx: &mut Context) -> Result<Option<f64>> {
     }
     Ok(rps)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(&[5.0, 1.0, 3.0]), 3.0);
-    }
-}
