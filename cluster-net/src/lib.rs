@@ -161,7 +161,7 @@ impl Builder {
     }
 
     /// The round-robin credit window per worker (see
-    /// [`primary::DEFAULT_WINDOW`](cluster_primary::DEFAULT_WINDOW)).
+    /// [`primary::DEFAULT_WINDOW`]).
     pub fn window(mut self, window: u32) -> Builder {
         self.primary = self.primary.window(window);
         self

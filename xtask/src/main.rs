@@ -3,7 +3,7 @@
 //! Each task lives in its own module; `main` only parses the command line and dispatches.
 //!
 //! - `cargo xtask bench`: the cluster against a single process and Node's cluster, side by
-//!   side (see [`bench`]).
+//!   side (see [`mod@bench`]).
 //! - `cargo xtask ipc-bench`: one-way throughput of `cluster-ipc` channels between two
 //!   processes (see [`ipc_bench`]).
 //!
