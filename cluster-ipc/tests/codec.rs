@@ -1,6 +1,8 @@
 //! Property tests of the sans-IO frame codec.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -170,10 +172,13 @@ fn decode_in_chunks(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // No regression files: proptest would open them while other tests of this binary count
+    // fds. A failure prints its minimal input instead.
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(256) })]
 
     #[test]
     fn arbitrary_envelopes_round_trip(envelope in envelope()) {
+        let snapshot = support::fd_snapshot();
         let mut bytes = Vec::new();
         encode(&envelope, &mut bytes);
         let mut fds = dev_null_fds(envelope.fd_count);
@@ -187,10 +192,15 @@ proptest! {
         // A record holding exactly this frame decodes the same way.
         let record = Decoder::default().decode_record(&bytes, dev_null_fds(envelope.fd_count).into());
         assert_matches(&record.unwrap(), &envelope);
+        drop((frame, fds));
+        snapshot.assert_no_leak();
     }
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        // Every test of this binary takes the fd-table lock, so the leak checks see only
+        // their own fds.
+        let snapshot = support::fd_snapshot();
         let mut fds = VecDeque::new();
         match Decoder::default().decode(&bytes, &mut fds) {
             Ok(Status::Partial { needed }) => prop_assert!(needed > 0),
@@ -198,6 +208,7 @@ proptest! {
             Err(_) => {}
         }
         let _ = Decoder::default().decode_record(&bytes, Vec::new());
+        snapshot.assert_no_leak();
     }
 
     #[test]
@@ -205,6 +216,7 @@ proptest! {
         envelope in envelope(),
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
     ) {
+        let snapshot = support::fd_snapshot();
         let mut bytes = Vec::new();
         encode(&envelope, &mut bytes);
         for (index, value) in flips {
@@ -217,6 +229,9 @@ proptest! {
             prop_assert!(frame.fds.len() <= Limits::default().max_fds());
             let _ = frame.decode::<Control>();
         }
+        // Whatever the decoder took or refused, every fd is closed once dropped.
+        drop(fds);
+        snapshot.assert_no_leak();
     }
 
     #[test]
@@ -224,6 +239,7 @@ proptest! {
         envelopes in proptest::collection::vec(envelope(), 1..5),
         cut_seed in any::<prop::sample::Index>(),
     ) {
+        let snapshot = support::fd_snapshot();
         let mut bytes = Vec::new();
         for envelope in &envelopes {
             encode(envelope, &mut bytes);
@@ -245,5 +261,7 @@ proptest! {
                 assert_matches(frame, envelope);
             }
         }
+        drop(whole);
+        snapshot.assert_no_leak();
     }
 }

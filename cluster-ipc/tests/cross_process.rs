@@ -16,10 +16,19 @@ const PEER: &str = env!("CARGO_BIN_EXE_cluster-ipc-test-peer");
 const FD_VAR: &str = "CLUSTER_IPC_TEST_FD";
 
 fn spawn_peer() -> (Channel, std::process::Child) {
+    spawn_peer_at(Some(3))
+}
+
+/// Spawns the peer with its channel end at fd `target` in the child; `None` keeps the end's
+/// own number, the case where only clearing close-on-exec makes it inheritable.
+fn spawn_peer_at(target: Option<i32>) -> (Channel, std::process::Child) {
+    use std::os::fd::AsRawFd;
     let (ours, theirs) = Channel::pair().unwrap();
     let mut cmd = Command::new(PEER);
     cmd.stdin(Stdio::null());
-    cluster_ipc::process::pass_channel(&mut cmd, theirs.into_fd(), 3, FD_VAR).unwrap();
+    let fd = theirs.into_fd();
+    let target = target.unwrap_or(fd.as_raw_fd());
+    cluster_ipc::process::pass_channel(&mut cmd, fd, target, FD_VAR).unwrap();
     let child = cmd.spawn().unwrap();
     // The command owns the parent's copy of the child's end; dropping it leaves the child as
     // the only holder, so the child's exit reads as end of file here.
@@ -144,5 +153,16 @@ fn the_parent_sees_the_child_die_as_end_of_file() {
             channel.recv(deadline()),
             Err(cluster_ipc::Error::Closed)
         ));
+    });
+}
+
+#[test]
+fn a_channel_end_mapped_to_its_own_number_is_inherited() {
+    no_leak(|| {
+        let (mut channel, child) = spawn_peer_at(None);
+        assert_eq!(ask(&mut channel, "echo:same number", &[]), "same number");
+        let report = ask(&mut channel, "fds", &[]);
+        assert!(report.ends_with("cloexec=true"), "{report}");
+        finish(channel, child);
     });
 }

@@ -61,6 +61,7 @@ impl FdSnapshot {
     /// snapshot.
     pub fn assert_no_leak(self) {
         let (opened, closed) = self.difference();
+        let closed: Vec<_> = closed.iter().map(|n| (n, self.before.get(n))).collect();
         assert!(
             opened.is_empty() && closed.is_empty(),
             "fds leaked: {opened:?}; closed: {closed:?}"

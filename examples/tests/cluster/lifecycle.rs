@@ -268,3 +268,39 @@ fn disconnect_waits_for_an_open_connection_to_finish() {
     assert_eq!(cluster.status().restarts, 0);
     cluster.stop();
 }
+
+#[test]
+fn disconnect_all_calls_back_once_every_worker_is_gone_and_replaces_none() {
+    // What the callback saw: how many workers were left when it ran, and how often it ran.
+    let seen: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let mut cluster = Harness::start_with(builder(3), move |cluster, event| {
+        if let Event::Ready { .. } = event {
+            let record = Arc::clone(&record);
+            cluster.disconnect_all(move |cluster| {
+                record.lock().unwrap().push(cluster.workers().len());
+                cluster.stop(true);
+            });
+        }
+    });
+    cluster.wait_ready();
+    let ids: Vec<WorkerId> = (1..=3).map(WorkerId).collect();
+    for &id in &ids {
+        assert_eq!(cluster.wait_exit(id), (ExitStatus::Code(0), true));
+    }
+    assert_eq!(cluster.wait_finished(), Ok(()));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [0],
+        "the callback runs once, with no worker left"
+    );
+    let forks = cluster
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::Fork { .. }))
+        .count();
+    assert_eq!(
+        forks, 3,
+        "a disconnect the primary asked for is not followed by a respawn"
+    );
+}
