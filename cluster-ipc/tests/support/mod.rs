@@ -1,4 +1,7 @@
 //! Shared helpers for the integration tests.
+//!
+//! Each test binary uses a different subset of them.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
