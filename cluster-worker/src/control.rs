@@ -21,7 +21,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use crate::Error;
 use crate::error::error_chain;
 use crate::listener::{Listener, ListenerCore};
-use crate::message::{Message, RawBody};
+use crate::message::Message;
 use crate::signal::SigtermPipe;
 use crate::state::{Command, DisconnectReason, WorkerState, deadline_after};
 
@@ -348,7 +348,7 @@ impl ControlLoop {
         {
             return Err(Command::Send(body));
         }
-        match self.channel.send(Kind::User, None, &RawBody(&body), &[]) {
+        match self.channel.send_raw(Kind::User, None, &body, &[]) {
             Ok(_) => Ok(()),
             Err(cluster_ipc::Error::SendQueueFull { .. }) => Err(Command::Send(body)),
             Err(err) => {

@@ -3,7 +3,6 @@
 use std::collections::VecDeque;
 
 use serde::de::DeserializeOwned;
-use serde::ser::{Serialize, SerializeTuple, Serializer};
 
 use crate::Error;
 
@@ -33,24 +32,6 @@ impl Message {
     /// Takes the encoded body.
     pub fn into_bytes(self) -> Vec<u8> {
         self.body
-    }
-}
-
-/// An already encoded body that serializes to exactly its own bytes.
-///
-/// postcard writes a tuple as its elements with no length prefix, and a `u8` as one byte, so
-/// re-serializing through this wrapper reproduces the bytes that were encoded in the caller's
-/// thread. That lets [`Worker::send`](crate::Worker::send) encode (and check the size) where
-/// the caller can get the error, while the control thread, which owns the channel, sends.
-pub(crate) struct RawBody<'a>(pub(crate) &'a [u8]);
-
-impl Serialize for RawBody<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut tuple = serializer.serialize_tuple(self.0.len())?;
-        for byte in self.0 {
-            tuple.serialize_element(byte)?;
-        }
-        tuple.end()
     }
 }
 
@@ -97,18 +78,6 @@ impl Inbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_raw_body_serializes_to_its_own_bytes() {
-        let original = ("hello", 42u32, vec![1u8, 2, 3]);
-        let encoded = postcard::to_stdvec(&original).unwrap();
-        let again = postcard::to_stdvec(&RawBody(&encoded)).unwrap();
-        assert_eq!(again, encoded);
-        assert_eq!(
-            postcard::to_stdvec(&RawBody(&[])).unwrap(),
-            Vec::<u8>::new()
-        );
-    }
 
     #[test]
     fn a_full_inbox_drops_the_oldest() {
