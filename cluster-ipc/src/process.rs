@@ -5,13 +5,12 @@
 //! variable). The child calls [`adopt_from_env`] once to get its end back as a [`Channel`].
 //! Every other fd of ours is close-on-exec, so the child inherits only what was mapped.
 
-use std::collections::BTreeSet;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::process::Command;
-use std::sync::Mutex;
 
 use crate::channel::{Channel, check_socket};
 use crate::frame::Limits;
+use crate::sys::AdoptError;
 use crate::{Error, sys};
 
 /// Fds to place at chosen numbers in a child process.
@@ -69,10 +68,6 @@ pub fn pass_channel(cmd: &mut Command, fd: OwnedFd, target: i32, var: &str) -> R
     Ok(())
 }
 
-/// Fd numbers this process has adopted. Adoption happens once per number: a second call
-/// would make two owners of one fd.
-static ADOPTED: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
-
 /// Adopts the channel end whose fd number the environment variable `var` names, as set up by
 /// [`pass_channel`]. Returns `Ok(None)` when `var` is not set (this process was not started
 /// as a child with a channel).
@@ -95,23 +90,16 @@ pub fn adopt_from_env(var: &str, limits: Limits) -> Result<Option<Channel>, Erro
         .and_then(|text| text.parse().ok())
         .filter(|&n| n >= 0)
         .ok_or_else(|| env_error("not a file descriptor number"))?;
-    let mut adopted = ADOPTED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if adopted.contains(&number) {
-        return Err(Error::AlreadyAdopted {
-            var: var.to_owned(),
-        });
-    }
-    sys::with_inherited_fd(number, |fd| {
+    let fd = sys::adopt_inherited(number, |fd| {
         check_socket(fd)?;
         sys::set_cloexec(fd, true).map_err(|errno| Error::errno("fcntl(F_SETFD)", errno))
     })
-    .ok_or_else(|| env_error("names a file descriptor that is not open"))??;
-    adopted.insert(number);
-    // SAFETY: the number is open and is a Unix socket (checked above), the parent handed it
-    // to us by naming it in `var`, and the ADOPTED guard (held) proves no earlier call in
-    // this process took ownership of it.
-    let fd = unsafe { sys::adopt_inherited_fd(number) };
+    .map_err(|err| match err {
+        AdoptError::NotOpen => env_error("names a file descriptor that is not open"),
+        AdoptError::AlreadyAdopted => Error::AlreadyAdopted {
+            var: var.to_owned(),
+        },
+        AdoptError::Refused(err) => err,
+    })?;
     Channel::from_fd(fd, limits).map(Some)
 }

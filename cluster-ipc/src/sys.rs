@@ -5,12 +5,14 @@
 //! Every raw fd is wrapped in an `OwnedFd` on the line after the call that produced it, so an
 //! early return can never leak one.
 
+use std::collections::BTreeSet;
 use std::io::{self, IoSlice};
 use std::mem::{self, MaybeUninit};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::ptr;
+use std::sync::Mutex;
 
 /// A control-message buffer sized for a number of fds, aligned for `cmsghdr`.
 #[derive(Debug)]
@@ -206,32 +208,49 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> nix::Result<()> {
     fcntl(fd, FcntlArg::F_SETFD(flags)).map(drop)
 }
 
-/// Borrows an inherited fd by number for validation. Returns `None` if it is not open.
-///
-/// The borrow is only used for a few `fcntl`/`getsockopt` calls made before ownership is
-/// decided, while nothing can close the fd concurrently (the caller holds the adoption lock).
-pub(crate) fn with_inherited_fd<T>(
-    number: RawFd,
-    check: impl FnOnce(BorrowedFd<'_>) -> T,
-) -> Option<T> {
-    // SAFETY: F_GETFD on any number is harmless; it tells whether the number is open.
-    if unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {
-        return None;
-    }
-    // SAFETY: the fd is open (checked just above) and stays open for the closure's duration:
-    // only the adoption code, which holds the adoption lock, may close inherited fds.
-    let fd = unsafe { BorrowedFd::borrow_raw(number) };
-    Some(check(fd))
+/// Why an inherited fd could not be adopted.
+#[derive(Debug)]
+pub(crate) enum AdoptError<E> {
+    /// No fd has that number.
+    NotOpen,
+    /// This process adopted that number before.
+    AlreadyAdopted,
+    /// The fd failed the caller's check; it was left alone.
+    Refused(E),
 }
 
-/// Takes ownership of an inherited fd by number.
+/// Fd numbers this process has adopted. Adoption happens once per number: a second one would
+/// make two owners of one fd.
+static ADOPTED: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
+
+/// Takes ownership of the inherited fd `number`, once per process, if `check` accepts it.
 ///
-/// # Safety
-/// `number` must be open and owned by nobody else in this process; the adoption guard and the
-/// environment contract with the parent ensure that.
-pub(crate) unsafe fn adopt_inherited_fd(number: RawFd) -> OwnedFd {
-    // SAFETY: upheld by the caller, as documented.
-    unsafe { OwnedFd::from_raw_fd(number) }
+/// The caller names the number because the parent handed it down (in an environment
+/// variable); the guard makes sure this process takes it only once, and `check` (done on a
+/// borrow, before ownership is taken) that it is what was expected. A refused fd is left open
+/// and untouched: it may belong to someone else.
+pub(crate) fn adopt_inherited<E>(
+    number: RawFd,
+    check: impl FnOnce(BorrowedFd<'_>) -> Result<(), E>,
+) -> Result<OwnedFd, AdoptError<E>> {
+    let mut adopted = ADOPTED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if adopted.contains(&number) {
+        return Err(AdoptError::AlreadyAdopted);
+    }
+    // SAFETY: F_GETFD on any number is harmless; it tells whether the number is open.
+    if unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {
+        return Err(AdoptError::NotOpen);
+    }
+    // SAFETY: the fd is open (checked just above) and stays open while it is borrowed: only
+    // adoption, which holds the guard, may take inherited fds, and it has not taken this one.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(number) };
+    check(borrowed).map_err(AdoptError::Refused)?;
+    adopted.insert(number);
+    // SAFETY: the number is open, passed the caller's check, was handed to this process by
+    // its parent, and the guard (held) proves no earlier adoption in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(number) })
 }
 
 /// Installs a `pre_exec` hook that places each `(fd, target)` in the child at fd number
