@@ -270,20 +270,12 @@ impl Cluster {
     /// Sends a user message to every worker that said Hello and is not disconnected.
     /// Returns how many got it. A message over the frame limit is refused before any is sent.
     pub fn broadcast<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<usize, Error> {
-        let body = postcard::to_stdvec(msg).map_err(cluster_ipc::Error::Encode)?;
-        self.broadcast_raw(&body)
+        self.broadcast_raw(&encode_user(msg)?)
     }
 
+    /// Sends an encoded user message (from [`encode_user`], so within the frame limit) to
+    /// every worker that said Hello and is not disconnected.
     pub(crate) fn broadcast_raw(&mut self, body: &[u8]) -> Result<usize, Error> {
-        let limit = cluster_ipc::Limits::default().max_body_len();
-        if body.len() > limit {
-            let max = cluster_ipc::Limits::default().max_frame_len();
-            return Err(cluster_ipc::Error::FrameTooLarge {
-                len: body.len() + cluster_ipc::frame::HEADER_LEN,
-                max,
-            }
-            .into());
-        }
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         let mut sent = 0;
         for id in ids {
@@ -365,6 +357,14 @@ impl Cluster {
     pub fn is_stopping(&self) -> bool {
         self.stopping
     }
+}
+
+/// Encodes a user message, refusing one over the frame limit before anything is queued.
+pub(crate) fn encode_user<T: Serialize + ?Sized>(msg: &T) -> Result<Vec<u8>, Error> {
+    let limits = cluster_ipc::Limits::default();
+    let mut frame = Vec::new();
+    cluster_ipc::encode_message(&mut frame, Kind::User, 0, None, 0, msg, &limits)?;
+    Ok(frame.split_off(cluster_ipc::frame::HEADER_LEN))
 }
 
 /// The control channel of a worker that said Hello and has not disconnected.

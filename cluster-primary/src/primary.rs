@@ -9,7 +9,7 @@ use mio::{Events, Interest, Poll, Waker};
 use serde::Serialize;
 
 use crate::Error;
-use crate::cluster::{Cluster, SIGNALS, Source, WAKER};
+use crate::cluster::{Cluster, SIGNALS, Source, WAKER, encode_user};
 use crate::config::Config;
 use crate::event::{Event, Status};
 
@@ -254,22 +254,6 @@ impl Handle {
         self.command(Command::Status { reply })?;
         answer.recv_timeout(timeout).map_err(|_| Error::NotRunning)
     }
-}
-
-/// Encodes a user message, refusing one over the frame limit before it is queued.
-fn encode_user<T: Serialize + ?Sized>(msg: &T) -> Result<Vec<u8>, Error> {
-    let limits = cluster_ipc::Limits::default();
-    let mut frame = Vec::new();
-    cluster_ipc::encode_message(
-        &mut frame,
-        cluster_ipc::Kind::User,
-        0,
-        None,
-        0,
-        msg,
-        &limits,
-    )?;
-    Ok(frame.split_off(cluster_ipc::frame::HEADER_LEN))
 }
 
 /// Raises the soft limit on open files to the hard limit: the primary holds every
