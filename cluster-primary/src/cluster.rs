@@ -54,6 +54,13 @@ impl Registered {
         })
     }
 
+    /// Sends what the channel's queue holds, as far as the socket takes it, and keeps the
+    /// interest in step. A failure surfaces at the next read of the channel.
+    pub(crate) fn flush(&mut self, registry: &Registry) {
+        let _ = self.channel.flush();
+        self.update_interest(registry);
+    }
+
     /// Asks for writable events exactly while frames wait in the channel's queue.
     pub(crate) fn update_interest(&mut self, registry: &Registry) {
         let wants = self.channel.wants_write() && !self.channel.is_send_closed();

@@ -44,10 +44,7 @@ impl Cluster {
         let Some(control) = self.workers.get_mut(&id).and_then(|w| w.control.as_mut()) else {
             return;
         };
-        if control.channel.wants_write() {
-            let _ = control.channel.flush();
-        }
-        control.update_interest(&self.registry);
+        control.flush(&self.registry);
     }
 
     fn on_control_frame(&mut self, id: WorkerId, frame: Frame) {

@@ -219,10 +219,7 @@ impl Cluster {
             .get_mut(&worker)
             .and_then(|w| w.handoffs.get_mut(&listener_id))
         {
-            if handoff.channel.wants_write() {
-                let _ = handoff.channel.flush();
-            }
-            handoff.update_interest(&self.registry);
+            handoff.flush(&self.registry);
         }
         self.apply_actions(listener_id);
     }
