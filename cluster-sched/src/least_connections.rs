@@ -16,6 +16,11 @@ use crate::credit::{Core, Selector, WorkerKey, dispatch_via_core};
 /// longest (since joining, since its last turn, or since it got credit back) goes first. The
 /// window, return, drain, leave, back-pressure and shutdown rules are those of `RoundRobin`.
 ///
+/// Because it picks by load, the order of acks does not move it: with acks in rounds between
+/// bursts of connections (and no load reports), delivered counts differ by at most one, plus
+/// the returns, plus a window for every round in which a backlog ran out, which no policy
+/// can avoid. See the crate docs.
+///
 /// Choosing a worker is O(log n): the workers with credit sit in a binary heap keyed by
 /// (load, turn order). Inputs that name a worker pay one O(log n) lookup of its id, and a
 /// load report one heap insertion.

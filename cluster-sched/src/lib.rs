@@ -40,6 +40,26 @@
 //! workers share one listening socket, and [`ReusePortSlots`] which worker holds which
 //! `SO_REUSEPORT` slot, so that a replacement inherits its predecessor's socket and queue.
 //!
+//! # Fairness
+//!
+//! How evenly connections spread depends on when workers ack as much as on the policy. In
+//! delivered connections per worker (with no load reports, which make least-connections
+//! balance open connections instead):
+//!
+//! - When every handoff is acked before the next connection arrives, counts differ by at
+//!   most one, plus one per connection a worker returned instead of serving.
+//! - When connections come in bursts and every worker acks all it holds between bursts,
+//!   counts differ by at most one plus the returns, plus up to a window for every round of
+//!   acks in which a backlog ran out, plus, for [`RoundRobin`] only, one for every round in
+//!   which workers acked out of the order they were handed their connections. While
+//!   connections wait every worker is out of credit, so each one goes to whoever acks first,
+//!   as under any policy that never leaves a connection waiting beside a worker with credit;
+//!   and round-robin's turns follow the order in which workers get credit back, as Node's do.
+//!   A schedule that repeats either widens the gap without limit: no bound in the window
+//!   alone holds.
+//! - A worker that stops acking gets nothing beyond its window, whatever the others get: that
+//!   is the back-pressure the window exists for.
+//!
 //! # Example
 //!
 //! Driving a round-robin dispatcher by hand, as a primary would from its event loop:

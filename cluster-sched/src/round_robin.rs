@@ -19,6 +19,18 @@ use crate::credit::{Core, Selector, WorkerKey, dispatch_via_core};
 /// flight are dispatched again instead of leaked, and accept pauses instead of queueing
 /// without bound.
 ///
+/// # Fairness
+///
+/// Turns follow the order in which workers get credit back, which is the order of their
+/// acks. With each handoff acked before the next connection arrives, delivered counts differ
+/// by at most one. With acks in rounds between bursts of connections, they differ by at most
+/// one, plus a window for every round in which a backlog ran out (whoever acks first takes
+/// the rest of it, as under any policy), plus one for every round in which workers acked out
+/// of the order they were served (the early acker takes the next turn, as in Node), plus one
+/// per returned connection. So a worker that keeps acking first, even at window 1, gains
+/// without limit; [`LeastConnections`](crate::LeastConnections) is not moved by the ack
+/// order. See the crate docs.
+///
 /// Choosing a worker is O(1). An input that names a worker (an ack, a return, a join) pays
 /// one O(log n) lookup of its id. A worker leaving or starting to drain while it waits for a
 /// turn costs O(n), which is fine because that happens per worker, not per connection.

@@ -9,7 +9,7 @@ use cluster_sched::{
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestError, TestRng, TestRunner};
 
-use crate::fairness::{Tally, prompt};
+use crate::fairness::{AckOrder, Tally, in_rounds, prompt, round_op, rounds_bound};
 use crate::harness::{Op, Property, Scenario, check_run, scenario};
 
 /// One way to get dispatch wrong.
@@ -38,11 +38,15 @@ enum Flaw {
     /// Neither queues nor closes delivered connections that come back after shutdown, so
     /// their fds leak.
     LeaksRequeuedAfterShutdown,
+    /// Least-connections fooled by load reports, before every connection, that make worker 1
+    /// look idle: it fills worker 1 whenever worker 1 has credit.
+    FillsFirstWorker,
 }
 
-/// A correct `RoundRobin` behind a wrapper that introduces one flaw.
+/// A correct `RoundRobin` (`LeastConnections` for [`Flaw::FillsFirstWorker`]) behind a
+/// wrapper that introduces one flaw.
 struct Flawed {
-    inner: RoundRobin,
+    inner: Box<dyn Dispatch>,
     claimed: Config,
     flaw: Flaw,
     deferred_joins: Vec<WorkerId>,
@@ -57,8 +61,12 @@ impl Flawed {
             }
             _ => config,
         };
+        let inner: Box<dyn Dispatch> = match flaw {
+            Flaw::FillsFirstWorker => Box::new(LeastConnections::with_config(actual)),
+            _ => Box::new(RoundRobin::with_config(actual)),
+        };
         Self {
-            inner: RoundRobin::with_config(actual),
+            inner,
             claimed: config,
             flaw,
             deferred_joins: Vec::new(),
@@ -103,6 +111,12 @@ impl Dispatch for Flawed {
     fn incoming(&mut self, conn: ConnId) {
         for worker in std::mem::take(&mut self.deferred_joins) {
             self.inner.worker_joined(worker).unwrap();
+        }
+        if self.flaw == Flaw::FillsFirstWorker {
+            for worker in self.inner.workers() {
+                let open = if worker == WorkerId(1) { 0 } else { 1000 };
+                self.inner.load_report(worker, open).unwrap();
+            }
         }
         self.inner.incoming(conn);
     }
@@ -339,4 +353,37 @@ fn filling_one_worker_first_fails_the_fairness_check() {
     // And the same check passes the honest policy on the same sizes.
     let tally = prompt(&mut LeastConnections::new(NonZeroU32::MIN), 4, 100, &[]);
     assert!(tally.spread(4) <= 1);
+}
+
+/// The bound for acks in rounds has teeth: a policy that fills worker 1 whenever it can
+/// breaks it, with acks in handoff order and in any order, even when allowed round-robin's
+/// extra one per round acked out of handoff order.
+#[test]
+fn filling_one_worker_first_fails_the_rounds_bound() {
+    for order in [AckOrder::Handoff, AckOrder::Rotated] {
+        let strategy = (
+            2u64..=8,
+            1u32..=4,
+            prop::collection::vec(round_op(), 0..300),
+        );
+        let result = runner(256).run(&strategy, |(workers, window, ops)| {
+            let config = Config::new(NonZeroU32::new(window).unwrap());
+            let mut greedy = Flawed::new(config, Flaw::FillsFirstWorker);
+            let tally = in_rounds(&mut greedy, workers, &ops, order);
+            let bound = rounds_bound(false, window, &tally);
+            prop_assert!(
+                tally.spread(workers) <= bound,
+                "bound {}: {:?}",
+                bound,
+                tally
+            );
+            Ok(())
+        });
+        match result {
+            Err(TestError::Fail(reason, minimal)) => {
+                eprintln!("greedy caught with acks {order:?}: {reason}\nminimal: {minimal:?}");
+            }
+            other => panic!("the rounds bound let a greedy policy pass ({order:?}): {other:?}"),
+        }
+    }
 }
