@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
@@ -10,7 +11,10 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrLike, So
 use serde::Serialize;
 
 use crate::Error;
-use crate::frame::{Decoder, Frame, Kind, Limits, Status, encode_message, encode_raw};
+use crate::frame::{
+    Decoder, Frame, HEADER_LEN, Kind, Limits, Reassembler, Status, encode_body, fragments,
+};
+use crate::proto::{Encoded, Envelope, Message, Protocol};
 use crate::sys::{self, CmsgBuffer};
 
 /// The kind of socket under a [`Channel`].
@@ -50,8 +54,15 @@ const SNDBUF_MARGIN: usize = 1024;
 /// How many frames [`Channel::call`] sets aside while it waits for its reply.
 pub const MAX_INBOX_FRAMES: usize = 4096;
 
-/// How many bytes may wait in the outgoing queue of a channel by default.
+/// How many bytes may wait in the outgoing queue of a channel by default, beyond room for
+/// one message of the largest size the limits allow.
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
+
+/// The protocol of an untyped channel: any `serde` type goes either way, in frames of a
+/// [`Kind`] the caller picks. This is [`Channel`]'s default; a typed channel
+/// (`Channel<P>` for a [`Protocol`] `P`) sends only `P::Send` and receives only `P::Recv`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Raw;
 
 #[derive(Debug)]
 struct Outgoing {
@@ -74,8 +85,15 @@ struct Outgoing {
 /// request's number as their `ack`. Any sign that the peer is gone or broke the protocol
 /// closes the channel: the error is returned once, every later call returns
 /// [`Error::Closed`], and no fd that arrived is left open.
+///
+/// A message longer than one frame travels as several (see [`frame`](crate::frame)): sending
+/// splits it and receiving puts it back together, up to [`Limits::max_message_len`].
+///
+/// `P` is the channel's protocol: [`Raw`] (the default) sends and receives any `serde` type;
+/// a [`Protocol`] such as [`proto::WorkerControl`](crate::proto::WorkerControl) makes the
+/// channel typed, and [`into_protocol`](Channel::into_protocol) turns one into the other.
 #[derive(Debug)]
-pub struct Channel {
+pub struct Channel<P = Raw> {
     sock: OwnedFd,
     transport: Transport,
     decoder: Decoder,
@@ -98,8 +116,10 @@ pub struct Channel {
     max_queued_bytes: usize,
     /// Frames received by [`Channel::call`] while it waited for its reply.
     inbox: VecDeque<Frame>,
+    /// The message whose fragments are arriving.
+    reassembler: Reassembler,
+    protocol: PhantomData<fn() -> P>,
 }
-
 impl Channel {
     /// A connected pair over the platform's native transport with default limits.
     pub fn pair() -> Result<(Channel, Channel), Error> {
@@ -162,15 +182,55 @@ impl Channel {
             encode_buf: Vec::with_capacity(256),
             outgoing: VecDeque::new(),
             queued_bytes: 0,
-            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES.max(limits.max_frame_len()),
+            max_queued_bytes: default_max_queued_bytes(&limits),
             inbox: VecDeque::new(),
+            reassembler: Reassembler::new(),
+            protocol: PhantomData,
         })
     }
+}
 
+impl<P> Channel<P> {
     /// Sets how many bytes may wait in the outgoing queue before [`send`](Channel::send)
     /// refuses with [`Error::SendQueueFull`] (at least one frame's worth is always allowed).
     pub fn set_max_queued_bytes(&mut self, max: usize) {
         self.max_queued_bytes = max.max(self.decoder.limits().max_frame_len());
+    }
+
+    /// Changes the limit on one message's length, both for what this end sends and for what
+    /// it accepts (for example once a handshake announced the peer's limit). The send queue's
+    /// bound grows with it, so one message of the new size always fits.
+    pub fn set_max_message_len(&mut self, max_message_len: usize) -> Result<(), Error> {
+        let limits = self.limits().with_max_message_len(max_message_len)?;
+        let default = default_max_queued_bytes(&limits);
+        self.decoder = Decoder::new(limits);
+        self.max_queued_bytes = self.max_queued_bytes.max(default);
+        Ok(())
+    }
+
+    /// The same channel, speaking protocol `Q` from now on.
+    pub fn into_protocol<Q>(self) -> Channel<Q> {
+        Channel {
+            sock: self.sock,
+            transport: self.transport,
+            decoder: self.decoder,
+            next_seq: self.next_seq,
+            closed: self.closed,
+            send_closed: self.send_closed,
+            recv_buf: self.recv_buf,
+            recv_start: self.recv_start,
+            recv_end: self.recv_end,
+            recv_fds: self.recv_fds,
+            recv_cmsg: self.recv_cmsg,
+            send_cmsg: self.send_cmsg,
+            encode_buf: self.encode_buf,
+            outgoing: self.outgoing,
+            queued_bytes: self.queued_bytes,
+            max_queued_bytes: self.max_queued_bytes,
+            inbox: self.inbox,
+            reassembler: self.reassembler,
+            protocol: PhantomData,
+        }
     }
 
     /// The transport under this channel.
@@ -216,110 +276,6 @@ impl Channel {
         self.sock
     }
 
-    /// Sends `msg` as a frame of `kind`, replying to `ack` if given, with `fds` attached.
-    /// Returns the frame's sequence number.
-    ///
-    /// Never blocks: if the socket is full the frame is queued, keeping order, with
-    /// duplicates of the fds (the caller's fds may be closed as soon as this returns). A
-    /// message over the frame limit, too many fds, or a full queue is refused with an error
-    /// and leaves the channel usable.
-    pub fn send<T: Serialize + ?Sized>(
-        &mut self,
-        kind: Kind,
-        ack: Option<u64>,
-        msg: &T,
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<u64, Error> {
-        let (fd_count, limits) = (fds.len(), *self.limits());
-        self.send_frame(fds, |out, seq| {
-            encode_message(out, kind, seq, ack, fd_count, msg, &limits)
-        })
-    }
-
-    /// Sends a frame whose body is already encoded (for example a message being forwarded),
-    /// like [`send`](Channel::send) otherwise.
-    pub fn send_raw(
-        &mut self,
-        kind: Kind,
-        ack: Option<u64>,
-        body: &[u8],
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<u64, Error> {
-        let (fd_count, limits) = (fds.len(), *self.limits());
-        self.send_frame(fds, |out, seq| {
-            encode_raw(out, kind, seq, ack, fd_count, body, &limits)
-        })
-    }
-
-    /// Encodes a frame with the next sequence number into the reusable buffer and sends it;
-    /// the number is used up only if the frame was sent or queued.
-    fn send_frame(
-        &mut self,
-        fds: &[BorrowedFd<'_>],
-        encode: impl FnOnce(&mut Vec<u8>, u64) -> Result<(), Error>,
-    ) -> Result<u64, Error> {
-        if self.closed || self.send_closed {
-            return Err(Error::Closed);
-        }
-        let seq = self.next_seq;
-        let mut frame = std::mem::take(&mut self.encode_buf);
-        frame.clear();
-        let result = encode(&mut frame, seq).and_then(|()| self.send_encoded(&frame, fds));
-        self.encode_buf = frame;
-        result?;
-        self.next_seq += 1;
-        Ok(seq)
-    }
-
-    fn send_encoded(&mut self, frame: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
-        let sent = if self.outgoing.is_empty() {
-            self.write_frame(frame, fds)?
-        } else {
-            0
-        };
-        if sent == frame.len() {
-            return Ok(());
-        }
-        let remaining = frame.len() - sent;
-        if self.queued_bytes + remaining > self.max_queued_bytes {
-            // Only a frame that has not started can be refused; a started one must finish.
-            if sent == 0 {
-                return Err(Error::SendQueueFull {
-                    queued: self.queued_bytes,
-                    max: self.max_queued_bytes,
-                });
-            }
-        }
-        // The fds went with the first byte if anything was sent; otherwise keep copies.
-        let fds = if sent == 0 {
-            duplicate_fds(fds)?
-        } else {
-            Vec::new()
-        };
-        self.queued_bytes += remaining;
-        self.outgoing.push_back(Outgoing {
-            bytes: frame[sent..].to_vec(),
-            sent: 0,
-            fds,
-        });
-        Ok(())
-    }
-
-    /// Writes as much of a frame as the socket takes now: all of it or nothing on a
-    /// `SOCK_SEQPACKET` socket, any prefix on a stream. Returns the bytes written.
-    fn write_frame(&mut self, frame: &[u8], fds: &[BorrowedFd<'_>]) -> Result<usize, Error> {
-        match sys::send_with_fds(
-            self.sock.as_fd(),
-            &[IoSlice::new(frame)],
-            fds,
-            &mut self.send_cmsg,
-        ) {
-            Ok(n) => Ok(n),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(0),
-            Err(err) => Err(self.fail_send(err)),
-        }
-    }
-
     /// Sends what the outgoing queue holds, as far as the socket takes it. Returns true when
     /// the queue is empty.
     pub fn flush(&mut self) -> Result<bool, Error> {
@@ -328,7 +284,7 @@ impl Channel {
         }
         while let Some(mut out) = self.outgoing.pop_front() {
             let borrowed: Vec<BorrowedFd<'_>> = out.fds.iter().map(AsFd::as_fd).collect();
-            let written = self.write_frame(&out.bytes[out.sent..], &borrowed);
+            let written = self.write_frame(&[IoSlice::new(&out.bytes[out.sent..])], &borrowed);
             drop(borrowed);
             let written = match written {
                 Ok(written) => written,
@@ -354,6 +310,37 @@ impl Channel {
         }
         Ok(true)
     }
+}
+
+impl Channel<Raw> {
+    /// Sends `msg` as a message of `kind`, replying to `ack` if given, with `fds` attached.
+    /// Returns its sequence number.
+    ///
+    /// Never blocks: if the socket is full the message is queued, keeping order, with
+    /// duplicates of the fds (the caller's fds may be closed as soon as this returns). A
+    /// message over the message limit, too many fds, or a full queue is refused with an error
+    /// and leaves the channel usable.
+    pub fn send<T: Serialize + ?Sized>(
+        &mut self,
+        kind: Kind,
+        ack: Option<u64>,
+        msg: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<u64, Error> {
+        self.send_with(kind, ack, fds, |out, limits| encode_body(out, msg, limits))
+    }
+
+    /// Sends a message whose body is already encoded (for example one being forwarded), like
+    /// [`send`](Channel::send) otherwise.
+    pub fn send_raw(
+        &mut self,
+        kind: Kind,
+        ack: Option<u64>,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<u64, Error> {
+        self.send_body(kind, ack, body, fds)
+    }
 
     /// Sends like [`send`](Channel::send), then waits until the whole queue is written or
     /// the deadline passes.
@@ -366,31 +353,23 @@ impl Channel {
         deadline: Option<Instant>,
     ) -> Result<u64, Error> {
         let seq = self.send(kind, ack, msg, fds)?;
-        while !self.flush()? {
-            self.wait(PollFlags::POLLOUT, deadline, "send")?;
-        }
+        self.flush_until(deadline)?;
         Ok(seq)
     }
 
-    /// Receives one frame if one is there; `Ok(None)` when the socket has nothing now.
-    /// Frames that [`call`](Channel::call) set aside come first.
+    /// Receives one message if one is there; `Ok(None)` when the socket has nothing now.
+    /// Messages that [`call`](Channel::call) set aside come first.
     pub fn try_recv(&mut self) -> Result<Option<Frame>, Error> {
-        match self.inbox.pop_front() {
-            Some(frame) => Ok(Some(frame)),
-            None => self.try_recv_socket(),
-        }
+        self.try_recv_frame()
     }
 
-    /// Receives one frame, waiting up to `deadline` (for ever with `None`).
+    /// Receives one message, waiting up to `deadline` (for ever with `None`).
     pub fn recv(&mut self, deadline: Option<Instant>) -> Result<Frame, Error> {
-        match self.inbox.pop_front() {
-            Some(frame) => Ok(frame),
-            None => self.recv_socket(deadline),
-        }
+        self.recv_frame(deadline)
     }
 
-    /// Sends a request and waits for the frame whose `ack` is its sequence number. Frames
-    /// that arrive in the meantime are kept, in order, for the next
+    /// Sends a request and waits for the message whose `ack` is its sequence number.
+    /// Messages that arrive in the meantime are kept, in order, for the next
     /// [`try_recv`](Channel::try_recv) or [`recv`](Channel::recv).
     pub fn call<T: Serialize + ?Sized>(
         &mut self,
@@ -400,6 +379,234 @@ impl Channel {
         deadline: Option<Instant>,
     ) -> Result<Frame, Error> {
         let seq = self.send_blocking(kind, None, msg, fds, deadline)?;
+        self.wait_reply(seq, deadline)
+    }
+}
+
+impl<P: Protocol> Channel<P> {
+    /// Sends `msg`, replying to `ack` if given, with `fds` attached; returns its sequence
+    /// number. Like the untyped [`send`](Channel::send) otherwise: never blocks, and a refusal
+    /// leaves the channel usable.
+    pub fn send(
+        &mut self,
+        ack: Option<u64>,
+        msg: &P::Send,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<u64, Error> {
+        self.send_with(P::Send::KIND, ack, fds, |out, limits| {
+            encode_body(out, msg, limits)
+        })
+    }
+
+    /// Sends a message encoded once for several channels (a broadcast).
+    pub fn send_encoded(
+        &mut self,
+        ack: Option<u64>,
+        msg: &Encoded<P::Send>,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<u64, Error> {
+        self.send_body(P::Send::KIND, ack, msg.body(), fds)
+    }
+
+    /// Sends like [`send`](Channel::send), then waits until the whole queue is written or
+    /// the deadline passes.
+    pub fn send_blocking(
+        &mut self,
+        ack: Option<u64>,
+        msg: &P::Send,
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<u64, Error> {
+        let seq = self.send(ack, msg, fds)?;
+        self.flush_until(deadline)?;
+        Ok(seq)
+    }
+
+    /// Receives one message if one is there; `Ok(None)` when the socket has nothing now. A
+    /// frame of another kind than `P::Recv`'s ([`Error::WrongKind`]) or a body that does not
+    /// decode ([`Error::Decode`]) is a protocol error, fatal for the channel.
+    pub fn try_recv(&mut self) -> Result<Option<Envelope<P::Recv>>, Error> {
+        match self.try_recv_frame()? {
+            Some(frame) => self.typed(frame).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Receives one message, waiting up to `deadline` (for ever with `None`).
+    pub fn recv(&mut self, deadline: Option<Instant>) -> Result<Envelope<P::Recv>, Error> {
+        let frame = self.recv_frame(deadline)?;
+        self.typed(frame)
+    }
+
+    /// Sends a request and waits for the message whose `ack` is its sequence number;
+    /// messages that arrive in the meantime are kept, in order, for the next receive.
+    pub fn call(
+        &mut self,
+        msg: &P::Send,
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<Envelope<P::Recv>, Error> {
+        let seq = self.send_blocking(None, msg, fds, deadline)?;
+        let frame = self.wait_reply(seq, deadline)?;
+        self.typed(frame)
+    }
+
+    fn typed(&mut self, frame: Frame) -> Result<Envelope<P::Recv>, Error> {
+        let result = if frame.kind() == P::Recv::KIND {
+            frame.decode().map(|msg| Envelope {
+                seq: frame.header.seq,
+                ack: frame.header.ack,
+                msg,
+                fds: frame.fds,
+            })
+        } else {
+            Err(Error::WrongKind {
+                expected: P::Recv::KIND,
+                found: frame.kind(),
+            })
+        };
+        // A peer that sends what does not belong here cannot be trusted with the rest.
+        result.inspect_err(|_| self.close())
+    }
+}
+
+impl<P> Channel<P> {
+    /// Encodes a message body with `encode` into the reusable buffer and sends it.
+    fn send_with(
+        &mut self,
+        kind: Kind,
+        ack: Option<u64>,
+        fds: &[BorrowedFd<'_>],
+        encode: impl FnOnce(&mut Vec<u8>, &Limits) -> Result<(), Error>,
+    ) -> Result<u64, Error> {
+        if self.closed || self.send_closed {
+            return Err(Error::Closed);
+        }
+        let limits = *self.limits();
+        let mut body = std::mem::take(&mut self.encode_buf);
+        body.clear();
+        let result =
+            encode(&mut body, &limits).and_then(|()| self.send_body(kind, ack, &body, fds));
+        self.encode_buf = body;
+        result
+    }
+
+    /// Sends one message with the next sequence number, which is used up only if the message
+    /// was sent or queued.
+    fn send_body(
+        &mut self,
+        kind: Kind,
+        ack: Option<u64>,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<u64, Error> {
+        if self.closed || self.send_closed {
+            return Err(Error::Closed);
+        }
+        let seq = self.next_seq;
+        let limits = *self.limits();
+        let frames: Vec<_> = fragments(kind, seq, ack, fds.len(), body, &limits)?
+            .map(|(header, part)| (header.to_bytes(), part))
+            .collect();
+        // Write at once what the socket takes, unless something waits before this message.
+        let (mut index, mut offset) = (0, 0);
+        if self.outgoing.is_empty() {
+            while let Some((head, part)) = frames.get(index) {
+                let attached = if index == 0 { fds } else { &[] };
+                let written =
+                    self.write_frame(&[IoSlice::new(head), IoSlice::new(part)], attached)?;
+                if written < HEADER_LEN + part.len() {
+                    offset = written;
+                    break;
+                }
+                index += 1;
+            }
+        }
+        if index < frames.len() {
+            self.enqueue(&frames[index..], offset, (index == 0).then_some(fds))?;
+        }
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Queues the frames of a message the socket did not take, the first from `offset`. A
+    /// message none of which went out yet (`fds` given, then) may be refused for a full
+    /// queue; a started one must finish.
+    fn enqueue(
+        &mut self,
+        frames: &[([u8; HEADER_LEN], &[u8])],
+        offset: usize,
+        fds: Option<&[BorrowedFd<'_>]>,
+    ) -> Result<(), Error> {
+        let remaining: usize = frames
+            .iter()
+            .map(|(_, part)| HEADER_LEN + part.len())
+            .sum::<usize>()
+            - offset;
+        let unstarted = fds.is_some() && offset == 0;
+        if unstarted && self.queued_bytes + remaining > self.max_queued_bytes {
+            return Err(Error::SendQueueFull {
+                queued: self.queued_bytes,
+                max: self.max_queued_bytes,
+            });
+        }
+        // The fds went with the first byte if anything was sent; otherwise keep copies.
+        let mut fds = match fds {
+            Some(fds) if offset == 0 => duplicate_fds(fds)?,
+            _ => Vec::new(),
+        };
+        for (i, (head, part)) in frames.iter().enumerate() {
+            let mut bytes = Vec::with_capacity(HEADER_LEN + part.len());
+            bytes.extend_from_slice(head);
+            bytes.extend_from_slice(part);
+            let sent = if i == 0 { offset } else { 0 };
+            self.queued_bytes += bytes.len() - sent;
+            self.outgoing.push_back(Outgoing {
+                bytes,
+                sent,
+                fds: std::mem::take(&mut fds),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes as much of a frame as the socket takes now: all of it or nothing on a
+    /// `SOCK_SEQPACKET` socket, any prefix on a stream. Returns the bytes written.
+    fn write_frame(
+        &mut self,
+        frame: &[IoSlice<'_>],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<usize, Error> {
+        match sys::send_with_fds(self.sock.as_fd(), frame, fds, &mut self.send_cmsg) {
+            Ok(n) => Ok(n),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(err) => Err(self.fail_send(err)),
+        }
+    }
+
+    fn flush_until(&mut self, deadline: Option<Instant>) -> Result<(), Error> {
+        while !self.flush()? {
+            self.wait(PollFlags::POLLOUT, deadline, "send")?;
+        }
+        Ok(())
+    }
+
+    fn try_recv_frame(&mut self) -> Result<Option<Frame>, Error> {
+        match self.inbox.pop_front() {
+            Some(frame) => Ok(Some(frame)),
+            None => self.try_recv_socket(),
+        }
+    }
+
+    fn recv_frame(&mut self, deadline: Option<Instant>) -> Result<Frame, Error> {
+        match self.inbox.pop_front() {
+            Some(frame) => Ok(frame),
+            None => self.recv_socket(deadline),
+        }
+    }
+
+    /// Waits for the reply to `seq`, setting aside what arrives before it.
+    fn wait_reply(&mut self, seq: u64, deadline: Option<Instant>) -> Result<Frame, Error> {
         loop {
             let frame = self.recv_socket(deadline)?;
             if frame.ack() == Some(seq) {
@@ -423,13 +630,25 @@ impl Channel {
         }
     }
 
+    /// The next whole message from the socket, its fragments put back together.
     fn try_recv_socket(&mut self) -> Result<Option<Frame>, Error> {
         if self.closed {
             return Err(Error::Closed);
         }
-        let result = match self.transport {
-            Transport::SeqPacket => self.recv_record(),
-            Transport::Stream => self.recv_stream(),
+        let limits = *self.limits();
+        let result = loop {
+            let frame = match self.transport {
+                Transport::SeqPacket => self.recv_record(),
+                Transport::Stream => self.recv_stream(),
+            };
+            match frame {
+                Ok(Some(frame)) => match self.reassembler.push(frame, &limits) {
+                    Ok(Some(message)) => break Ok(Some(message)),
+                    Ok(None) => {}
+                    Err(err) => break Err(err),
+                },
+                other => break other,
+            }
         };
         // Whatever went wrong while receiving, the stream can no longer be trusted.
         result.inspect_err(|_| self.close())
@@ -523,13 +742,8 @@ impl Channel {
         let timeout = match deadline {
             None => PollTimeout::NONE,
             Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(Error::TimedOut { op });
-                }
-                // Round up so a sub-millisecond remainder does not spin.
-                let millis = left.as_micros().div_ceil(1000);
-                PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)
+                let left = crate::deadline::left(deadline).ok_or(Error::TimedOut { op })?;
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)
             }
         };
         let mut fds = [PollFd::new(self.sock.as_fd(), events)];
@@ -575,6 +789,7 @@ impl Channel {
         self.outgoing.clear();
         self.queued_bytes = 0;
         self.recv_fds.clear();
+        self.reassembler = Reassembler::new();
         tracing::debug!(fd = self.sock.as_raw_fd(), "channel closed");
     }
 }
@@ -643,32 +858,19 @@ fn ensure_send_buffer(fd: BorrowedFd<'_>, max_frame_len: usize) -> Result<(), Er
     Ok(())
 }
 
-impl AsFd for Channel {
+/// Room for one message of the largest size `limits` allow, and the default queue beyond it.
+fn default_max_queued_bytes(limits: &Limits) -> usize {
+    let frames = limits
+        .max_message_len()
+        .div_ceil(limits.max_body_len())
+        .max(1);
+    DEFAULT_MAX_QUEUED_BYTES + limits.max_message_len() + frames * HEADER_LEN
+}
+
+impl<P> AsFd for Channel<P> {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
     }
 }
 
-impl mio::event::Source for Channel {
-    fn register(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        mio::unix::SourceFd(&self.sock.as_raw_fd()).register(registry, token, interests)
-    }
-
-    fn reregister(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        mio::unix::SourceFd(&self.sock.as_raw_fd()).reregister(registry, token, interests)
-    }
-
-    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
-        mio::unix::SourceFd(&self.sock.as_raw_fd()).deregister(registry)
-    }
-}
+crate::impl_fd_source!(for<P> Channel<P>, |channel| channel.sock);

@@ -62,6 +62,30 @@ pub enum Error {
         /// The configured maximum frame length.
         max: usize,
     },
+    /// A message is longer than the message limit (at encoding, or while its fragments
+    /// arrive).
+    #[error("a message of {len} bytes or more exceeds the {max}-byte message limit")]
+    MessageTooLarge {
+        /// The message's encoded length (at least this much, when still encoding).
+        len: usize,
+        /// The configured limit on one message's encoded length.
+        max: usize,
+    },
+    /// Fragments of a message arrived out of order, or carried fds where none belong.
+    #[error("bad message fragment: {reason}")]
+    BadFragment {
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// A typed channel received a frame that does not belong on it: a message of another
+    /// channel, or of the other direction.
+    #[error("a {found:?} frame arrived on a channel that carries {expected:?} frames")]
+    WrongKind {
+        /// The kind this channel receives.
+        expected: crate::Kind,
+        /// The kind that arrived.
+        found: crate::Kind,
+    },
     /// A frame carries more fds than allowed.
     #[error("{count} fds in one frame exceeds the limit of {max}")]
     TooManyFds {
@@ -223,6 +247,7 @@ impl From<Error> for io::Error {
             Error::SendQueueFull { .. } | Error::InboxFull { .. } => io::ErrorKind::WouldBlock,
             Error::InvalidLimits { .. }
             | Error::FrameTooLarge { .. }
+            | Error::MessageTooLarge { .. }
             | Error::TooManyFds { .. }
             | Error::Encode(_)
             | Error::Env { .. }

@@ -7,7 +7,7 @@
 //! | 0..2   | magic       | `0xC1 0x57`                                          |
 //! | 2      | version     | [`WIRE_VERSION`]                                     |
 //! | 3      | kind        | [`Kind`]                                             |
-//! | 4      | flags       | bit 0: the `ack` field is present                    |
+//! | 4      | flags       | bit 0: `ack` is present; bit 1: more fragments follow |
 //! | 5      | fd count    | how many fds travel with this frame                  |
 //! | 6..8   | reserved    | zero                                                 |
 //! | 8..16  | seq         | the sender's sequence number, little-endian          |
@@ -19,6 +19,10 @@
 //! [`Status::Partial`] until a whole frame is there. That is what a byte-stream transport needs;
 //! on a `SOCK_SEQPACKET` socket one record holds exactly one frame, so a `Partial` there is a
 //! protocol error.
+//!
+//! A message longer than one frame's body travels as consecutive *fragments*: frames of the
+//! same kind and `seq`, each but the last flagged "more", fds only on the first. A
+//! [`Reassembler`] puts them back together, up to [`Limits::max_message_len`].
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -38,23 +42,35 @@ pub const HEADER_LEN: usize = 28;
 /// The kernel's limit on fds in one `SCM_RIGHTS` message (`SCM_MAX_FD`).
 pub const KERNEL_MAX_FDS: usize = 253;
 
-const FLAG_ACK: u8 = 0b1;
+const FLAG_ACK: u8 = 0b01;
+const FLAG_MORE: u8 = 0b10;
 
-/// What a frame's body holds.
+/// What a frame's body holds: on a typed channel, which channel and direction its message
+/// belongs to (see [`crate::proto`]), so that a frame sent where it does not belong is refused
+/// on arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum Kind {
-    /// A control message of the cluster protocol ([`crate::proto::Control`]).
-    Control = 1,
-    /// An application's own message, opaque to the cluster.
+    /// A message of an untyped channel, opaque to this crate (any `serde` type).
     User = 2,
+    /// A control message from the primary to a worker ([`crate::proto::ToWorker`]).
+    ToWorker = 3,
+    /// A control message from a worker to the primary ([`crate::proto::ToPrimary`]).
+    ToPrimary = 4,
+    /// A handoff message from the primary to a worker ([`crate::proto::HandoffToWorker`]).
+    HandoffToWorker = 5,
+    /// A handoff message from a worker to the primary ([`crate::proto::HandoffToPrimary`]).
+    HandoffToPrimary = 6,
 }
 
 impl Kind {
     fn from_byte(byte: u8) -> Result<Kind, Error> {
         match byte {
-            1 => Ok(Kind::Control),
             2 => Ok(Kind::User),
+            3 => Ok(Kind::ToWorker),
+            4 => Ok(Kind::ToPrimary),
+            5 => Ok(Kind::HandoffToWorker),
+            6 => Ok(Kind::HandoffToPrimary),
             kind => Err(Error::UnknownKind { kind }),
         }
     }
@@ -65,6 +81,7 @@ impl Kind {
 pub struct Limits {
     max_frame_len: usize,
     max_fds: usize,
+    max_message_len: usize,
 }
 
 impl Limits {
@@ -72,6 +89,8 @@ impl Limits {
     pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
     /// The default limit on fds per frame.
     pub const DEFAULT_MAX_FDS: usize = 64;
+    /// The default limit on one message's encoded length, over all its fragments: 16 MiB.
+    pub const DEFAULT_MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
 
     /// Limits of `max_frame_len` bytes per frame (header included) and `max_fds` fds per
     /// frame. The frame must have room for a header and fit in a `u32`; the fd count may not
@@ -95,7 +114,26 @@ impl Limits {
         Ok(Limits {
             max_frame_len,
             max_fds,
+            max_message_len: Self::DEFAULT_MAX_MESSAGE_LEN,
         })
+    }
+
+    /// The same limits with another limit on one message's encoded length (its body, over
+    /// every fragment). It must fit in a `u32`; a message no longer than one frame's body
+    /// always fits, whatever this says.
+    pub fn with_max_message_len(mut self, max_message_len: usize) -> Result<Limits, Error> {
+        if u32::try_from(max_message_len).is_err() {
+            return Err(Error::InvalidLimits {
+                reason: "max_message_len must fit in a u32",
+            });
+        }
+        self.max_message_len = max_message_len;
+        Ok(self)
+    }
+
+    /// The longest message, in encoded bytes over all its fragments.
+    pub fn max_message_len(&self) -> usize {
+        self.max_message_len
     }
 
     /// The largest frame, header included.
@@ -119,6 +157,7 @@ impl Default for Limits {
         Limits {
             max_frame_len: Self::DEFAULT_MAX_FRAME_LEN,
             max_fds: Self::DEFAULT_MAX_FDS,
+            max_message_len: Self::DEFAULT_MAX_MESSAGE_LEN,
         }
     }
 }
@@ -136,6 +175,8 @@ pub struct Header {
     pub fd_count: u8,
     /// The body's length in bytes.
     pub body_len: u32,
+    /// More fragments of this message follow.
+    pub more: bool,
 }
 
 impl Header {
@@ -150,7 +191,8 @@ impl Header {
         out[0..2].copy_from_slice(&MAGIC.to_be_bytes());
         out[2] = WIRE_VERSION;
         out[3] = self.kind as u8;
-        out[4] = if self.ack.is_some() { FLAG_ACK } else { 0 };
+        out[4] =
+            if self.ack.is_some() { FLAG_ACK } else { 0 } | if self.more { FLAG_MORE } else { 0 };
         out[5] = self.fd_count;
         out[8..16].copy_from_slice(&self.seq.to_le_bytes());
         out[16..24].copy_from_slice(&self.ack.unwrap_or(0).to_le_bytes());
@@ -184,7 +226,7 @@ impl Header {
         let kind = Kind::from_byte(header[3])?;
         let flags = header[4];
         let reserved = u16::from_le_bytes([header[6], header[7]]);
-        if flags & !FLAG_ACK != 0 || reserved != 0 {
+        if flags & !(FLAG_ACK | FLAG_MORE) != 0 || reserved != 0 {
             return Err(Error::UndefinedBits { flags, reserved });
         }
         let fd_count = header[5];
@@ -194,6 +236,7 @@ impl Header {
             ack: (flags & FLAG_ACK != 0).then(|| u64::from_le_bytes(le_array(&header[16..24]))),
             fd_count,
             body_len: u32::from_le_bytes(le_array(&header[24..28])),
+            more: flags & FLAG_MORE != 0,
         };
         if header.frame_len() > limits.max_frame_len {
             return Err(Error::FrameTooLarge {
@@ -322,9 +365,143 @@ fn finish_frame(
         // Both fit: checked against the limits, which are at most 253 fds and u32::MAX bytes.
         fd_count: fd_count as u8,
         body_len: (frame_len - HEADER_LEN) as u32,
+        more: false,
     };
     out[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
     Ok(())
+}
+
+/// The longest body one message may have under `limits`: the message limit, but never less
+/// than what fits in one frame.
+fn message_capacity(limits: &Limits) -> usize {
+    limits.max_message_len.max(limits.max_body_len())
+}
+
+/// Appends the postcard encoding of `msg` to `out`, up to the message limit; on error `out`
+/// is left as it was. The result is a message body, for [`fragments`].
+pub fn encode_body<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    msg: &T,
+    limits: &Limits,
+) -> Result<(), Error> {
+    let start = out.len();
+    let max = message_capacity(limits);
+    let appender = Appender {
+        out,
+        end: start + max,
+        overflowed: false,
+    };
+    let result = match postcard::to_extend(msg, appender) {
+        Err(err) => Err(Error::Encode(err)),
+        Ok(Appender {
+            overflowed: true, ..
+        }) => Err(Error::MessageTooLarge { len: max + 1, max }),
+        Ok(_) => Ok(()),
+    };
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result
+}
+
+/// Splits a message body into the frames that carry it: one frame when it fits, otherwise
+/// consecutive fragments of the same `kind` and `seq`, each but the last flagged
+/// [`Header::more`], the fds (`fd_count` of them) with the first. Yields each frame's header
+/// and its part of `body`; send them in order, with nothing in between.
+pub fn fragments<'a>(
+    kind: Kind,
+    seq: u64,
+    ack: Option<u64>,
+    fd_count: usize,
+    body: &'a [u8],
+    limits: &Limits,
+) -> Result<impl ExactSizeIterator<Item = (Header, &'a [u8])> + 'a, Error> {
+    let max = message_capacity(limits);
+    if body.len() > max {
+        return Err(Error::MessageTooLarge {
+            len: body.len(),
+            max,
+        });
+    }
+    if fd_count > limits.max_fds {
+        return Err(Error::TooManyFds {
+            count: fd_count,
+            max: limits.max_fds,
+        });
+    }
+    let chunk = limits.max_body_len();
+    let count = body.len().div_ceil(chunk).max(1);
+    Ok((0..count).map(move |index| {
+        let part = &body[(index * chunk).min(body.len())..((index + 1) * chunk).min(body.len())];
+        let header = Header {
+            kind,
+            seq,
+            ack,
+            // Both fit: checked against the limits above.
+            fd_count: if index == 0 { fd_count as u8 } else { 0 },
+            body_len: part.len() as u32,
+            more: index + 1 < count,
+        };
+        (header, part)
+    }))
+}
+
+/// Puts fragmented messages back together: feed it every frame of a channel, in order, and it
+/// gives back each whole message as one [`Frame`] (header flags cleared, body complete, fds
+/// from the first fragment).
+///
+/// A fragment that does not continue the message in progress (another kind or `seq`, or fds
+/// on a later fragment) and a message over [`Limits::max_message_len`] are errors; both are
+/// fatal for the channel.
+#[derive(Debug, Default)]
+pub struct Reassembler {
+    partial: Option<Frame>,
+}
+
+impl Reassembler {
+    /// A reassembler with nothing in progress.
+    pub fn new() -> Reassembler {
+        Reassembler::default()
+    }
+
+    /// Takes the next frame; returns a whole message once its last fragment is in.
+    pub fn push(&mut self, frame: Frame, limits: &Limits) -> Result<Option<Frame>, Error> {
+        let max = message_capacity(limits);
+        let Some(mut partial) = self.partial.take() else {
+            if frame.header.more {
+                self.partial = Some(frame);
+                return Ok(None);
+            }
+            return Ok(Some(frame));
+        };
+        if frame.header.kind != partial.header.kind || frame.header.seq != partial.header.seq {
+            return Err(Error::BadFragment {
+                reason: "a frame interrupted a fragmented message",
+            });
+        }
+        if !frame.fds.is_empty() {
+            return Err(Error::BadFragment {
+                reason: "fds on a fragment other than the first",
+            });
+        }
+        let len = partial.body.len() + frame.body.len();
+        if len > max {
+            return Err(Error::MessageTooLarge { len, max });
+        }
+        partial.body.extend_from_slice(&frame.body);
+        partial.header.body_len = len as u32;
+        if frame.header.more {
+            self.partial = Some(partial);
+            return Ok(None);
+        }
+        partial.header.more = false;
+        Ok(Some(partial))
+    }
+
+    /// True while a message is only partly in.
+    pub fn in_progress(&self) -> bool {
+        self.partial.is_some()
+    }
 }
 
 /// A whole frame: its header, its body bytes and the fds that came with it.

@@ -5,7 +5,8 @@
 //! - [`frame`]: a sans-IO codec. A frame is a fixed [`Header`] (magic, wire version,
 //!   [`Kind`], `seq`, optional `ack`, fd count, body length) and a postcard body.
 //!   [`encode_message`] writes into your buffer; a [`Decoder`] reads from bytes plus a queue of
-//!   received fds and says [`Status::Complete`] or [`Status::Partial`].
+//!   received fds and says [`Status::Complete`] or [`Status::Partial`]. A message longer than
+//!   a frame travels in [`fragments`] that a [`Reassembler`] puts back together.
 //! - [`Channel`]: one end of a connected `AF_UNIX` socket pair, `SOCK_SEQPACKET` on Linux
 //!   (one frame per record, fds always with their frame) or a length-prefixed `SOCK_STREAM`
 //!   elsewhere. It sends a frame and its borrowed fds in one `sendmsg` (`MSG_NOSIGNAL`),
@@ -15,10 +16,14 @@
 //! - [`Requests`]: a sans-IO table that correlates replies (`ack`) with requests (`seq`),
 //!   expires them at their deadlines, drops unknown acks with a trace, and fails every
 //!   pending request when the channel closes.
-//! - [`proto`]: the control messages of a cluster ([`proto::Control`]); applications send
-//!   their own `serde` types as [`Kind::User`] frames.
+//! - [`proto`]: the messages of a cluster, one type per channel and direction, and the
+//!   [`Protocol`](proto::Protocol)s that make a [`Channel`] typed; applications' own messages
+//!   ride inside them as [`UserMessage`]s.
+//! - [`ids`]: the ids every crate of a cluster uses ([`WorkerId`], [`SlotId`],
+//!   [`ListenerId`], [`ConnId`]).
 //! - [`process`]: placing a channel end at a fixed fd number in a child `Command`, and adopting
-//!   it in the child, once, from an environment variable.
+//!   it in the child, once, from an environment variable; [`env`](mod@env): the environment contract
+//!   between a primary and its workers.
 //!
 //! Limits ([`Limits`]) bound every frame and its fds on both ends, so nothing a peer sends can
 //! make this crate panic, block forever or grow its memory without bound.
@@ -59,14 +64,26 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod channel;
+pub mod deadline;
+pub mod env;
 mod error;
 pub mod frame;
+pub mod ids;
 pub mod process;
 pub mod proto;
 mod request;
+mod source;
 mod sys;
 
-pub use channel::{Channel, DEFAULT_MAX_QUEUED_BYTES, MAX_INBOX_FRAMES, Transport};
+#[doc(hidden)]
+pub use mio as __mio;
+
+pub use channel::{Channel, DEFAULT_MAX_QUEUED_BYTES, MAX_INBOX_FRAMES, Raw, Transport};
 pub use error::Error;
-pub use frame::{Decoder, Frame, Header, Kind, Limits, Status, encode_message, encode_raw};
-pub use request::{Completion, Requests};
+pub use frame::{
+    Decoder, Frame, Header, Kind, Limits, Reassembler, Status, encode_body, encode_message,
+    encode_raw, fragments,
+};
+pub use ids::{ConnId, ListenerId, SlotId, WorkerId};
+pub use proto::UserMessage;
+pub use request::{Completion, Reply, Requests};

@@ -5,17 +5,46 @@ use std::time::Instant;
 
 use crate::Error;
 use crate::frame::Frame;
+use crate::proto::Envelope;
+
+/// A received message that may be a reply: what [`Requests`] needs to know of it.
+pub trait Reply {
+    /// The sender's sequence number.
+    fn seq(&self) -> u64;
+    /// The request it answers, if any.
+    fn ack(&self) -> Option<u64>;
+}
+
+impl Reply for Frame {
+    fn seq(&self) -> u64 {
+        self.header.seq
+    }
+
+    fn ack(&self) -> Option<u64> {
+        self.header.ack
+    }
+}
+
+impl<M> Reply for Envelope<M> {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn ack(&self) -> Option<u64> {
+        self.ack
+    }
+}
 
 /// How a pending request ended.
 #[derive(Debug)]
-pub struct Completion<K> {
+pub struct Completion<K, R = Frame> {
     /// The request's sequence number.
     pub seq: u64,
     /// What the caller registered with it.
     pub key: K,
     /// The reply, or why none will come: [`Error::Closed`] when the channel closed,
     /// [`Error::TimedOut`] when the deadline passed.
-    pub outcome: Result<Frame, Error>,
+    pub outcome: Result<R, Error>,
 }
 
 #[derive(Debug)]
@@ -33,14 +62,14 @@ struct Pending<K> {
 /// reply, at its deadline, or when the channel closes. A reply to a request that is not
 /// pending (unknown, late, or already timed out) is dropped with a trace, never an error.
 #[derive(Debug)]
-pub struct Requests<K> {
+pub struct Requests<K, R = Frame> {
     pending: BTreeMap<u64, Pending<K>>,
     deadlines: BTreeSet<(Instant, u64)>,
-    completions: VecDeque<Completion<K>>,
+    completions: VecDeque<Completion<K, R>>,
     closed: bool,
 }
 
-impl<K> Default for Requests<K> {
+impl<K, R> Default for Requests<K, R> {
     fn default() -> Self {
         Requests {
             pending: BTreeMap::new(),
@@ -52,11 +81,14 @@ impl<K> Default for Requests<K> {
 }
 
 impl<K> Requests<K> {
-    /// An empty table.
+    /// An empty table for replies that are plain [`Frame`]s; `Requests::default()` makes one
+    /// for any [`Reply`], such as a typed channel's [`Envelope`]s.
     pub fn new() -> Requests<K> {
         Requests::default()
     }
+}
 
+impl<K, R: Reply> Requests<K, R> {
     /// Records that a request went out as `seq`. A request registered after the channel
     /// closed fails at once.
     pub fn register(&mut self, seq: u64, key: K, deadline: Option<Instant>) -> Result<(), Error> {
@@ -80,7 +112,7 @@ impl<K> Requests<K> {
 
     /// Takes a received frame. A reply to a pending request completes it; a reply to anything
     /// else is dropped (and traced). Frames that are not replies come back to the caller.
-    pub fn on_frame(&mut self, frame: Frame) -> Option<Frame> {
+    pub fn on_frame(&mut self, frame: R) -> Option<R> {
         let Some(ack) = frame.ack() else {
             return Some(frame);
         };
@@ -144,7 +176,7 @@ impl<K> Requests<K> {
 
     /// The next request that ended.
     #[must_use]
-    pub fn poll_completion(&mut self) -> Option<Completion<K>> {
+    pub fn poll_completion(&mut self) -> Option<Completion<K, R>> {
         self.completions.pop_front()
     }
 
@@ -166,7 +198,7 @@ mod tests {
         let mut bytes = Vec::new();
         encode_raw(
             &mut bytes,
-            Kind::Control,
+            Kind::User,
             seq,
             Some(ack),
             0,

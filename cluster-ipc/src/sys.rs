@@ -297,3 +297,17 @@ pub(crate) fn map_fds_in_child(cmd: &mut Command, mappings: Vec<(OwnedFd, RawFd)
         cmd.pre_exec(hook);
     }
 }
+
+/// Removes `vars` from this process's environment.
+///
+/// Callers do this once, while adopting what the parent handed down, which the crate's docs
+/// ask to happen early in `main`, before the program starts threads of its own.
+pub(crate) fn remove_env_vars(vars: &[&str]) {
+    for var in vars {
+        // SAFETY: changing the environment races only with another thread reading it through
+        // libc (`getenv`) at the same moment; std's own readers take the same lock as this
+        // call. Adoption runs at start-up, before the program's own threads exist (documented
+        // on `env::adopt_worker`), and this crate starts no thread of its own.
+        unsafe { std::env::remove_var(var) };
+    }
+}

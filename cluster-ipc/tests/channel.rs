@@ -8,7 +8,13 @@ use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use cluster_ipc::{Channel, Error, Frame, Kind, Limits, Requests, Transport, encode_raw};
+use cluster_ipc::proto::{
+    HandoffToPrimary, HandoffToWorker, PrimaryControl, PrimaryHandoff, Protocol, ToPrimary,
+    ToWorker, WorkerControl, WorkerHandoff,
+};
+use cluster_ipc::{
+    Channel, Error, Frame, Kind, Limits, Requests, Transport, UserMessage, WorkerId, encode_raw,
+};
 use nix::sys::socket::{self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType};
 use support::{fd_snapshot, no_leak};
 
@@ -192,13 +198,17 @@ fn a_full_send_queue_refuses_without_breaking_the_channel() {
 #[test]
 fn an_oversized_message_or_too_many_fds_is_refused_at_send_and_the_channel_stays_usable() {
     no_leak(|| {
-        let limits = Limits::new(1024, 2).unwrap();
+        let limits = Limits::new(1024, 2)
+            .unwrap()
+            .with_max_message_len(1500)
+            .unwrap();
         let (mut a, mut b) = Channel::pair_with(Transport::SeqPacket, limits).unwrap();
         let err = a.send(Kind::User, None, &vec![0u8; 2000], &[]).unwrap_err();
         assert!(
-            matches!(err, Error::FrameTooLarge { max: 1024, .. }),
+            matches!(err, Error::MessageTooLarge { max: 1500, .. }),
             "{err:?}"
         );
+        assert!(err.to_string().contains("1500-byte message limit"), "{err}");
         let (r, w) = std::io::pipe().unwrap();
         let fds = [r.as_fd(), w.as_fd(), r.as_fd()];
         let err = a.send(Kind::User, None, "x", &fds).unwrap_err();
@@ -547,4 +557,204 @@ fn after_the_peer_stops_reading_what_it_sent_before_can_still_be_read() {
             drop(b);
         });
     }
+}
+
+/// Sends `message` from `a` and receives it at `b` in one thread, flushing and reading in
+/// turn as the socket takes it.
+fn round_trip(a: &mut Channel, b: &mut Channel, message: &[u8]) -> Frame {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    a.send(Kind::User, None, message, &[]).unwrap();
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the message did not arrive in time"
+        );
+        a.flush().unwrap();
+        if let Some(frame) = b.try_recv().unwrap() {
+            assert!(!a.wants_write(), "the whole message was read");
+            return frame;
+        }
+    }
+}
+
+#[test]
+fn a_message_much_longer_than_a_frame_arrives_whole_on_both_transports() {
+    no_leak(|| {
+        for transport in BOTH {
+            let (mut a, mut b) = pair(transport);
+            let message: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+            let frame = round_trip(&mut a, &mut b, &message);
+            assert_eq!(frame.decode::<Vec<u8>>().unwrap(), message);
+            // And the other way, after it: nothing is left over or out of step.
+            let frame = round_trip(&mut b, &mut a, b"after");
+            assert_eq!(frame.decode::<Vec<u8>>().unwrap(), b"after");
+        }
+    });
+}
+
+#[test]
+fn a_fragmented_message_keeps_its_fds_and_its_place_among_others() {
+    no_leak(|| {
+        let limits = Limits::new(256, 4).unwrap();
+        for transport in BOTH {
+            let (mut a, mut b) = Channel::pair_with(transport, limits).unwrap();
+            let (reader, writer) = std::io::pipe().unwrap();
+            a.send(Kind::User, None, "first", &[]).unwrap();
+            let big = vec![7u8; 5000];
+            let seq = a.send(Kind::User, None, &big, &[writer.as_fd()]).unwrap();
+            drop(writer);
+            a.send(Kind::User, None, "last", &[]).unwrap();
+            assert_eq!(recv(&mut b).unwrap().decode::<String>().unwrap(), "first");
+            let frame = recv(&mut b).unwrap();
+            assert_eq!(frame.seq(), seq);
+            assert_eq!(frame.decode::<Vec<u8>>().unwrap(), big);
+            prove_fds_work(frame.fds, vec![reader]);
+            assert_eq!(recv(&mut b).unwrap().decode::<String>().unwrap(), "last");
+        }
+    });
+}
+
+#[test]
+fn a_message_over_the_receivers_limit_closes_the_channel() {
+    no_leak(|| {
+        let small = Limits::default().with_max_message_len(100_000).unwrap();
+        let (mut sender, receiver) = Channel::pair().unwrap();
+        let mut receiver = Channel::from_fd(receiver.into_fd(), small).unwrap();
+        sender
+            .send(Kind::User, None, &vec![1u8; 200_000], &[])
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let err = loop {
+            assert!(Instant::now() < deadline, "no error in time");
+            let _ = sender.flush();
+            match receiver.try_recv() {
+                Ok(None) => {}
+                Ok(Some(frame)) => {
+                    panic!("an oversized message arrived: {} bytes", frame.body.len())
+                }
+                Err(err) => break err,
+            }
+        };
+        assert!(
+            matches!(err, Error::MessageTooLarge { max: 100_000, .. }),
+            "{err:?}"
+        );
+        assert!(receiver.is_closed());
+    });
+}
+
+/// A typed end `P` that receives a frame of `wrong` kind: a typed protocol error, and the
+/// channel closes.
+fn refuses_wrong_kind<P: Protocol>(wrong: Kind, body: &(impl serde::Serialize + ?Sized)) {
+    no_leak(|| {
+        let (mut raw, typed) = Channel::pair().unwrap();
+        let mut typed = typed.into_protocol::<P>();
+        raw.send(wrong, None, body, &[]).unwrap();
+        let err = typed
+            .recv(Some(Instant::now() + Duration::from_secs(5)))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::WrongKind { found, .. } if found == wrong),
+            "{err:?}"
+        );
+        assert!(typed.is_closed());
+        assert!(matches!(
+            raw.recv(Some(Instant::now() + Duration::from_secs(5))),
+            Err(Error::Closed)
+        ));
+    });
+}
+
+#[test]
+fn the_primarys_control_end_refuses_what_is_not_from_a_worker() {
+    // The other direction (a message meant for the worker), a handoff message, a raw frame.
+    refuses_wrong_kind::<PrimaryControl>(Kind::ToWorker, &ToWorker::Disconnect);
+    refuses_wrong_kind::<PrimaryControl>(
+        Kind::HandoffToPrimary,
+        &HandoffToPrimary::ConnectionsAck { count: 1 },
+    );
+    refuses_wrong_kind::<PrimaryControl>(Kind::User, "hello");
+}
+
+#[test]
+fn a_workers_control_end_refuses_what_is_not_from_the_primary() {
+    refuses_wrong_kind::<WorkerControl>(Kind::ToPrimary, &ToPrimary::Disconnecting);
+    refuses_wrong_kind::<WorkerControl>(
+        Kind::HandoffToWorker,
+        &HandoffToWorker::Connections {
+            count: 0,
+            peers: Vec::new(),
+        },
+    );
+}
+
+#[test]
+fn the_primarys_handoff_end_refuses_what_is_not_a_workers_handoff_message() {
+    refuses_wrong_kind::<PrimaryHandoff>(
+        Kind::HandoffToWorker,
+        &HandoffToWorker::Connections {
+            count: 0,
+            peers: Vec::new(),
+        },
+    );
+    refuses_wrong_kind::<PrimaryHandoff>(Kind::ToPrimary, &ToPrimary::Ack);
+}
+
+#[test]
+fn a_workers_handoff_end_refuses_what_is_not_the_primarys_handoff_message() {
+    refuses_wrong_kind::<WorkerHandoff>(
+        Kind::HandoffToPrimary,
+        &HandoffToPrimary::ConnectionsReturned { count: 0 },
+    );
+    refuses_wrong_kind::<WorkerHandoff>(Kind::ToWorker, &ToWorker::Heartbeat);
+}
+
+#[test]
+fn a_body_that_does_not_decode_as_the_channels_message_is_a_protocol_error() {
+    no_leak(|| {
+        let (mut raw, typed) = Channel::pair().unwrap();
+        let mut typed = typed.into_protocol::<WorkerControl>();
+        // The right kind, but a variant number no `ToWorker` has.
+        raw.send_raw(Kind::ToWorker, None, &[200], &[]).unwrap();
+        let err = typed
+            .recv(Some(Instant::now() + Duration::from_secs(5)))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Decode {
+                    kind: Kind::ToWorker,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(typed.is_closed());
+    });
+}
+
+#[test]
+fn typed_ends_talk_to_each_other_and_carry_user_messages() {
+    no_leak(|| {
+        let (primary, worker) = Channel::pair().unwrap();
+        let mut primary = primary.into_protocol::<PrimaryControl>();
+        let mut worker = worker.into_protocol::<WorkerControl>();
+        let deadline = Some(Instant::now() + Duration::from_secs(5));
+        let hello = ToPrimary::Hello {
+            worker_id: WorkerId(7),
+            pid: 1,
+            protocol_version: cluster_ipc::proto::PROTOCOL_VERSION,
+        };
+        let seq = worker.send(None, &hello, &[]).unwrap();
+        let got = primary.recv(deadline).unwrap();
+        assert_eq!(got.msg, hello);
+        let user = UserMessage::encode(&("hi", 3u8), &Limits::default()).unwrap();
+        primary.send(Some(seq), &ToWorker::User(user), &[]).unwrap();
+        let reply = worker.recv(deadline).unwrap();
+        assert_eq!(reply.ack, Some(seq));
+        let ToWorker::User(user) = reply.msg else {
+            panic!("expected a user message, got {:?}", reply.msg);
+        };
+        assert_eq!(user.decode::<(String, u8)>().unwrap(), ("hi".to_owned(), 3));
+    });
 }

@@ -8,13 +8,23 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 use cluster_ipc::proto::{
-    Control, Delivery, ListenAddr, ListenGranted, ListenMode, ListenRequest, ListenerId, PeerAddr,
+    Delivery, HandoffToPrimary, HandoffToWorker, ListenAddr, ListenGranted, ListenMode,
+    ListenRequest, PeerAddr, ToPrimary, ToWorker,
 };
-use cluster_ipc::{Decoder, Error, Frame, Kind, Limits, Status, encode_message, encode_raw};
+use cluster_ipc::{
+    Decoder, Error, Frame, Kind, Limits, ListenerId, Reassembler, Status, UserMessage, WorkerId,
+    encode_message, encode_raw, fragments,
+};
 use proptest::prelude::*;
 
 fn kind() -> impl Strategy<Value = Kind> {
-    prop_oneof![Just(Kind::Control), Just(Kind::User)]
+    prop_oneof![
+        Just(Kind::User),
+        Just(Kind::ToWorker),
+        Just(Kind::ToPrimary),
+        Just(Kind::HandoffToWorker),
+        Just(Kind::HandoffToPrimary),
+    ]
 }
 
 fn listen_addr() -> impl Strategy<Value = ListenAddr> {
@@ -25,45 +35,64 @@ fn listen_addr() -> impl Strategy<Value = ListenAddr> {
     ]
 }
 
-fn control() -> impl Strategy<Value = Control> {
+fn user_message() -> impl Strategy<Value = UserMessage> {
+    proptest::collection::vec(any::<u8>(), 0..100).prop_map(UserMessage::from_bytes)
+}
+
+fn to_primary() -> impl Strategy<Value = ToPrimary> {
     prop_oneof![
         (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
             |(worker_id, pid, protocol_version)| {
-                Control::Hello {
-                    worker_id,
+                ToPrimary::Hello {
+                    worker_id: WorkerId(worker_id),
                     pid,
                     protocol_version,
                 }
             }
         ),
-        (
-            listen_addr(),
-            any::<u32>(),
-            proptest::option::of(any::<u32>())
-        )
-            .prop_map(|(addr, index, backlog)| Control::Listen(ListenRequest {
-                addr,
-                mode: Some(ListenMode::RoundRobin),
-                index,
-                backlog
-            })),
+        (listen_addr(), any::<u32>()).prop_map(|(addr, index)| ToPrimary::Listen(ListenRequest {
+            addr,
+            mode: Some(ListenMode::RoundRobin),
+            index,
+        })),
+        (any::<u64>(), listen_addr()).prop_map(|(id, local_addr)| ToPrimary::Listening {
+            listener: ListenerId(id),
+            local_addr,
+        }),
+        Just(ToPrimary::Disconnecting),
+        Just(ToPrimary::Retire),
+        user_message().prop_map(ToPrimary::User),
+    ]
+}
+
+fn to_worker() -> impl Strategy<Value = ToWorker> {
+    prop_oneof![
         (any::<u64>(), listen_addr(), any::<u32>()).prop_map(|(id, local_addr, window)| {
-            Control::ListenGranted(ListenGranted {
+            ToWorker::ListenGranted(ListenGranted {
                 listener: ListenerId(id),
                 local_addr,
                 delivery: Delivery::Handoff { window },
             })
         }),
-        proptest::collection::vec(any::<SocketAddr>(), 0..4).prop_map(|peers| {
-            Control::Connections {
-                count: peers.len() as u32,
-                peers: peers.into_iter().map(PeerAddr).collect(),
-            }
-        }),
-        any::<u32>().prop_map(|open_connections| Control::LoadReport { open_connections }),
-        Just(Control::Disconnect),
-        Just(Control::Retire),
-        ".*".prop_map(|reason| Control::Refused { reason }),
+        Just(ToWorker::Disconnect),
+        ".*".prop_map(|reason| ToWorker::Refused { reason }),
+        user_message().prop_map(ToWorker::User),
+    ]
+}
+
+fn handoff_to_worker() -> impl Strategy<Value = HandoffToWorker> {
+    proptest::collection::vec(any::<SocketAddr>(), 0..4).prop_map(|peers| {
+        HandoffToWorker::Connections {
+            count: peers.len() as u32,
+            peers: peers.into_iter().map(PeerAddr).collect(),
+        }
+    })
+}
+
+fn handoff_to_primary() -> impl Strategy<Value = HandoffToPrimary> {
+    prop_oneof![
+        any::<u32>().prop_map(|count| HandoffToPrimary::ConnectionsAck { count }),
+        any::<u32>().prop_map(|count| HandoffToPrimary::ConnectionsReturned { count }),
     ]
 }
 
@@ -79,7 +108,10 @@ struct Envelope {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Body {
-    Control(Control),
+    ToPrimary(ToPrimary),
+    ToWorker(ToWorker),
+    HandoffToWorker(HandoffToWorker),
+    HandoffToPrimary(HandoffToPrimary),
     Text(String),
     Numbers(Vec<u32>),
     Raw(Vec<u8>),
@@ -87,7 +119,10 @@ enum Body {
 
 fn envelope() -> impl Strategy<Value = Envelope> {
     let body = prop_oneof![
-        control().prop_map(Body::Control),
+        to_primary().prop_map(Body::ToPrimary),
+        to_worker().prop_map(Body::ToWorker),
+        handoff_to_worker().prop_map(Body::HandoffToWorker),
+        handoff_to_primary().prop_map(Body::HandoffToPrimary),
         ".{0,200}".prop_map(Body::Text),
         proptest::collection::vec(any::<u32>(), 0..100).prop_map(Body::Numbers),
         proptest::collection::vec(any::<u8>(), 0..300).prop_map(Body::Raw),
@@ -118,7 +153,10 @@ fn encode(envelope: &Envelope, out: &mut Vec<u8>) {
         ..
     } = *envelope;
     match &envelope.body {
-        Body::Control(msg) => encode_message(out, kind, seq, ack, fd_count, msg, &limits),
+        Body::ToPrimary(msg) => encode_message(out, kind, seq, ack, fd_count, msg, &limits),
+        Body::ToWorker(msg) => encode_message(out, kind, seq, ack, fd_count, msg, &limits),
+        Body::HandoffToWorker(msg) => encode_message(out, kind, seq, ack, fd_count, msg, &limits),
+        Body::HandoffToPrimary(msg) => encode_message(out, kind, seq, ack, fd_count, msg, &limits),
         Body::Text(msg) => encode_message(out, kind, seq, ack, fd_count, msg, &limits),
         Body::Numbers(msg) => encode_message(out, kind, seq, ack, fd_count, msg, &limits),
         Body::Raw(bytes) => encode_raw(out, kind, seq, ack, fd_count, bytes, &limits),
@@ -128,7 +166,10 @@ fn encode(envelope: &Envelope, out: &mut Vec<u8>) {
 
 fn decoded_body(frame: &Frame, like: &Body) -> Body {
     match like {
-        Body::Control(_) => Body::Control(frame.decode().unwrap()),
+        Body::ToPrimary(_) => Body::ToPrimary(frame.decode().unwrap()),
+        Body::ToWorker(_) => Body::ToWorker(frame.decode().unwrap()),
+        Body::HandoffToWorker(_) => Body::HandoffToWorker(frame.decode().unwrap()),
+        Body::HandoffToPrimary(_) => Body::HandoffToPrimary(frame.decode().unwrap()),
         Body::Text(_) => Body::Text(frame.decode().unwrap()),
         Body::Numbers(_) => Body::Numbers(frame.decode().unwrap()),
         Body::Raw(_) => Body::Raw(frame.body.clone()),
@@ -227,7 +268,8 @@ proptest! {
         if let Ok(Status::Complete((frame, _))) = Decoder::default().decode(&bytes, &mut fds) {
             // Whatever decoded must still be within the limits.
             prop_assert!(frame.fds.len() <= Limits::default().max_fds());
-            let _ = frame.decode::<Control>();
+            let _ = frame.decode::<ToPrimary>();
+            let _ = frame.decode::<ToWorker>();
         }
         // Whatever the decoder took or refused, every fd is closed once dropped.
         drop(fds);
@@ -263,5 +305,144 @@ proptest! {
         }
         drop(whole);
         snapshot.assert_no_leak();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::with_cases(128) })]
+
+    /// Any body, under any frame size, splits into fragments within the frame limit that put
+    /// back together give the body, its fds and its header back.
+    #[test]
+    fn fragments_reassemble_into_the_message(
+        body in proptest::collection::vec(any::<u8>(), 0..5000),
+        max_frame_len in 29usize..600,
+        kind in kind(),
+        seq in any::<u64>(),
+        ack in proptest::option::of(any::<u64>()),
+        fd_count in 0usize..3,
+    ) {
+        let snapshot = support::fd_snapshot();
+        let limits = Limits::new(max_frame_len, 4).unwrap();
+        let mut reassembler = Reassembler::new();
+        let mut fds = dev_null_fds(fd_count);
+        let mut whole = None;
+        let parts = fragments(kind, seq, ack, fd_count, &body, &limits).unwrap();
+        let count = parts.len();
+        for (index, (header, part)) in parts.enumerate() {
+            prop_assert!(header.frame_len() <= max_frame_len);
+            prop_assert_eq!(header.more, index + 1 < count);
+            let mut bytes = header.to_bytes().to_vec();
+            bytes.extend_from_slice(part);
+            let Status::Complete((frame, used)) = Decoder::new(limits).decode(&bytes, &mut fds).unwrap()
+            else {
+                panic!("a whole fragment decoded as partial");
+            };
+            prop_assert_eq!(used, bytes.len());
+            prop_assert!(whole.is_none());
+            whole = reassembler.push(frame, &limits).unwrap();
+        }
+        let whole = whole.unwrap();
+        prop_assert_eq!(&whole.body, &body);
+        prop_assert_eq!(whole.kind(), kind);
+        prop_assert_eq!(whole.seq(), seq);
+        prop_assert_eq!(whole.ack(), ack);
+        prop_assert_eq!(whole.fds.len(), fd_count);
+        prop_assert!(!reassembler.in_progress());
+        drop(whole);
+        snapshot.assert_no_leak();
+    }
+}
+
+#[test]
+fn a_message_over_the_limit_is_refused_on_both_ends() {
+    let limits = Limits::new(100, 4)
+        .unwrap()
+        .with_max_message_len(1000)
+        .unwrap();
+    let body = vec![7u8; 1001];
+    let err = fragments(Kind::User, 1, None, 0, &body, &limits)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            Error::MessageTooLarge {
+                len: 1001,
+                max: 1000
+            }
+        ),
+        "{err:?}"
+    );
+    // A sender with a larger limit: the receiver refuses once the fragments pass its own.
+    let sender = limits.with_max_message_len(5000).unwrap();
+    let mut reassembler = Reassembler::new();
+    let mut outcome = Ok(None);
+    for (header, part) in fragments(Kind::User, 1, None, 0, &body, &sender).unwrap() {
+        let mut bytes = header.to_bytes().to_vec();
+        bytes.extend_from_slice(part);
+        let frame = Decoder::new(limits)
+            .decode_record(&bytes, Vec::new())
+            .unwrap();
+        outcome = reassembler.push(frame, &limits);
+        if outcome.is_err() {
+            break;
+        }
+    }
+    let err = outcome.unwrap_err();
+    assert!(
+        matches!(err, Error::MessageTooLarge { max: 1000, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_frame_that_interrupts_a_fragmented_message_is_refused() {
+    let limits = Limits::new(100, 4).unwrap();
+    let body = vec![1u8; 300];
+    let mut first = fragments(Kind::User, 1, None, 0, &body, &limits).unwrap();
+    let (header, part) = first.next().unwrap();
+    let mut bytes = header.to_bytes().to_vec();
+    bytes.extend_from_slice(part);
+    let mut reassembler = Reassembler::new();
+    let frame = Decoder::new(limits)
+        .decode_record(&bytes, Vec::new())
+        .unwrap();
+    assert!(reassembler.push(frame, &limits).unwrap().is_none());
+    let mut other = Vec::new();
+    encode_raw(&mut other, Kind::User, 2, None, 0, b"hi", &limits).unwrap();
+    let frame = Decoder::new(limits)
+        .decode_record(&other, Vec::new())
+        .unwrap();
+    let err = reassembler.push(frame, &limits).unwrap_err();
+    assert!(matches!(err, Error::BadFragment { .. }), "{err:?}");
+}
+
+#[test]
+fn a_full_batch_of_ipv6_peers_fits_a_handoff_frame_at_any_window() {
+    use std::net::{Ipv6Addr, SocketAddrV6};
+    for window in [1, 2, 8, 64, 253, 256, 4096] {
+        let limits = cluster_ipc::proto::handoff_limits(window);
+        let batch = limits.max_fds();
+        assert_eq!(batch, (window as usize).min(253));
+        // The longest address there is: every byte set, the largest port, flow info and
+        // scope id.
+        let peer = SocketAddrV6::new(Ipv6Addr::from([0xff; 16]), u16::MAX, u32::MAX, u32::MAX);
+        let message = HandoffToWorker::Connections {
+            count: batch as u32,
+            peers: vec![PeerAddr(peer.into()); batch],
+        };
+        let mut out = Vec::new();
+        encode_message(
+            &mut out,
+            Kind::HandoffToWorker,
+            u64::MAX,
+            None,
+            batch,
+            &message,
+            &limits,
+        )
+        .unwrap_or_else(|err| panic!("window {window}: {err}"));
+        assert!(out.len() <= limits.max_frame_len());
     }
 }

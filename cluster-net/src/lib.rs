@@ -51,7 +51,7 @@ use serde::Serialize;
 pub use cluster_ipc as ipc;
 pub use cluster_primary as primary;
 pub use cluster_primary::{
-    Cluster as PrimaryCluster, Event, ExitStatus, ListenMode, Signal, Status, WorkerId,
+    Cluster as PrimaryCluster, Event, ExitStatus, ListenMode, Signal, SlotId, Status, WorkerId,
 };
 pub use cluster_sched as sched;
 pub use cluster_worker as worker;
@@ -89,7 +89,8 @@ impl Error {
     }
 }
 
-/// True in a process started as a cluster worker.
+/// True in a process started as a cluster worker (by its primary: a program a worker starts
+/// in turn runs alone).
 pub fn is_worker() -> bool {
     cluster_worker::is_worker()
 }
@@ -100,7 +101,7 @@ pub fn is_primary() -> bool {
 }
 
 /// This worker's id (from 1), or `None` outside a running worker.
-pub fn worker_id() -> Option<u64> {
+pub fn worker_id() -> Option<WorkerId> {
     cluster_worker::Worker::current().map(|worker| worker.id())
 }
 
@@ -196,8 +197,10 @@ impl Builder {
     }
 
     /// Runs the program in whatever role this process has (see the crate docs). In a worker,
-    /// an error from the closure is returned after the worker disconnected, so the process
-    /// exits with a failure and the primary replaces it.
+    /// an error from the closure is logged, the worker disconnects (its open connections
+    /// finish) and the process exits with code 1, which the primary reports as a failure
+    /// (its `Exit` event) and replaces; if the worker's own exit does not come first, the
+    /// error is returned.
     pub fn run<F>(self, worker_main: F) -> Result<(), Error>
     where
         F: FnOnce(&Worker) -> Result<(), Error>,
@@ -236,16 +239,43 @@ where
         if worker.is_disconnecting() {
             // The disconnect came first (a bind refused because the worker is leaving, an
             // accept on a closed listener): the way out, not a failure.
-            tracing::info!(%err, "the worker's code ended while disconnecting");
+            tracing::info!(error = %ErrorChain(err), "the worker's code ended while disconnecting");
             result = Ok(());
         } else {
-            tracing::error!(%err, "the worker's code failed");
+            tracing::error!(error = %ErrorChain(err), "the worker's code failed");
+            // The worker exits by itself once drained; make that exit say it failed.
+            worker.set_exit_code(WORKER_FAILED_EXIT_CODE);
         }
     }
-    // Done accepting either way: finish what is open, then let the process end.
+    // Done accepting either way: finish what is open, then let the worker's control thread
+    // end the process once what the worker sent has left (with code 1 after a failure).
+    // Returning first would end the process from `main` and drop what is still queued.
     worker.disconnect();
     worker.wait_idle(Instant::now() + worker.drain_timeout());
+    worker.wait_closed(EXIT_GRACE);
     result
+}
+
+/// How long a worker whose closure returned waits for its control thread to end the process
+/// (it does once its messages have left), before `run` returns anyway.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
+
+/// The exit code of a worker whose closure returned an error.
+pub const WORKER_FAILED_EXIT_CODE: i32 = 1;
+
+/// An error with its causes, one after the other, for a log line.
+struct ErrorChain<'a>(&'a Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
 }
 
 /// The worker side as the closure sees it: a cluster worker, or this process alone.
@@ -256,7 +286,7 @@ pub struct Worker {
 
 impl Worker {
     /// This worker's id (from 1); `None` when running alone.
-    pub fn id(&self) -> Option<u64> {
+    pub fn id(&self) -> Option<WorkerId> {
         self.inner.as_ref().map(cluster_worker::Worker::id)
     }
 

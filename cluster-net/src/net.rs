@@ -4,7 +4,7 @@
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Deref;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -127,46 +127,20 @@ impl TcpListener {
     }
 }
 
-/// Registers the fd that becomes readable when a connection can be taken; then call
-/// [`TcpListener::try_accept`] until it says `WouldBlock`.
-impl mio::event::Source for TcpListener {
-    fn register(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        match &mut self.inner {
-            ListenerInner::Plain(listener) => {
-                mio::unix::SourceFd(&listener.as_raw_fd()).register(registry, token, interests)
-            }
-            ListenerInner::Cluster(listener) => listener.register(registry, token, interests),
-        }
-    }
-
-    fn reregister(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        match &mut self.inner {
-            ListenerInner::Plain(listener) => {
-                mio::unix::SourceFd(&listener.as_raw_fd()).reregister(registry, token, interests)
-            }
-            ListenerInner::Cluster(listener) => listener.reregister(registry, token, interests),
-        }
-    }
-
-    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
-        match &mut self.inner {
-            ListenerInner::Plain(listener) => {
-                mio::unix::SourceFd(&listener.as_raw_fd()).deregister(registry)
-            }
-            ListenerInner::Cluster(listener) => listener.deregister(registry),
+/// The fd that becomes readable when a connection can be taken (the listening socket alone,
+/// the worker listener's readiness fd in a cluster); the listener registers it as a `mio`
+/// event source, after which [`TcpListener::try_accept`] takes connections until it says
+/// `WouldBlock`.
+impl AsFd for TcpListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.inner {
+            ListenerInner::Plain(listener) => listener.as_fd(),
+            ListenerInner::Cluster(listener) => listener.as_fd(),
         }
     }
 }
+
+cluster_ipc::impl_fd_source!(TcpListener, |listener| listener.as_fd());
 
 /// Waits until `fd` is readable, or the timeout passes.
 fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<()> {
@@ -258,26 +232,4 @@ impl Write for TcpStream {
     }
 }
 
-impl mio::event::Source for TcpStream {
-    fn register(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        mio::unix::SourceFd(&self.as_raw_fd()).register(registry, token, interests)
-    }
-
-    fn reregister(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        mio::unix::SourceFd(&self.as_raw_fd()).reregister(registry, token, interests)
-    }
-
-    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
-        mio::unix::SourceFd(&self.as_raw_fd()).deregister(registry)
-    }
-}
+cluster_ipc::impl_fd_source!(TcpStream, |stream| stream.as_fd());

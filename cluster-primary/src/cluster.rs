@@ -4,26 +4,24 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
-use cluster_ipc::proto::Control;
-use cluster_ipc::{Channel, Kind};
-use cluster_sched::WorkerId;
+use cluster_ipc::proto::{Encoded, PrimaryControl, PrimaryHandoff, ToWorker};
+use cluster_ipc::{Channel, ListenerId, SlotId, UserMessage, WorkerId};
 use mio::{Interest, Registry, Token};
-use nix::sys::signal::Signal;
 use serde::Serialize;
 
-use crate::Error;
 use crate::config::Config;
 use crate::event::{Event, Status, WorkerInfo, WorkerState};
 use crate::listen::{Delivery, ListenKey, Listener};
+use crate::{Error, Signal};
 
 /// What a registered token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
     Waker,
     Signals,
-    Listener(u64),
+    Listener(ListenerId),
     Control(WorkerId),
-    Handoff(WorkerId, u64),
+    Handoff(WorkerId, ListenerId),
     Pidfd(WorkerId),
 }
 
@@ -31,19 +29,19 @@ pub(crate) const WAKER: Token = Token(0);
 pub(crate) const SIGNALS: Token = Token(1);
 
 /// A channel registered in the loop, with the interest it is registered for.
-pub(crate) struct Registered {
-    pub(crate) channel: Channel,
+pub(crate) struct Registered<P> {
+    pub(crate) channel: Channel<P>,
     pub(crate) token: Token,
     pub(crate) writable: bool,
 }
 
-impl Registered {
+impl<P> Registered<P> {
     /// Registers `channel` for reading under `token`.
     pub(crate) fn new(
         registry: &Registry,
-        mut channel: Channel,
+        mut channel: Channel<P>,
         token: Token,
-    ) -> Result<Registered, Error> {
+    ) -> Result<Registered<P>, Error> {
         registry
             .register(&mut channel, token, Interest::READABLE)
             .map_err(|source| Error::io("register channel", source))?;
@@ -103,11 +101,11 @@ impl Leaving {
 /// One worker process.
 pub(crate) struct Worker {
     pub(crate) id: WorkerId,
-    pub(crate) slot: u32,
+    pub(crate) slot: SlotId,
     pub(crate) pid: u32,
     pub(crate) child: std::process::Child,
     pub(crate) pidfd: Option<(OwnedFd, Token)>,
-    pub(crate) control: Option<Registered>,
+    pub(crate) control: Option<Registered<PrimaryControl>>,
     pub(crate) state: WorkerState,
     pub(crate) spawned_at: Instant,
     pub(crate) reached_listening: bool,
@@ -115,12 +113,16 @@ pub(crate) struct Worker {
     /// Killed (SIGKILL to its process group) at this time unless it exited first.
     pub(crate) kill_at: Option<Instant>,
     /// Round-robin listeners: the handoff socket for each, by listener id.
-    pub(crate) handoffs: BTreeMap<u64, Registered>,
+    pub(crate) handoffs: BTreeMap<ListenerId, Registered<PrimaryHandoff>>,
     /// Shared listeners it holds.
-    pub(crate) shared: BTreeSet<u64>,
+    pub(crate) shared: BTreeSet<ListenerId>,
     pub(crate) connections_handed: u64,
     /// The `Disconnect` event was sent.
     pub(crate) disconnect_reported: bool,
+    /// Reaped: the process is gone and its `Exit` event is queued. The worker stays listed,
+    /// disconnected, until the event is delivered, so that a hook handling its `Disconnect`
+    /// (delivered first) always finds it.
+    pub(crate) reaped: bool,
 }
 
 /// One worker slot: the configured number of workers is the number of slots.
@@ -146,12 +148,12 @@ pub struct Cluster {
     pub(crate) workers: BTreeMap<WorkerId, Worker>,
     pub(crate) next_worker: u64,
     pub(crate) slots: Vec<Slot>,
-    pub(crate) listeners: BTreeMap<u64, Listener>,
-    pub(crate) listener_keys: BTreeMap<ListenKey, u64>,
+    pub(crate) listeners: BTreeMap<ListenerId, Listener>,
+    pub(crate) listener_keys: BTreeMap<ListenKey, ListenerId>,
     pub(crate) next_listener: u64,
     /// Round-robin listeners with connections left to accept (accepting is bounded per turn
     /// so that one busy listener cannot starve the rest of the loop).
-    pub(crate) accept_ready: BTreeSet<u64>,
+    pub(crate) accept_ready: BTreeSet<ListenerId>,
     pub(crate) events: VecDeque<Event>,
     pub(crate) stopping: bool,
     pub(crate) ready_sent: bool,
@@ -200,7 +202,8 @@ impl Cluster {
         self.tokens.remove(&token);
     }
 
-    /// The live workers (not yet reaped), by id.
+    /// The workers whose `Exit` event has not been delivered yet, by id (a worker that is
+    /// gone but whose `Exit` is still to come is listed as [`WorkerState::Disconnected`]).
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.workers
             .values()
@@ -208,7 +211,7 @@ impl Cluster {
             .collect()
     }
 
-    /// One live worker.
+    /// One worker whose `Exit` event has not been delivered yet.
     pub fn worker(&self, id: WorkerId) -> Option<WorkerInfo> {
         self.workers.get(&id).map(|worker| self.info(worker))
     }
@@ -258,35 +261,55 @@ impl Cluster {
         }
     }
 
-    /// Sends a user message to one worker.
+    /// Sends a user message to one worker. A message longer than the message limit
+    /// ([`Builder::max_message_len`](crate::Builder::max_message_len)) is refused with an
+    /// error that names the limit; a worker that does not read fast enough makes this fail
+    /// with a full send queue once too much waits for it. Nothing is dropped silently.
     pub fn send<T: Serialize + ?Sized>(&mut self, id: WorkerId, msg: &T) -> Result<(), Error> {
-        let control = online_control(&mut self.workers, id)?;
-        control.channel.send(Kind::User, None, msg, &[])?;
-        control.update_interest(&self.registry);
-        Ok(())
+        let message = self.encode_user(msg)?;
+        self.send_encoded(id, &message)
     }
 
-    /// Sends an already encoded user message (postcard bytes) to one worker.
-    pub(crate) fn send_raw(&mut self, id: WorkerId, body: &[u8]) -> Result<(), Error> {
+    /// Sends an already encoded control message to one worker.
+    pub(crate) fn send_encoded(
+        &mut self,
+        id: WorkerId,
+        message: &Encoded<ToWorker>,
+    ) -> Result<(), Error> {
         let control = online_control(&mut self.workers, id)?;
-        control.channel.send_raw(Kind::User, None, body, &[])?;
+        control.channel.send_encoded(None, message, &[])?;
         control.update_interest(&self.registry);
         Ok(())
     }
 
     /// Sends a user message to every worker that said Hello and is not disconnected.
-    /// Returns how many got it. A message over the frame limit is refused before any is sent.
+    /// Returns how many got it. A message over the message limit is refused before any is
+    /// sent.
     pub fn broadcast<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<usize, Error> {
-        self.broadcast_raw(&encode_user(msg)?)
+        let message = self.encode_user(msg)?;
+        self.broadcast_encoded(&message)
     }
 
-    /// Sends an encoded user message (from [`encode_user`], so within the frame limit) to
-    /// every worker that said Hello and is not disconnected.
-    pub(crate) fn broadcast_raw(&mut self, body: &[u8]) -> Result<usize, Error> {
+    /// Encodes a user message once, as the `User` control message every worker gets,
+    /// refusing one over the message limit before anything is queued.
+    pub(crate) fn encode_user<T: Serialize + ?Sized>(
+        &self,
+        msg: &T,
+    ) -> Result<Encoded<ToWorker>, Error> {
+        let limits = &self.config.control_limits;
+        let user = UserMessage::encode(msg, limits)?;
+        Ok(Encoded::new(&ToWorker::User(user), limits)?)
+    }
+
+    /// Sends an encoded message to every worker that said Hello and is not disconnected.
+    pub(crate) fn broadcast_encoded(
+        &mut self,
+        message: &Encoded<ToWorker>,
+    ) -> Result<usize, Error> {
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         let mut sent = 0;
         for id in ids {
-            match self.send_raw(id, body) {
+            match self.send_encoded(id, message) {
                 Ok(()) => sent += 1,
                 Err(Error::NoSuchWorker { .. } | Error::Ipc(cluster_ipc::Error::Closed)) => {}
                 Err(err) => return Err(err),
@@ -302,6 +325,7 @@ impl Cluster {
         let worker = self
             .workers
             .get_mut(&id)
+            .filter(|worker| !worker.reaped)
             .ok_or(Error::NoSuchWorker { worker: id })?;
         if worker.leaving.asked {
             return Ok(());
@@ -312,17 +336,13 @@ impl Cluster {
         match worker.state {
             WorkerState::Starting => {
                 // No Hello yet, so no one reads the channel: SIGTERM means the same thing.
-                let _ = nix::sys::signal::kill(pid_of(worker.pid), Signal::SIGTERM);
+                let _ = nix::sys::signal::kill(pid_of(worker.pid), nix::sys::signal::SIGTERM);
             }
             WorkerState::Disconnected => {}
             WorkerState::Online | WorkerState::Listening | WorkerState::Disconnecting => {
                 worker.state = WorkerState::Disconnecting;
                 if let Some(control) = worker.control.as_mut() {
-                    if let Err(err) =
-                        control
-                            .channel
-                            .send(Kind::Control, None, &Control::Disconnect, &[])
-                    {
+                    if let Err(err) = control.channel.send(None, &ToWorker::Disconnect, &[]) {
                         tracing::debug!(worker = %id, %err, "could not send Disconnect");
                     }
                     control.update_interest(&self.registry);
@@ -348,7 +368,10 @@ impl Cluster {
         let worker = self
             .workers
             .get(&id)
+            .filter(|worker| !worker.reaped)
             .ok_or(Error::NoSuchWorker { worker: id })?;
+        let signal = nix::sys::signal::Signal::try_from(signal.as_raw())
+            .map_err(|errno| Error::io("kill", errno.into()))?;
         nix::sys::signal::kill(pid_of(worker.pid), signal)
             .map_err(|errno| Error::io("kill", errno.into()))
     }
@@ -366,19 +389,11 @@ impl Cluster {
     }
 }
 
-/// Encodes a user message, refusing one over the frame limit before anything is queued.
-pub(crate) fn encode_user<T: Serialize + ?Sized>(msg: &T) -> Result<Vec<u8>, Error> {
-    let limits = cluster_ipc::Limits::default();
-    let mut frame = Vec::new();
-    cluster_ipc::encode_message(&mut frame, Kind::User, 0, None, 0, msg, &limits)?;
-    Ok(frame.split_off(cluster_ipc::frame::HEADER_LEN))
-}
-
 /// The control channel of a worker that said Hello and has not disconnected.
 fn online_control(
     workers: &mut BTreeMap<WorkerId, Worker>,
     id: WorkerId,
-) -> Result<&mut Registered, Error> {
+) -> Result<&mut Registered<PrimaryControl>, Error> {
     let worker = workers
         .get_mut(&id)
         .ok_or(Error::NoSuchWorker { worker: id })?;

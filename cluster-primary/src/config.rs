@@ -5,11 +5,11 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cluster_ipc::Limits;
 use cluster_ipc::proto::ListenMode;
-use nix::sys::signal::Signal;
 
-use crate::Error;
 use crate::primary::Primary;
+use crate::{Error, Signal};
 
 /// The default credit window: how many connections a worker may have handed to it and not
 /// yet acknowledged. 1 is Node's protocol; a few more let the handoff pipeline.
@@ -19,6 +19,10 @@ pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default time workers have to finish their connections when the cluster stops, before
 /// they are killed (Gunicorn's `graceful_timeout`).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest credit window: far more than any worker needs in flight, small enough that a
+/// misconfiguration cannot make the primary hold an unbounded number of connections per
+/// worker.
+pub const MAX_WINDOW: u32 = 65_536;
 /// The default listen backlog of the primary's sockets. While every worker is saturated the
 /// primary stops accepting and this backlog holds new clients.
 pub const DEFAULT_BACKLOG: u32 = 1024;
@@ -48,6 +52,9 @@ pub(crate) struct Config {
     pub(crate) respawn: bool,
     pub(crate) parent_death_signal: Option<Signal>,
     pub(crate) handle_signals: bool,
+    /// The limits of every worker's control channel (the message limit is announced to the
+    /// worker in `Welcome`).
+    pub(crate) control_limits: Limits,
 }
 
 /// Sets up a [`Primary`].
@@ -81,6 +88,7 @@ pub struct Builder {
     respawn: bool,
     parent_death_signal: Option<Signal>,
     handle_signals: bool,
+    max_message_len: usize,
 }
 
 impl Default for Builder {
@@ -99,6 +107,7 @@ impl Default for Builder {
             respawn: true,
             parent_death_signal: Some(Signal::SIGTERM),
             handle_signals: true,
+            max_message_len: Limits::DEFAULT_MAX_MESSAGE_LEN,
         }
     }
 }
@@ -152,13 +161,15 @@ impl Builder {
     }
 
     /// How listeners deliver connections when a worker does not say (default round-robin).
+    /// [`ListenMode::ReusePort`] is not served yet: [`build`](Builder::build) refuses it.
     pub fn mode(mut self, mode: ListenMode) -> Builder {
         self.mode = mode;
         self
     }
 
     /// The round-robin credit window per worker (default [`DEFAULT_WINDOW`]; 1 is Node's
-    /// protocol; at most 253, the kernel's limit on fds per message).
+    /// protocol; at most [`MAX_WINDOW`]). A handoff carries at most 253 connections per
+    /// message (the kernel's limit on fds per message); a larger window sends several.
     pub fn window(mut self, window: u32) -> Builder {
         self.window = window;
         self
@@ -200,6 +211,15 @@ impl Builder {
         self
     }
 
+    /// The longest user message either side may send, in encoded bytes (default
+    /// [`Limits::DEFAULT_MAX_MESSAGE_LEN`], 16 MiB). Workers learn it in the handshake; a
+    /// longer message is refused at `send`, on either side, with an error that names the
+    /// limit. Messages take memory in the sender's queue until the receiver reads them.
+    pub fn max_message_len(mut self, len: usize) -> Builder {
+        self.max_message_len = len;
+        self
+    }
+
     /// Whether the primary handles SIGTERM and SIGINT (graceful stop; a second one stops at
     /// once) and SIGQUIT (stop at once). Default true; turn it off when the application
     /// handles signals itself and stops the primary through its [`Handle`](crate::Handle).
@@ -219,11 +239,17 @@ impl Builder {
         };
         let window =
             NonZeroU32::new(self.window).ok_or_else(|| invalid("window must be at least 1"))?;
-        if self.window > 253 {
+        if self.window > MAX_WINDOW {
+            return Err(invalid(&format!("window may not exceed {MAX_WINDOW}")));
+        }
+        if self.mode == ListenMode::ReusePort {
             return Err(invalid(
-                "window may not exceed 253, the kernel's limit on fds per message",
+                "the reuse-port listen mode is not served yet; use round-robin or shared",
             ));
         }
+        let control_limits = Limits::default()
+            .with_max_message_len(self.max_message_len)
+            .map_err(|err| invalid(&format!("max_message_len: {err}")))?;
         let workers = match self.workers {
             Some(count) => count,
             None => std::thread::available_parallelism().map_or(1, usize::from),
@@ -256,6 +282,7 @@ impl Builder {
             respawn: self.respawn,
             parent_death_signal: self.parent_death_signal,
             handle_signals: self.handle_signals,
+            control_limits,
         })
     }
 }

@@ -4,14 +4,13 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use cluster_ipc::proto::{
-    Control, Delivery as WireDelivery, ListenAddr, ListenGranted, ListenMode, ListenRefused,
-    ListenRequest, ListenerId, PROTOCOL_VERSION,
+    Delivery as WireDelivery, Envelope, ListenAddr, ListenGranted, ListenMode, ListenRefused,
+    ListenRequest, PROTOCOL_VERSION, ToPrimary, ToWorker, handoff_limits,
 };
-use cluster_ipc::{Frame, Kind, Limits, Transport};
-use cluster_sched::WorkerId;
+use cluster_ipc::{ListenerId, Transport, WorkerId};
 
 use crate::cluster::{Cluster, Registered, Source};
-use crate::event::{Event, Message, WorkerState};
+use crate::event::{Event, WorkerState};
 use crate::listen::{Delivery, Dispatcher, ListenKey, Listener, bind_tcp};
 
 /// What a listen request got: the reply, and the fd to attach to it.
@@ -25,7 +24,7 @@ impl Cluster {
                 return;
             };
             match control.channel.try_recv() {
-                Ok(Some(frame)) => self.on_control_frame(id, frame),
+                Ok(Some(envelope)) => self.on_control_message(id, envelope),
                 Ok(None) => break,
                 Err(cluster_ipc::Error::Closed) => {
                     self.control_closed(id);
@@ -47,35 +46,15 @@ impl Cluster {
         control.flush(&self.registry);
     }
 
-    fn on_control_frame(&mut self, id: WorkerId, frame: Frame) {
+    fn on_control_message(&mut self, id: WorkerId, envelope: Envelope<ToPrimary>) {
         let Some(state) = self.workers.get(&id).map(|worker| worker.state) else {
             return;
         };
-        match frame.kind() {
-            Kind::User if state == WorkerState::Starting => {
-                self.protocol_violation(id, "a message before Hello");
-            }
-            Kind::User => {
-                let message = Message::new(frame.body);
-                self.events.push_back(Event::Message {
-                    worker: id,
-                    message,
-                });
-            }
-            Kind::Control => match frame.decode::<Control>() {
-                Ok(msg) => self.on_control_message(id, state, frame.seq(), msg),
-                Err(err) => {
-                    self.protocol_violation(id, &format!("undecodable control message: {err}"))
-                }
-            },
-        }
-    }
-
-    fn on_control_message(&mut self, id: WorkerId, state: WorkerState, seq: u64, msg: Control) {
-        match (state, msg) {
+        let seq = envelope.seq;
+        match (state, envelope.msg) {
             (
                 WorkerState::Starting,
-                Control::Hello {
+                ToPrimary::Hello {
                     worker_id,
                     pid,
                     protocol_version,
@@ -86,38 +65,42 @@ impl Cluster {
             (WorkerState::Starting, other) => {
                 self.protocol_violation(id, &format!("{other:?} before Hello"));
             }
-            (_, Control::Listen(request)) => self.on_listen(id, seq, request),
+            (_, ToPrimary::User(message)) => {
+                self.events.push_back(Event::Message {
+                    worker: id,
+                    message,
+                });
+            }
+            (_, ToPrimary::Listen(request)) => self.on_listen(id, seq, request),
             (
                 _,
-                Control::Listening {
+                ToPrimary::Listening {
                     listener,
                     local_addr,
                 },
             ) => {
                 self.on_listening(id, listener, local_addr);
             }
-            (_, Control::CloseListener { listener }) => self.on_close_listener(id, listener.0),
-            (_, Control::Disconnecting) => self.on_worker_leaving(id, false),
-            (_, Control::Retire) => {
+            (_, ToPrimary::CloseListener { listener }) => self.on_close_listener(id, listener),
+            (_, ToPrimary::Disconnecting) => self.on_worker_leaving(id, false),
+            (_, ToPrimary::Retire) => {
                 self.on_worker_leaving(id, true);
-                self.reply(id, seq, &Control::Ack, &[]);
+                self.reply(id, seq, &ToWorker::Ack, &[]);
             }
-            (_, Control::Heartbeat) => self.reply(id, seq, &Control::Ack, &[]),
-            (_, Control::LoadReport { open_connections }) => {
-                self.on_load_report(id, open_connections);
+            (_, ToPrimary::Ack) => {}
+            (_, other @ ToPrimary::Hello { .. }) => {
+                self.protocol_violation(id, &format!("unexpected {other:?}"))
             }
-            (_, Control::Ack) => {}
-            (_, other) => self.protocol_violation(id, &format!("unexpected {other:?}")),
         }
     }
 
-    fn on_hello(&mut self, id: WorkerId, seq: u64, worker_id: u64, pid: u32, version: u32) {
+    fn on_hello(&mut self, id: WorkerId, seq: u64, worker_id: WorkerId, pid: u32, version: u32) {
         let refusal = if version != PROTOCOL_VERSION {
             Some(format!(
                 "protocol version {version} is not the primary's {PROTOCOL_VERSION}: \
                  the worker runs a different build"
             ))
-        } else if worker_id != id.0 {
+        } else if worker_id != id {
             Some(format!(
                 "worker says it is {worker_id}, but it was started as {id}"
             ))
@@ -129,7 +112,7 @@ impl Cluster {
             self.reply(
                 id,
                 seq,
-                &Control::Refused {
+                &ToWorker::Refused {
                     reason: reason.clone(),
                 },
                 &[],
@@ -137,13 +120,16 @@ impl Cluster {
             self.protocol_violation(id, &reason);
             return;
         }
-        let welcome = Control::Welcome {
+        let welcome = ToWorker::Welcome {
             primary_pid: self.primary_pid,
             protocol_version: PROTOCOL_VERSION,
             drain_timeout_ms: u64::try_from(
                 drain_timeout(self.config.shutdown_timeout).as_millis(),
             )
             .unwrap_or(u64::MAX),
+            // The limits were checked to fit a u32 when they were made.
+            max_message_len: u32::try_from(self.config.control_limits.max_message_len())
+                .unwrap_or(u32::MAX),
         };
         self.reply(id, seq, &welcome, &[]);
         if let Some(worker) = self.workers.get_mut(&id) {
@@ -157,11 +143,11 @@ impl Cluster {
 
     /// Sends a reply on a worker's control channel. A closed channel is not an error here:
     /// its end of file is handled where it is read.
-    pub(crate) fn reply(&mut self, id: WorkerId, ack: u64, msg: &Control, fds: &[BorrowedFd<'_>]) {
+    pub(crate) fn reply(&mut self, id: WorkerId, ack: u64, msg: &ToWorker, fds: &[BorrowedFd<'_>]) {
         let Some(control) = self.workers.get_mut(&id).and_then(|w| w.control.as_mut()) else {
             return;
         };
-        if let Err(err) = control.channel.send(Kind::Control, Some(ack), msg, fds) {
+        if let Err(err) = control.channel.send(Some(ack), msg, fds) {
             tracing::debug!(worker = %id, %err, "could not reply");
         }
         control.update_interest(&self.registry);
@@ -170,11 +156,11 @@ impl Cluster {
     fn on_listen(&mut self, id: WorkerId, seq: u64, request: ListenRequest) {
         match self.listen_for(id, &request) {
             Ok((granted, fd)) => {
-                self.reply(id, seq, &Control::ListenGranted(granted), &[fd.as_fd()]);
+                self.reply(id, seq, &ToWorker::ListenGranted(granted), &[fd.as_fd()]);
             }
             Err(refused) => {
                 tracing::info!(worker = %id, errno = refused.errno, message = %refused.message, "listen refused");
-                self.reply(id, seq, &Control::ListenRefused(refused), &[]);
+                self.reply(id, seq, &ToWorker::ListenRefused(refused), &[]);
             }
         }
     }
@@ -208,7 +194,11 @@ impl Cluster {
         self.join_listener(id, listener_id, mode)
     }
 
-    fn open_listener(&mut self, key: ListenKey, mode: ListenMode) -> Result<u64, ListenRefused> {
+    fn open_listener(
+        &mut self,
+        key: ListenKey,
+        mode: ListenMode,
+    ) -> Result<ListenerId, ListenRefused> {
         let bind_error = |err: std::io::Error| {
             refused(
                 err.raw_os_error().unwrap_or(libc::EINVAL),
@@ -217,7 +207,7 @@ impl Cluster {
         };
         let socket = bind_tcp(key.addr, self.config.backlog).map_err(bind_error)?;
         let local_addr = socket.local_addr().map_err(bind_error)?;
-        let id = self.next_listener;
+        let id = ListenerId(self.next_listener);
         self.next_listener += 1;
         let token = self.allocate_token(Source::Listener(id));
         let delivery = match mode {
@@ -233,7 +223,7 @@ impl Cluster {
             members: Default::default(),
             delivery,
         };
-        tracing::info!(listener = id, addr = %local_addr, ?mode, "listening");
+        tracing::info!(listener = %id, addr = %local_addr, ?mode, "listening");
         self.listeners.insert(id, listener);
         self.listener_keys.insert(key, id);
         if mode == ListenMode::RoundRobin {
@@ -242,7 +232,12 @@ impl Cluster {
         Ok(id)
     }
 
-    fn join_listener(&mut self, id: WorkerId, listener_id: u64, mode: ListenMode) -> ListenOutcome {
+    fn join_listener(
+        &mut self,
+        id: WorkerId,
+        listener_id: ListenerId,
+        mode: ListenMode,
+    ) -> ListenOutcome {
         let Some(listener) = self.listeners.get(&listener_id) else {
             return Err(refused(libc::EINVAL, "listener vanished"));
         };
@@ -262,7 +257,7 @@ impl Cluster {
             ListenMode::Shared | ListenMode::ReusePort => self.join_shared(id, listener_id)?,
         };
         let granted = ListenGranted {
-            listener: ListenerId(listener_id),
+            listener: listener_id,
             local_addr: ListenAddr::Tcp(addr),
             delivery,
         };
@@ -272,7 +267,7 @@ impl Cluster {
     fn join_shared(
         &mut self,
         id: WorkerId,
-        listener_id: u64,
+        listener_id: ListenerId,
     ) -> Result<(WireDelivery, OwnedFd), ListenRefused> {
         let listener = self
             .listeners
@@ -298,13 +293,13 @@ impl Cluster {
     fn join_round_robin(
         &mut self,
         id: WorkerId,
-        listener_id: u64,
+        listener_id: ListenerId,
     ) -> Result<(WireDelivery, OwnedFd), ListenRefused> {
         let window = self.config.window.get();
-        let limits =
-            Limits::new(4096, window as usize).map_err(|_| refused(libc::EINVAL, "bad window"))?;
-        let (ours, theirs) = cluster_ipc::Channel::pair_with(Transport::SeqPacket, limits)
-            .map_err(|err| refused(libc::EMFILE, &format!("handoff socket: {err}")))?;
+        let (ours, theirs) =
+            cluster_ipc::Channel::pair_with(Transport::SeqPacket, handoff_limits(window))
+                .map_err(|err| refused(libc::EMFILE, &format!("handoff socket: {err}")))?;
+        let ours = ours.into_protocol();
         let token = self.allocate_token(Source::Handoff(id, listener_id));
         let handoff = match Registered::new(&self.registry, ours, token) {
             Ok(handoff) => handoff,
@@ -330,12 +325,13 @@ impl Cluster {
     }
 
     fn on_listening(&mut self, id: WorkerId, listener: ListenerId, local_addr: ListenAddr) {
-        let holds = self.workers.get(&id).is_some_and(|w| {
-            w.handoffs.contains_key(&listener.0) || w.shared.contains(&listener.0)
-        });
+        let holds = self
+            .workers
+            .get(&id)
+            .is_some_and(|w| w.handoffs.contains_key(&listener) || w.shared.contains(&listener));
         let Some(addr) = self
             .listeners
-            .get(&listener.0)
+            .get(&listener)
             .map(|l| l.local_addr)
             .filter(|_| holds)
         else {
@@ -374,7 +370,7 @@ impl Cluster {
         }
     }
 
-    fn on_close_listener(&mut self, id: WorkerId, listener_id: u64) {
+    fn on_close_listener(&mut self, id: WorkerId, listener_id: ListenerId) {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
@@ -407,21 +403,8 @@ impl Cluster {
         }
         self.stop_dispatching_to(id);
         if replace && !self.stopping {
-            tracing::info!(worker = %id, slot, "worker retires; starting its replacement");
+            tracing::info!(worker = %id, %slot, "worker retires; starting its replacement");
             self.spawn_into(slot);
-        }
-    }
-
-    fn on_load_report(&mut self, id: WorkerId, open: u32) {
-        for listener_id in self.round_robin_listeners_of(id) {
-            if let Some(Delivery::RoundRobin(dispatcher)) = self
-                .listeners
-                .get_mut(&listener_id)
-                .map(|l| &mut l.delivery)
-            {
-                let _ = dispatcher.policy.load_report(id, open);
-            }
-            self.apply_actions(listener_id);
         }
     }
 
@@ -430,10 +413,12 @@ impl Cluster {
     pub(crate) fn protocol_violation(&mut self, id: WorkerId, what: &str) {
         tracing::error!(worker = %id, what, "protocol violation; killing the worker");
         if let Some(worker) = self.workers.get(&id) {
-            let _ = nix::sys::signal::killpg(
-                crate::cluster::pid_of(worker.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            if !worker.reaped {
+                let _ = nix::sys::signal::killpg(
+                    crate::cluster::pid_of(worker.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         self.stop_dispatching_to(id);
         self.control_closed(id);
@@ -456,7 +441,7 @@ impl Cluster {
         // A process that closed its channel but lingers is killed after the grace period.
         let deadline = std::time::Instant::now() + shutdown_timeout;
         worker.kill_at = Some(worker.kill_at.map_or(deadline, |at| at.min(deadline)));
-        let shared: Vec<u64> = std::mem::take(&mut worker.shared).into_iter().collect();
+        let shared: Vec<ListenerId> = std::mem::take(&mut worker.shared).into_iter().collect();
         self.release_token(token);
         for listener_id in shared {
             if let Some(listener) = self.listeners.get_mut(&listener_id) {

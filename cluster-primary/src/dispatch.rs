@@ -5,9 +5,8 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use cluster_ipc::proto::{Control, PeerAddr};
-use cluster_ipc::{Frame, Kind};
-use cluster_sched::{ConnId, WorkerId};
+use cluster_ipc::proto::{Envelope, HandoffToPrimary, HandoffToWorker, PeerAddr};
+use cluster_ipc::{ConnId, ListenerId, WorkerId};
 use mio::Interest;
 
 use crate::cluster::Cluster;
@@ -21,7 +20,7 @@ const FD_EXHAUSTED_BACKOFF: Duration = Duration::from_millis(100);
 
 impl Cluster {
     /// Registers or deregisters a round-robin listener for accepting.
-    pub(crate) fn set_accepting(&mut self, listener_id: u64, on: bool) {
+    pub(crate) fn set_accepting(&mut self, listener_id: ListenerId, on: bool) {
         let stopping = self.stopping;
         let Some(listener) = self.listeners.get_mut(&listener_id) else {
             return;
@@ -53,7 +52,7 @@ impl Cluster {
     }
 
     /// Accepts up to a turn's worth of connections and hands them out.
-    pub(crate) fn accept_turn(&mut self, listener_id: u64) {
+    pub(crate) fn accept_turn(&mut self, listener_id: ListenerId) {
         let Some(listener) = self.listeners.get_mut(&listener_id) else {
             return;
         };
@@ -95,7 +94,7 @@ impl Cluster {
 
     /// Ends an fd-exhaustion pause that is due.
     pub(crate) fn resume_after_fd_backoff(&mut self, now: Instant) {
-        let due: Vec<u64> = self
+        let due: Vec<ListenerId> = self
             .listeners
             .values()
             .filter_map(|listener| match &listener.delivery {
@@ -118,7 +117,7 @@ impl Cluster {
     }
 
     /// Carries out what the listener's policy decided, until it has nothing more to say.
-    pub(crate) fn apply_actions(&mut self, listener_id: u64) {
+    pub(crate) fn apply_actions(&mut self, listener_id: ListenerId) {
         loop {
             let Some(listener) = self.listeners.get_mut(&listener_id) else {
                 return;
@@ -142,10 +141,23 @@ impl Cluster {
         }
     }
 
-    /// Sends one batch down a worker's handoff socket. The primary keeps its copies until the
-    /// worker acks; if the worker can no longer be reached the batch stays in flight and
-    /// comes back when its handoff socket reaches its end.
-    fn hand_off(&mut self, listener_id: u64, worker: WorkerId, conns: &[ConnId]) {
+    /// Sends what the policy handed to a worker down its handoff socket, in frames of at most
+    /// the socket's fd limit. The primary keeps its copies until the worker acks; if the
+    /// worker can no longer be reached the batch stays in flight and comes back when its
+    /// handoff socket reaches its end.
+    fn hand_off(&mut self, listener_id: ListenerId, worker: WorkerId, conns: &[ConnId]) {
+        let max_fds = self
+            .workers
+            .get(&worker)
+            .and_then(|w| w.handoffs.get(&listener_id))
+            .map_or(1, |handoff| handoff.channel.limits().max_fds().max(1));
+        for batch in conns.chunks(max_fds) {
+            self.hand_off_batch(listener_id, worker, batch);
+        }
+    }
+
+    /// Sends one batch (one frame) down a worker's handoff socket.
+    fn hand_off_batch(&mut self, listener_id: ListenerId, worker: WorkerId, conns: &[ConnId]) {
         let Some(listener) = self.listeners.get(&listener_id) else {
             return;
         };
@@ -169,14 +181,14 @@ impl Cluster {
             .get_mut(&worker)
             .and_then(|w| w.handoffs.get_mut(&listener_id))
         else {
-            tracing::error!(%worker, listener = listener_id, "handoff to a worker without a handoff socket");
+            tracing::error!(%worker, listener = %listener_id, "handoff to a worker without a handoff socket");
             return;
         };
-        let batch = Control::Connections {
+        let batch = HandoffToWorker::Connections {
             count: fds.len() as u32,
             peers,
         };
-        let sent = handoff.channel.send(Kind::Control, None, &batch, &fds);
+        let sent = handoff.channel.send(None, &batch, &fds);
         handoff.update_interest(&self.registry);
         drop((fds, held));
         if let Err(err) = sent {
@@ -186,7 +198,7 @@ impl Cluster {
     }
 
     /// Reads a handoff socket: acks and returned connections, up to its end.
-    pub(crate) fn on_handoff_readable(&mut self, worker: WorkerId, listener_id: u64) {
+    pub(crate) fn on_handoff_readable(&mut self, worker: WorkerId, listener_id: ListenerId) {
         loop {
             let Some(handoff) = self
                 .workers
@@ -196,8 +208,8 @@ impl Cluster {
                 return;
             };
             match handoff.channel.try_recv() {
-                Ok(Some(frame)) => {
-                    if let Err(what) = self.on_handoff_frame(worker, listener_id, frame) {
+                Ok(Some(envelope)) => {
+                    if let Err(what) = self.on_handoff_message(worker, listener_id, envelope) {
                         // The worker is killed; keep reading, its end of file follows.
                         self.protocol_violation(worker, &what);
                     }
@@ -224,16 +236,12 @@ impl Cluster {
         self.apply_actions(listener_id);
     }
 
-    fn on_handoff_frame(
+    fn on_handoff_message(
         &mut self,
         worker: WorkerId,
-        listener_id: u64,
-        frame: Frame,
+        listener_id: ListenerId,
+        envelope: Envelope<HandoffToPrimary>,
     ) -> Result<(), String> {
-        if frame.kind() != Kind::Control {
-            return Err("a user frame on a handoff socket".into());
-        }
-        let msg: Control = frame.decode().map_err(|err| format!("handoff: {err}"))?;
         let Some(Delivery::RoundRobin(dispatcher)) = self
             .listeners
             .get_mut(&listener_id)
@@ -241,8 +249,8 @@ impl Cluster {
         else {
             return Ok(());
         };
-        match msg {
-            Control::ConnectionsAck { count } => {
+        match envelope.msg {
+            HandoffToPrimary::ConnectionsAck { count } => {
                 let acked = dispatcher
                     .policy
                     .acked(worker, count as usize)
@@ -256,18 +264,23 @@ impl Cluster {
                 }
                 Ok(())
             }
-            Control::ConnectionsReturned { count } if count as usize == frame.fds.len() => {
-                dispatcher.returned(frame.fds);
+            HandoffToPrimary::ConnectionsReturned { count }
+                if count as usize == envelope.fds.len() =>
+            {
+                dispatcher.returned(envelope.fds);
                 Ok(())
             }
-            other => Err(format!("unexpected {other:?} on a handoff socket")),
+            HandoffToPrimary::ConnectionsReturned { count } => Err(format!(
+                "{count} connections returned with {} fds",
+                envelope.fds.len()
+            )),
         }
     }
 
     /// A handoff socket reached its end (the worker closed its listener, or died): everything
     /// it sent has been read, so what is still un-acked was never received and goes to
     /// another worker.
-    pub(crate) fn handoff_ended(&mut self, worker: WorkerId, listener_id: u64) {
+    pub(crate) fn handoff_ended(&mut self, worker: WorkerId, listener_id: ListenerId) {
         let Some(mut handoff) = self
             .workers
             .get_mut(&worker)
@@ -300,7 +313,7 @@ impl Cluster {
     }
 
     /// Sends nothing more to this worker on this listener.
-    pub(crate) fn drain_worker_in(&mut self, listener_id: u64, worker: WorkerId) {
+    pub(crate) fn drain_worker_in(&mut self, listener_id: ListenerId, worker: WorkerId) {
         if let Some(Delivery::RoundRobin(dispatcher)) = self
             .listeners
             .get_mut(&listener_id)
@@ -321,7 +334,7 @@ impl Cluster {
     }
 
     /// The round-robin listeners a worker holds a handoff socket for.
-    pub(crate) fn round_robin_listeners_of(&self, worker: WorkerId) -> Vec<u64> {
+    pub(crate) fn round_robin_listeners_of(&self, worker: WorkerId) -> Vec<ListenerId> {
         self.workers
             .get(&worker)
             .map(|w| w.handoffs.keys().copied().collect())

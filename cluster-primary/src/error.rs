@@ -2,7 +2,7 @@
 
 use std::io;
 
-use cluster_sched::WorkerId;
+use cluster_ipc::WorkerId;
 
 /// Everything that can go wrong in the primary.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,14 @@ pub enum Error {
     /// The primary is no longer running (a handle outlived it).
     #[error("the primary is not running")]
     NotRunning,
+    /// The primary's loop did not answer in time.
+    #[error("the primary did not answer {op} within {timeout:?}")]
+    TimedOut {
+        /// What was asked.
+        op: &'static str,
+        /// How long the caller waited.
+        timeout: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -52,6 +60,7 @@ impl From<Error> for io::Error {
                 let kind = match other {
                     Error::InvalidConfig { .. } => io::ErrorKind::InvalidInput,
                     Error::NoSuchWorker { .. } => io::ErrorKind::NotFound,
+                    Error::TimedOut { .. } => io::ErrorKind::TimedOut,
                     _ => io::ErrorKind::BrokenPipe,
                 };
                 io::Error::new(kind, other)

@@ -3,8 +3,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cluster_sched::WorkerId;
-use serde::de::DeserializeOwned;
+use cluster_ipc::{SlotId, WorkerId};
+
+use crate::Signal;
+
+/// A user message from a worker: the body as sent, to decode into the sender's type (the
+/// cluster's one user-message type, from `cluster-ipc`).
+pub use cluster_ipc::UserMessage as Message;
 
 /// Something that happened in the cluster, in the order it happened. For one worker the order
 /// is always `Fork`, `Online`, `Listening` (once per listener), `Disconnect`, `Exit`; a worker
@@ -19,7 +24,7 @@ pub enum Event {
         /// Its process id.
         pid: u32,
         /// The slot it fills (a replacement takes the slot of the worker it replaces).
-        slot: u32,
+        slot: SlotId,
     },
     /// A worker said Hello.
     Online {
@@ -45,7 +50,9 @@ pub enum Event {
         /// What it sent.
         message: Message,
     },
-    /// A worker's control channel closed.
+    /// A worker's control channel closed. The worker is still listed (in
+    /// [`Cluster::workers`](crate::Cluster::workers), as
+    /// [`WorkerState::Disconnected`]) until its `Exit` event.
     Disconnect {
         /// Which worker.
         worker: WorkerId,
@@ -69,8 +76,24 @@ pub enum Event {
 pub enum ExitStatus {
     /// It exited with this code.
     Code(i32),
-    /// It was killed by this signal number.
-    Signal(i32),
+    /// It was killed by this signal.
+    Signal(Signal),
+}
+
+impl ExitStatus {
+    /// True for a clean exit (code 0).
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(code) => write!(f, "exit code {code}"),
+            ExitStatus::Signal(signal) => write!(f, "killed by {signal}"),
+        }
+    }
 }
 
 impl From<std::process::ExitStatus> for ExitStatus {
@@ -78,35 +101,10 @@ impl From<std::process::ExitStatus> for ExitStatus {
         use std::os::unix::process::ExitStatusExt;
         match (status.code(), status.signal()) {
             (Some(code), _) => ExitStatus::Code(code),
-            (None, Some(signal)) => ExitStatus::Signal(signal),
+            (None, Some(signal)) => ExitStatus::Signal(Signal::from_raw(signal)),
             // Neither: stopped or continued, which waitpid without WUNTRACED never reports.
             (None, None) => ExitStatus::Code(-1),
         }
-    }
-}
-
-/// A user message from a worker: the body as sent, to decode into the sender's type.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    body: Vec<u8>,
-}
-
-impl Message {
-    pub(crate) fn new(body: Vec<u8>) -> Message {
-        Message { body }
-    }
-
-    /// Decodes the message as a `T` (the type the worker sent).
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, cluster_ipc::Error> {
-        postcard::from_bytes(&self.body).map_err(|source| cluster_ipc::Error::Decode {
-            kind: cluster_ipc::Kind::User,
-            source,
-        })
-    }
-
-    /// The encoded body.
-    pub fn bytes(&self) -> &[u8] {
-        &self.body
     }
 }
 
@@ -121,7 +119,8 @@ pub enum WorkerState {
     Listening,
     /// Asked to disconnect, or disconnecting of its own accord.
     Disconnecting,
-    /// Its control channel closed; waiting to be reaped.
+    /// Its control channel closed; waiting to be reaped, or reaped and its `Exit` event not
+    /// yet delivered.
     Disconnected,
 }
 
@@ -133,7 +132,7 @@ pub struct WorkerInfo {
     /// Its process id.
     pub pid: u32,
     /// Its slot.
-    pub slot: u32,
+    pub slot: SlotId,
     /// Where it is in its life.
     pub state: WorkerState,
     /// How long ago it was spawned.

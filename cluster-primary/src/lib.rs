@@ -53,17 +53,19 @@ mod event;
 mod lifecycle;
 mod listen;
 mod primary;
+mod signal;
 mod spawn;
 mod sys;
 
 pub use cluster::Cluster;
+pub use cluster_ipc::env::{IPC_FD, IPC_FD_ENV, PRIMARY_PID_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV};
 pub use cluster_ipc::proto::ListenMode;
-pub use cluster_sched::WorkerId;
+pub use cluster_ipc::{ListenerId, SlotId, WorkerId};
 pub use config::{
     Builder, DEFAULT_BACKLOG, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_START_TIMEOUT, DEFAULT_WINDOW,
+    MAX_WINDOW,
 };
 pub use error::Error;
 pub use event::{Event, ExitStatus, Message, Status, WorkerInfo, WorkerState};
-pub use nix::sys::signal::Signal;
 pub use primary::{Handle, Primary};
-pub use spawn::{IPC_FD, IPC_FD_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV};
+pub use signal::Signal;

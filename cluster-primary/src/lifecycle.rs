@@ -5,10 +5,9 @@ use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use cluster_sched::WorkerId;
+use cluster_ipc::{ListenerId, SlotId, WorkerId};
 use mio::Interest;
 use mio::unix::SourceFd;
-use nix::sys::signal::Signal;
 
 use crate::cluster::{Cluster, Leaving, Registered, Source, Worker, pid_of};
 use crate::event::{Event, ExitStatus, WorkerState};
@@ -37,18 +36,18 @@ impl Cluster {
     /// Starts the configured number of workers, one per slot.
     pub(crate) fn spawn_all(&mut self) {
         for slot in 0..self.slots.len() as u32 {
-            self.spawn_into(slot);
+            self.spawn_into(SlotId(slot));
         }
     }
 
     /// Starts a worker in `slot`. A failed spawn counts as a failed start of the slot.
-    pub(crate) fn spawn_into(&mut self, slot: u32) {
+    pub(crate) fn spawn_into(&mut self, slot: SlotId) {
         let id = WorkerId(self.next_worker);
         self.next_worker += 1;
-        let spawned = match spawn_worker(&self.config, id.0, slot) {
+        let spawned = match spawn_worker(&self.config, id, slot) {
             Ok(spawned) => spawned,
             Err(err) => {
-                tracing::error!(%err, slot, "could not start a worker");
+                tracing::error!(%err, %slot, "could not start a worker");
                 self.slot_failed(slot);
                 return;
             }
@@ -97,10 +96,11 @@ impl Cluster {
             shared: Default::default(),
             connections_handed: 0,
             disconnect_reported: false,
+            reaped: false,
         };
-        tracing::info!(worker = %id, pid, slot, "worker started");
+        tracing::info!(worker = %id, pid, %slot, "worker started");
         self.workers.insert(id, worker);
-        if let Some(state) = self.slots.get_mut(slot as usize) {
+        if let Some(state) = self.slots.get_mut(slot.0 as usize) {
             state.worker = Some(id);
             state.respawn_at = None;
         }
@@ -142,7 +142,7 @@ impl Cluster {
 
     /// Reaps a worker if it exited.
     pub(crate) fn try_reap(&mut self, id: WorkerId) {
-        let Some(worker) = self.workers.get_mut(&id) else {
+        let Some(worker) = self.workers.get_mut(&id).filter(|worker| !worker.reaped) else {
             return;
         };
         match worker.child.try_wait() {
@@ -161,38 +161,58 @@ impl Cluster {
     }
 
     /// A worker process is gone: read what its sockets still hold, tell the application, and
-    /// decide about its slot.
+    /// decide about its slot. The worker stays listed until its `Exit` event is delivered
+    /// ([`Cluster::forget_exited`]).
     fn worker_exited(&mut self, id: WorkerId, status: ExitStatus) {
         // Its channel ends now; read it to the end so that nothing it said is lost and the
         // Disconnect event comes before Exit.
         self.on_control_readable(id);
         self.control_closed(id);
         self.drain_handoffs(id);
-        let Some(mut worker) = self.workers.remove(&id) else {
+        let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
-        if let Some((pidfd, token)) = worker.pidfd.take() {
+        worker.reaped = true;
+        // Its pid may be reused from now on: never signal it again.
+        worker.kill_at = None;
+        let pidfd = worker.pidfd.take();
+        let after_disconnect = worker.leaving.is_leaving();
+        let pid = worker.pid;
+        if let Some((pidfd, token)) = pidfd {
             let _ = self.registry.deregister(&mut SourceFd(&pidfd.as_raw_fd()));
             self.release_token(token);
         }
-        let after_disconnect = worker.leaving.is_leaving();
-        tracing::info!(worker = %id, pid = worker.pid, ?status, after_disconnect, "worker exited");
+        if status.success() || after_disconnect {
+            tracing::info!(worker = %id, pid, %status, after_disconnect, "worker exited");
+        } else {
+            tracing::warn!(worker = %id, pid, %status, "worker exited");
+        }
         self.events.push_back(Event::Exit {
             worker: id,
-            pid: worker.pid,
+            pid,
             status,
             after_disconnect,
         });
-        self.settle_slot(&worker);
+        self.settle_slot(id);
+    }
+
+    /// Forgets a reaped worker, as its `Exit` event goes to the application.
+    pub(crate) fn forget_exited(&mut self, id: WorkerId) {
+        if self.workers.get(&id).is_some_and(|worker| worker.reaped) {
+            self.workers.remove(&id);
+        }
     }
 
     /// Frees the worker's slot and refills it, unless the primary itself asked the worker to
     /// go (a requested disconnect or a stop). A worker that left of its own accord (its
     /// `disconnect()`, or a SIGTERM from an operator) is replaced once it is gone, so the
     /// cluster keeps its size; one that retired was replaced before it left.
-    fn settle_slot(&mut self, worker: &Worker) {
+    fn settle_slot(&mut self, id: WorkerId) {
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
         let slot = worker.slot;
-        let Some(state) = self.slots.get_mut(slot as usize) else {
+        let Some(state) = self.slots.get_mut(slot.0 as usize) else {
             return;
         };
         if state.worker != Some(worker.id) {
@@ -207,8 +227,8 @@ impl Cluster {
         self.schedule_respawn(slot);
     }
 
-    fn slot_failed(&mut self, slot: u32) {
-        if let Some(state) = self.slots.get_mut(slot as usize) {
+    fn slot_failed(&mut self, slot: SlotId) {
+        if let Some(state) = self.slots.get_mut(slot.0 as usize) {
             state.worker = None;
             state.failures += 1;
         }
@@ -217,8 +237,8 @@ impl Cluster {
         }
     }
 
-    fn schedule_respawn(&mut self, slot: u32) {
-        let Some(state) = self.slots.get_mut(slot as usize) else {
+    fn schedule_respawn(&mut self, slot: SlotId) {
+        let Some(state) = self.slots.get_mut(slot.0 as usize) else {
             return;
         };
         let delay = respawn_delay(state.failures);
@@ -227,7 +247,7 @@ impl Cluster {
             self.spawn_into(slot);
         } else {
             tracing::warn!(
-                slot,
+                %slot,
                 failures = state.failures,
                 ?delay,
                 "slot keeps failing; backing off"
@@ -245,11 +265,16 @@ impl Cluster {
         for slot in &mut self.slots {
             slot.respawn_at = None;
         }
-        let listener_ids: Vec<u64> = self.listeners.keys().copied().collect();
+        let listener_ids: Vec<ListenerId> = self.listeners.keys().copied().collect();
         for listener_id in listener_ids {
             self.set_accepting(listener_id, false);
         }
-        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        let ids: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|worker| !worker.reaped)
+            .map(|worker| worker.id)
+            .collect();
         tracing::info!(graceful, workers = ids.len(), "stopping");
         for id in ids {
             if graceful {
@@ -267,8 +292,8 @@ impl Cluster {
         for worker in self.workers.values_mut() {
             if worker.kill_at.is_some_and(|at| at <= now) {
                 tracing::warn!(worker = %worker.id, pid = worker.pid, "killing worker");
-                let _ = nix::sys::signal::killpg(pid_of(worker.pid), Signal::SIGKILL);
-                let _ = nix::sys::signal::kill(pid_of(worker.pid), Signal::SIGKILL);
+                let _ = nix::sys::signal::killpg(pid_of(worker.pid), nix::sys::signal::SIGKILL);
+                let _ = nix::sys::signal::kill(pid_of(worker.pid), nix::sys::signal::SIGKILL);
                 worker.kill_at = None;
             }
         }
@@ -293,12 +318,13 @@ impl Cluster {
         self.enforce_start_timeout(now);
         self.kill_overdue(now);
         self.resume_after_fd_backoff(now);
-        let due: Vec<u32> = (0..self.slots.len() as u32)
+        let due: Vec<SlotId> = (0..self.slots.len() as u32)
             .filter(|&slot| {
                 self.slots[slot as usize]
                     .respawn_at
                     .is_some_and(|at| at <= now)
             })
+            .map(SlotId)
             .collect();
         for slot in due {
             if !self.stopping {

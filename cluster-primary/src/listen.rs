@@ -7,7 +7,8 @@ use std::num::NonZeroU32;
 use std::os::fd::OwnedFd;
 
 use cluster_ipc::proto::ListenMode;
-use cluster_sched::{Action, ConnId, Dispatch, RoundRobin, WorkerId};
+use cluster_ipc::{ConnId, ListenerId, WorkerId};
+use cluster_sched::{Action, Dispatch, RoundRobin};
 use nix::sys::socket::{
     self, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, sockopt,
 };
@@ -55,7 +56,7 @@ pub(crate) fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener
 
 /// One listening socket of the primary and everything that hangs off it.
 pub(crate) struct Listener {
-    pub(crate) id: u64,
+    pub(crate) id: ListenerId,
     pub(crate) local_addr: SocketAddr,
     pub(crate) mode: ListenMode,
     pub(crate) socket: mio::net::TcpListener,

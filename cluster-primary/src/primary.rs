@@ -4,12 +4,13 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::time::{Duration, Instant};
 
-use cluster_sched::WorkerId;
+use cluster_ipc::proto::{Encoded, ToWorker};
+use cluster_ipc::{ListenerId, WorkerId};
 use mio::{Events, Interest, Poll, Waker};
 use serde::Serialize;
 
 use crate::Error;
-use crate::cluster::{Cluster, SIGNALS, Source, WAKER, encode_user};
+use crate::cluster::{Cluster, SIGNALS, Source, WAKER};
 use crate::config::Config;
 use crate::event::{Event, Status};
 
@@ -25,11 +26,22 @@ pub struct Primary {
 
 /// What a [`Handle`] asks the loop to do.
 enum Command {
-    Stop { graceful: bool },
-    Send { worker: WorkerId, body: Vec<u8> },
-    Broadcast { body: Vec<u8> },
-    Disconnect { worker: WorkerId },
-    Status { reply: SyncSender<Status> },
+    Stop {
+        graceful: bool,
+    },
+    Send {
+        worker: WorkerId,
+        message: Encoded<ToWorker>,
+    },
+    Broadcast {
+        message: Encoded<ToWorker>,
+    },
+    Disconnect {
+        worker: WorkerId,
+    },
+    Status {
+        reply: SyncSender<Status>,
+    },
 }
 
 impl Primary {
@@ -42,6 +54,7 @@ impl Primary {
         let waker =
             Waker::new(poll.registry(), WAKER).map_err(|source| Error::io("eventfd", source))?;
         let (sender, commands) = mpsc::channel();
+        let config_limits = config.control_limits;
         let mut cluster = Cluster::new(config, registry);
         cluster.tokens.insert(WAKER, Source::Waker);
         cluster.tokens.insert(SIGNALS, Source::Signals);
@@ -52,6 +65,7 @@ impl Primary {
             handle: Handle {
                 sender,
                 waker: Arc::new(waker),
+                limits: config_limits,
             },
         })
     }
@@ -90,7 +104,7 @@ impl Primary {
             for event in events.iter() {
                 self.on_ready(event);
             }
-            let again: Vec<u64> = self.cluster.accept_ready.iter().copied().collect();
+            let again: Vec<ListenerId> = self.cluster.accept_ready.iter().copied().collect();
             for listener_id in again {
                 self.cluster.accept_turn(listener_id);
             }
@@ -127,6 +141,9 @@ impl Primary {
     fn dispatch_events(&mut self, on_event: &mut impl FnMut(&mut Cluster, Event)) {
         loop {
             while let Some(event) = self.cluster.events.pop_front() {
+                if let Event::Exit { worker, .. } = event {
+                    self.cluster.forget_exited(worker);
+                }
                 on_event(&mut self.cluster, event);
             }
             if !self.cluster.workers.is_empty() || self.cluster.on_all_gone.is_empty() {
@@ -186,8 +203,8 @@ impl Primary {
                     cluster.begin_stop(graceful);
                     Ok(())
                 }
-                Command::Send { worker, body } => cluster.send_raw(worker, &body),
-                Command::Broadcast { body } => cluster.broadcast_raw(&body).map(drop),
+                Command::Send { worker, message } => cluster.send_encoded(worker, &message),
+                Command::Broadcast { message } => cluster.broadcast_encoded(&message).map(drop),
                 Command::Disconnect { worker } => cluster.disconnect(worker),
                 Command::Status { reply } => {
                     let _ = reply.try_send(cluster.status());
@@ -207,6 +224,7 @@ impl Primary {
 pub struct Handle {
     sender: Sender<Command>,
     waker: Arc<Waker>,
+    limits: cluster_ipc::Limits,
 }
 
 impl std::fmt::Debug for Handle {
@@ -228,19 +246,23 @@ impl Handle {
         self.command(Command::Stop { graceful })
     }
 
-    /// Sends a user message to one worker.
+    /// Sends a user message to one worker. A message over the message limit is refused here,
+    /// with an error that names the limit; a failure in the loop (no such worker, a full send
+    /// queue) is logged there.
     pub fn send<T: Serialize + ?Sized>(&self, worker: WorkerId, msg: &T) -> Result<(), Error> {
-        self.command(Command::Send {
-            worker,
-            body: encode_user(msg)?,
-        })
+        let message = self.encode_user(msg)?;
+        self.command(Command::Send { worker, message })
     }
 
     /// Sends a user message to every worker.
     pub fn broadcast<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
-        self.command(Command::Broadcast {
-            body: encode_user(msg)?,
-        })
+        let message = self.encode_user(msg)?;
+        self.command(Command::Broadcast { message })
+    }
+
+    fn encode_user<T: Serialize + ?Sized>(&self, msg: &T) -> Result<Encoded<ToWorker>, Error> {
+        let user = cluster_ipc::UserMessage::encode(msg, &self.limits)?;
+        Ok(Encoded::new(&ToWorker::User(user), &self.limits)?)
     }
 
     /// Asks a worker to disconnect (see [`Cluster::disconnect`]).
@@ -248,11 +270,19 @@ impl Handle {
         self.command(Command::Disconnect { worker })
     }
 
-    /// A snapshot of the cluster, waiting at most `timeout` for the loop to answer.
+    /// A snapshot of the cluster, waiting at most `timeout` for the loop to answer: a loop
+    /// too busy to answer in time gives [`Error::TimedOut`], a stopped one
+    /// [`Error::NotRunning`].
     pub fn status(&self, timeout: Duration) -> Result<Status, Error> {
         let (reply, answer) = mpsc::sync_channel(1);
         self.command(Command::Status { reply })?;
-        answer.recv_timeout(timeout).map_err(|_| Error::NotRunning)
+        answer.recv_timeout(timeout).map_err(|err| match err {
+            mpsc::RecvTimeoutError::Timeout => Error::TimedOut {
+                op: "status",
+                timeout,
+            },
+            mpsc::RecvTimeoutError::Disconnected => Error::NotRunning,
+        })
     }
 }
 

@@ -4,31 +4,24 @@
 use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
 
-use cluster_ipc::{Channel, process::pass_channel};
+use cluster_ipc::proto::PrimaryControl;
+use cluster_ipc::{Channel, SlotId, Transport, WorkerId};
 
 use crate::config::Config;
 use crate::{Error, sys};
 
-/// The variable that tells a worker its id.
-pub const WORKER_ID_ENV: &str = "CLUSTER_WORKER_ID";
-/// The variable that tells a worker its slot.
-pub const WORKER_SLOT_ENV: &str = "CLUSTER_WORKER_SLOT";
-/// The variable that names the fd of a worker's control channel.
-pub const IPC_FD_ENV: &str = "CLUSTER_IPC_FD";
-/// The fd number the control channel gets in a worker.
-pub const IPC_FD: i32 = 3;
-
 /// A worker process just started.
 pub(crate) struct Spawned {
     pub(crate) child: Child,
-    pub(crate) control: Channel,
+    pub(crate) control: Channel<PrimaryControl>,
     pub(crate) pidfd: Option<OwnedFd>,
 }
 
 /// Starts worker `id` in `slot`. Must run on the primary's loop thread: the parent-death
 /// signal follows the thread that forked.
-pub(crate) fn spawn_worker(config: &Config, id: u64, slot: u32) -> Result<Spawned, Error> {
-    let (control, workers_end) = Channel::pair()?;
+pub(crate) fn spawn_worker(config: &Config, id: WorkerId, slot: SlotId) -> Result<Spawned, Error> {
+    let (control, workers_end) = Channel::pair_with(Transport::native(), config.control_limits)?;
+    let control = control.into_protocol();
     let mut cmd = Command::new(&config.program);
     cmd.args(&config.args);
     for (key, value) in &config.envs {
@@ -40,15 +33,13 @@ pub(crate) fn spawn_worker(config: &Config, id: u64, slot: u32) -> Result<Spawne
     if let Some(dir) = &config.cwd {
         cmd.current_dir(dir);
     }
-    cmd.env(WORKER_ID_ENV, id.to_string())
-        .env(WORKER_SLOT_ENV, slot.to_string())
-        .stdin(Stdio::null());
+    cmd.stdin(Stdio::null());
     // Its own process group: a terminal's Ctrl-C reaches only the primary, which stops the
     // workers in order.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    pass_channel(&mut cmd, workers_end.into_fd(), IPC_FD, IPC_FD_ENV)?;
+    cluster_ipc::env::prepare_worker(&mut cmd, workers_end.into_fd(), id, slot)?;
     if let Some(signal) = config.parent_death_signal {
-        sys::set_parent_death_signal(&mut cmd, signal as libc::c_int);
+        sys::set_parent_death_signal(&mut cmd, signal.as_raw());
     }
     let child = cmd
         .spawn()

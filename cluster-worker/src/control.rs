@@ -1,29 +1,30 @@
-//! The control thread: the one owner of the control channel.
+//! The control thread: the one owner of the control channel, and the one driver of the
+//! worker's state.
 //!
 //! A mio loop over three sources: the control channel, a waker that application threads use
-//! after queueing a [`Command`], and (optionally) a self-pipe written on `SIGTERM`. Each turn
-//! it reads every frame there is, runs every queued command, expires requests, flushes, and
-//! decides whether a disconnecting worker may exit; then it sleeps until the next event or
-//! deadline. Application threads never touch the channel.
+//! after queueing a [`Command`] or making room in a full inbox, and (optionally) a self-pipe
+//! written on `SIGTERM`. Each turn it reads what the channel holds (unless the inbox is full:
+//! then it leaves the rest in the socket, and the primary's send queue, until the
+//! application reads), runs the queued commands, expires requests, flushes, and decides
+//! whether a disconnecting worker may exit; then it sleeps until the next event or deadline.
+//! Application threads never touch the channel.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use cluster_ipc::proto::{Control, ListenGranted, ListenerId};
-use cluster_ipc::{Channel, Completion, Frame, Kind, Requests};
+use cluster_ipc::proto::{Encoded, Envelope, ListenGranted, ToPrimary, ToWorker, WorkerControl};
+use cluster_ipc::{Channel, Completion, ListenerId, Requests};
 use mio::{Events, Interest, Poll, Token};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::Error;
 use crate::error::error_chain;
 use crate::listener::{Listener, ListenerCore};
-use crate::message::Message;
 use crate::signal::SigtermPipe;
-use crate::state::{Command, DisconnectReason, WorkerState, deadline_after};
+use crate::state::{Answer, Command, DisconnectReason, Ticket, WorkerState, deadline_after};
 
 pub(crate) const CHANNEL: Token = Token(0);
 pub(crate) const WAKER: Token = Token(1);
@@ -33,37 +34,27 @@ const SIGTERM: Token = Token(2);
 /// messages (`CloseListener`, `Disconnecting`) always have room behind them.
 const USER_QUEUE_SHARE: usize = 3 * 1024 * 1024;
 
-/// The least time between two load reports.
-const LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(10);
-
 /// How long an exiting worker waits for its last frames to leave.
-const EXIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+const EXIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A request waiting for the primary's reply.
+/// A request waiting for the primary's reply, and the ticket its caller waits on.
 enum Pending {
-    Listen {
-        addr: SocketAddr,
-        reply: SyncSender<Result<Listener, Error>>,
-    },
-    Retire {
-        reply: SyncSender<Result<(), Error>>,
-    },
+    Listen { addr: SocketAddr, ticket: Ticket },
+    Retire { ticket: Ticket },
 }
 
 /// The control thread's state.
 pub(crate) struct ControlLoop {
     worker: Arc<WorkerState>,
     poll: Poll,
-    channel: Channel,
+    channel: Channel<WorkerControl>,
     channel_open: bool,
     registered_for_write: bool,
     sigterm: Option<SigtermPipe>,
-    requests: Requests<Pending>,
+    requests: Requests<Pending, Envelope<ToWorker>>,
     /// Listeners to close on disconnect. Weak: a listener the application dropped is gone.
     listeners: BTreeMap<ListenerId, Weak<ListenerCore>>,
     disconnecting_since: Option<Instant>,
-    /// When the last load report went, and what it said.
-    last_load_report: Option<(Instant, u32)>,
 }
 
 impl ControlLoop {
@@ -72,7 +63,7 @@ impl ControlLoop {
     pub(crate) fn new(
         worker: Arc<WorkerState>,
         poll: Poll,
-        mut channel: Channel,
+        mut channel: Channel<WorkerControl>,
         handle_sigterm: bool,
     ) -> Result<ControlLoop, Error> {
         poll.registry()
@@ -94,17 +85,16 @@ impl ControlLoop {
             channel_open: true,
             registered_for_write: false,
             sigterm,
-            requests: Requests::new(),
+            requests: Requests::default(),
             listeners: BTreeMap::new(),
             disconnecting_since: None,
-            last_load_report: None,
         })
     }
 
     /// Runs until the channel closes (and, when the worker exits by itself, until it exits).
     pub(crate) fn run(self) {
         let worker = Arc::clone(&self.worker);
-        let span = tracing::info_span!("worker", id = worker.id, slot = worker.slot);
+        let span = tracing::info_span!("worker", id = worker.id.0, slot = worker.slot.0);
         let _entered = span.enter();
         worker.register_control_thread();
         let exit_when_disconnected = worker.options.exit_when_disconnected;
@@ -113,10 +103,7 @@ impl ControlLoop {
         // after a panic: the primary has seen the channel close.
         if outcome.is_err() {
             tracing::error!("the worker's control thread panicked");
-            for command in worker.close_commands() {
-                fail_command(command, || Error::ChannelClosed);
-            }
-            worker.close_messages();
+            worker.close_channel(None);
             worker.publish_disconnect(DisconnectReason::ChannelClosed);
             if exit_when_disconnected {
                 // The worker cannot drain without its control thread; exit as a panic would.
@@ -139,7 +126,7 @@ impl ControlLoop {
                     continue;
                 }
                 tracing::error!(error = %err, "the worker's control loop cannot poll");
-                self.on_channel_closed(&cluster_ipc::Error::Closed);
+                self.on_channel_closed(cluster_ipc::Error::Closed);
                 self.exit_if_asked("the control loop failed");
                 break;
             }
@@ -158,7 +145,6 @@ impl ControlLoop {
         // Flush first: commands held back by a full channel go as soon as it drains.
         self.flush();
         self.run_commands();
-        self.report_load();
         self.requests.on_time(Instant::now());
         self.complete_requests();
         self.flush();
@@ -170,11 +156,7 @@ impl ControlLoop {
             .disconnecting_since
             .filter(|_| self.worker.options.exit_when_disconnected)
             .map(|since| since + self.worker.drain_timeout);
-        let report = self
-            .last_load_report
-            .filter(|_| self.channel_open && self.worker.load_report_due())
-            .map(|(at, _)| at + LOAD_REPORT_INTERVAL);
-        [self.requests.next_deadline(), drain, report]
+        [self.requests.next_deadline(), drain]
             .into_iter()
             .flatten()
             .min()
@@ -183,55 +165,56 @@ impl ControlLoop {
 
     // ----- the channel -----
 
+    /// Reads what the channel holds, as long as the inbox has room: a full inbox leaves the
+    /// rest unread (the application's next `recv_message` wakes this thread). Nothing is
+    /// lost while the loop is not reading: mio reports readiness only on change, but every
+    /// turn reads again, whatever woke it.
     fn receive(&mut self) {
-        while self.channel_open {
+        let mut may_read = self.worker.may_read_messages();
+        while self.channel_open && may_read {
             match self.channel.try_recv() {
-                Ok(Some(frame)) => self.on_frame(frame),
+                Ok(Some(envelope)) => may_read = self.on_envelope(envelope),
                 Ok(None) => break,
-                Err(err) => self.on_channel_closed(&err),
+                Err(err) => self.on_channel_closed(err),
             }
         }
     }
 
-    fn on_frame(&mut self, frame: Frame) {
+    /// Handles one message from the primary; returns whether to read on.
+    fn on_envelope(&mut self, envelope: Envelope<ToWorker>) -> bool {
         // Replies complete their requests; everything else comes back.
-        let Some(frame) = self.requests.on_frame(frame) else {
-            return;
+        let Some(envelope) = self.requests.on_frame(envelope) else {
+            return true;
         };
-        match frame.kind() {
-            Kind::User => self.worker.deliver(Message::new(frame.body)),
-            Kind::Control => match frame.decode::<Control>() {
-                Ok(Control::Disconnect) => {
-                    tracing::info!("the primary asked this worker to disconnect");
-                    self.begin_disconnect(DisconnectReason::Primary);
-                }
-                Ok(Control::Heartbeat) => self.send_control(Some(frame.seq()), &Control::Ack),
-                Ok(other) => {
-                    tracing::warn!(message = ?other, "ignoring an unexpected control message")
-                }
-                Err(err) => tracing::warn!(
-                    error = %error_chain(&err),
-                    "ignoring a control message this worker cannot decode"
-                ),
-            },
+        match envelope.msg {
+            ToWorker::User(message) => return self.worker.deliver(message),
+            ToWorker::Disconnect => {
+                tracing::info!("the primary asked this worker to disconnect");
+                self.begin_disconnect(DisconnectReason::Primary);
+            }
+            ToWorker::Heartbeat => self.send_control(Some(envelope.seq), &ToPrimary::Ack),
+            other => {
+                tracing::warn!(message = ?other, "ignoring an unexpected message from the primary")
+            }
         }
+        true
     }
 
     /// Sends a control message that needs no answer (dropped if the primary is gone).
-    fn send_control(&mut self, ack: Option<u64>, message: &Control) {
+    fn send_control(&mut self, ack: Option<u64>, message: &ToPrimary) {
         if !self.channel_open {
             return;
         }
-        if let Err(err) = self.channel.send(Kind::Control, ack, message, &[]) {
-            self.on_send_error(&err, "a control message");
+        if let Err(err) = self.channel.send(ack, message, &[]) {
+            self.on_send_error(err, "a control message");
         }
     }
 
-    fn on_send_error(&mut self, err: &cluster_ipc::Error, what: &'static str) {
+    fn on_send_error(&mut self, err: cluster_ipc::Error, what: &'static str) {
         if self.channel.is_closed() {
             self.on_channel_closed(err);
         } else {
-            tracing::warn!(error = %error_chain(err), "could not send {what} to the primary");
+            tracing::warn!(error = %error_chain(&err), "could not send {what} to the primary");
         }
     }
 
@@ -240,7 +223,7 @@ impl ControlLoop {
             return;
         }
         if let Err(err) = self.channel.flush() {
-            self.on_channel_closed(&err);
+            self.on_channel_closed(err);
             return;
         }
         let wants_write = self.channel.wants_write();
@@ -261,156 +244,158 @@ impl ControlLoop {
         }
     }
 
-    /// The primary is gone (end of file) or the channel broke: fail what waits on it and
-    /// disconnect.
-    fn on_channel_closed(&mut self, err: &cluster_ipc::Error) {
+    /// The primary is gone (end of file) or the channel broke (a protocol error from the
+    /// primary, such as a frame of the wrong kind, which the channel has already closed
+    /// itself for): fail what waits on it and disconnect. Says why once.
+    fn on_channel_closed(&mut self, err: cluster_ipc::Error) {
         if !self.channel_open {
             return;
         }
         self.channel_open = false;
-        match err {
-            cluster_ipc::Error::Closed => tracing::info!("the primary closed the control channel"),
-            err => tracing::error!(error = %error_chain(err), "the control channel failed"),
-        }
+        let failure = match err {
+            cluster_ipc::Error::Closed => {
+                tracing::info!("the primary closed the control channel");
+                None
+            }
+            err => {
+                tracing::error!(error = %error_chain(&err), "the control channel failed");
+                Some(err)
+            }
+        };
         let _ = self.poll.registry().deregister(&mut self.channel);
         self.requests.on_closed();
         self.complete_requests();
-        for command in self.worker.close_commands() {
-            fail_command(command, || Error::ChannelClosed);
-        }
-        self.worker.close_messages();
+        self.worker.close_channel(failure);
         self.begin_disconnect(DisconnectReason::ChannelClosed);
     }
 
     // ----- commands from application threads -----
 
-    fn run_commands(&mut self) {
-        while let Some(command) = self.worker.pop_command() {
-            if let Err(command) = self.run_command(command) {
-                // The channel is full for now: keep the command's place and retry once the
-                // channel drains.
-                self.worker.unpop_command(command);
-                break;
+    /// Runs the queued commands in order, until one finds no room in the channel: it and
+    /// the ones after it go back to the queue for a later turn. Returns true when every
+    /// command taken was carried out.
+    fn run_commands(&mut self) -> bool {
+        let mut commands = self.worker.take_commands();
+        if commands.is_empty() {
+            return true;
+        }
+        let mut sent_bytes = 0;
+        while let Some(command) = commands.pop_front() {
+            let bytes = command.send_bytes();
+            match self.run_command(command) {
+                Ok(()) => sent_bytes += bytes,
+                Err(command) => {
+                    commands.push_front(command);
+                    break;
+                }
             }
         }
+        let all_done = commands.is_empty();
+        self.worker.commands_done(commands, sent_bytes);
+        all_done
     }
 
-    /// Carries out one command; gives it back if the channel has no room for it now.
+    /// Carries out one command; gives it back if the channel has no room for it now. Once
+    /// the channel is closed every command fails (or, for the ones nobody waits on, is
+    /// dropped).
     fn run_command(&mut self, command: Command) -> Result<(), Command> {
         match command {
-            Command::Send(body) => return self.send_user(body),
+            Command::Send(message) => return self.send_user(message),
             Command::Listen {
                 request,
                 addr,
-                reply,
+                ticket,
             } => {
                 if self.disconnecting_since.is_some() {
-                    let _ = reply.try_send(Err(Error::Disconnecting));
+                    self.worker.answer(ticket, Err(Error::Disconnecting));
                     return Ok(());
                 }
-                let message = Control::Listen(request.clone());
-                if let Err(Pending::Listen { addr, reply }) =
-                    self.send_request(&message, Pending::Listen { addr, reply })
-                {
+                let message = ToPrimary::Listen(request.clone());
+                if !self.send_request(&message, Pending::Listen { addr, ticket }) {
                     return Err(Command::Listen {
                         request,
                         addr,
-                        reply,
+                        ticket,
                     });
                 }
             }
-            Command::Retire { reply } => {
+            Command::Retire { ticket } => {
                 if self.disconnecting_since.is_some() {
-                    let _ = reply.try_send(Err(Error::Disconnecting));
+                    self.worker.answer(ticket, Err(Error::Disconnecting));
                     return Ok(());
                 }
-                if let Err(Pending::Retire { reply }) =
-                    self.send_request(&Control::Retire, Pending::Retire { reply })
-                {
-                    return Err(Command::Retire { reply });
+                if !self.send_request(&ToPrimary::Retire, Pending::Retire { ticket }) {
+                    return Err(Command::Retire { ticket });
                 }
             }
             Command::Disconnect => self.begin_disconnect(DisconnectReason::Requested),
             Command::CloseListener(listener) => {
                 self.listeners.remove(&listener);
-                self.send_control(None, &Control::CloseListener { listener });
+                self.send_control(None, &ToPrimary::CloseListener { listener });
             }
         }
         Ok(())
     }
 
-    fn send_user(&mut self, body: Vec<u8>) -> Result<(), Command> {
+    fn send_user(&mut self, message: Encoded<ToPrimary>) -> Result<(), Command> {
         if !self.channel_open {
             return Ok(());
         }
-        if self.channel.queued_bytes() > 0
-            && self.channel.queued_bytes() + body.len() > USER_QUEUE_SHARE
-        {
-            return Err(Command::Send(body));
+        let queued = self.channel.queued_bytes();
+        if queued > 0 && queued + message.body().len() > USER_QUEUE_SHARE {
+            return Err(Command::Send(message));
         }
-        match self.channel.send_raw(Kind::User, None, &body, &[]) {
+        match self.channel.send_encoded(None, &message, &[]) {
             Ok(_) => Ok(()),
-            Err(cluster_ipc::Error::SendQueueFull { .. }) => Err(Command::Send(body)),
+            Err(cluster_ipc::Error::SendQueueFull { .. }) => Err(Command::Send(message)),
             Err(err) => {
-                self.on_send_error(&err, "a message");
+                // `send` checked the message against limits no larger than the channel's,
+                // so only a broken channel gets here.
+                self.on_send_error(err, "a message");
                 Ok(())
             }
         }
     }
 
-    /// Sends a request; gives `pending` back when the channel has no room for it now.
-    fn send_request(&mut self, message: &Control, pending: Pending) -> Result<(), Pending> {
+    /// Sends a request and tracks its reply. Returns false, keeping nothing, when the channel
+    /// has no room for it now; any other failure is answered to the caller at once.
+    fn send_request(&mut self, message: &ToPrimary, pending: Pending) -> bool {
         if !self.channel_open {
-            fail_pending(pending, Error::ChannelClosed);
-            return Ok(());
+            self.fail_pending(pending, Error::ChannelClosed);
+            return true;
         }
-        let seq = match self.channel.send(Kind::Control, None, message, &[]) {
+        let seq = match self.channel.send(None, message, &[]) {
             Ok(seq) => seq,
-            Err(cluster_ipc::Error::SendQueueFull { .. }) => return Err(pending),
+            Err(cluster_ipc::Error::SendQueueFull { .. }) => return false,
             Err(err) => {
-                self.on_send_error(&err, "a request");
-                let error = if self.channel_open {
-                    Error::Ipc(err)
-                } else {
+                let error = if self.channel.is_closed() {
+                    self.on_channel_closed(err);
                     Error::ChannelClosed
+                } else if matches!(err, cluster_ipc::Error::Closed) {
+                    // The primary stopped reading; its end of file follows.
+                    Error::ChannelClosed
+                } else {
+                    tracing::warn!(error = %error_chain(&err), "could not send a request");
+                    Error::Ipc(err)
                 };
-                fail_pending(pending, error);
-                return Ok(());
+                self.fail_pending(pending, error);
+                return true;
             }
         };
         let deadline = deadline_after(self.worker.options.request_timeout);
-        // A fresh seq is never pending; should the table refuse it anyway, the caller's
-        // reply channel drops with the entry and the caller hears that the channel closed.
+        // A fresh seq is never pending; should the table refuse it anyway, the caller hears
+        // nothing and gives up at its own deadline.
         if let Err(err) = self.requests.register(seq, pending, Some(deadline)) {
             tracing::error!(error = %err, "cannot track a request");
         }
-        Ok(())
+        true
     }
 
-    /// Tells the primary the open-connection count when it changed, at most once per
-    /// [`LOAD_REPORT_INTERVAL`] (a later turn sends what is still due).
-    fn report_load(&mut self) {
-        if !self.channel_open || !self.worker.load_report_due() {
-            return;
-        }
-        let now = Instant::now();
-        if let Some((at, _)) = self.last_load_report {
-            if now < at + LOAD_REPORT_INTERVAL {
-                return;
-            }
-        }
-        self.worker.take_load_report_due();
-        let open = u32::try_from(self.worker.open_connections()).unwrap_or(u32::MAX);
-        if self.last_load_report.map(|(_, sent)| sent) == Some(open) {
-            return;
-        }
-        self.last_load_report = Some((now, open));
-        self.send_control(
-            None,
-            &Control::LoadReport {
-                open_connections: open,
-            },
-        );
+    fn fail_pending(&self, pending: Pending, error: Error) {
+        let ticket = match pending {
+            Pending::Listen { ticket, .. } | Pending::Retire { ticket } => ticket,
+        };
+        self.worker.answer(ticket, Err(error));
     }
 
     // ----- replies -----
@@ -418,41 +403,43 @@ impl ControlLoop {
     fn complete_requests(&mut self) {
         while let Some(Completion { key, outcome, .. }) = self.requests.poll_completion() {
             match key {
-                Pending::Listen { addr, reply } => {
+                Pending::Listen { addr, ticket } => {
                     let result = outcome
                         .map_err(|err| request_error("listen", err, &self.worker))
-                        .and_then(|frame| self.finish_listen(addr, frame));
-                    // If the caller gave up, the listener drops here and closes itself.
-                    let _ = reply.try_send(result);
+                        .and_then(|reply| self.finish_listen(addr, reply))
+                        .map(Answer::Listener);
+                    // If the caller gave up, the listener drops there and closes itself.
+                    self.worker.answer(ticket, result);
                 }
-                Pending::Retire { reply } => {
+                Pending::Retire { ticket } => {
                     let result = outcome
                         .map_err(|err| request_error("retire", err, &self.worker))
-                        .and_then(|frame| expect_ack(&frame));
+                        .and_then(expect_ack)
+                        .map(|()| Answer::Retired);
                     if let Err(err) = &result {
                         tracing::warn!(error = %err, "retiring without the primary's ack");
                     }
                     self.begin_disconnect(DisconnectReason::Retired);
-                    let _ = reply.try_send(result);
+                    self.worker.answer(ticket, result);
                 }
             }
         }
     }
 
-    fn finish_listen(&mut self, addr: SocketAddr, frame: Frame) -> Result<Listener, Error> {
-        const CONTEXT: &str = "listening";
-        let message: Control = frame
-            .decode()
-            .map_err(|err| Error::protocol(CONTEXT, error_chain(&err)))?;
-        match message {
-            Control::ListenGranted(granted) => self.set_up_listener(&granted, frame.fds),
-            Control::ListenRefused(refused) => Err(Error::ListenRefused {
+    fn finish_listen(
+        &mut self,
+        addr: SocketAddr,
+        reply: Envelope<ToWorker>,
+    ) -> Result<Listener, Error> {
+        match reply.msg {
+            ToWorker::ListenGranted(granted) => self.set_up_listener(&granted, reply.fds),
+            ToWorker::ListenRefused(refused) => Err(Error::ListenRefused {
                 addr,
                 errno: refused.errno,
                 message: refused.message,
             }),
             other => Err(Error::protocol(
-                CONTEXT,
+                "listening",
                 format!("unexpected reply {other:?}"),
             )),
         }
@@ -475,13 +462,13 @@ impl ControlLoop {
             Ok(listener) => listener,
             Err(err) => {
                 // The primary granted it; it must hear that this worker will not use it.
-                self.send_control(None, &Control::CloseListener { listener: id });
+                self.send_control(None, &ToPrimary::CloseListener { listener: id });
                 return Err(err);
             }
         };
         if self.disconnecting_since.is_some() {
             if listener.core().shut() {
-                self.send_control(None, &Control::CloseListener { listener: id });
+                self.send_control(None, &ToPrimary::CloseListener { listener: id });
             }
             return Err(Error::Disconnecting);
         }
@@ -489,7 +476,7 @@ impl ControlLoop {
         let local_addr = granted.local_addr.clone();
         self.send_control(
             None,
-            &Control::Listening {
+            &ToPrimary::Listening {
                 listener: id,
                 local_addr,
             },
@@ -515,12 +502,12 @@ impl ControlLoop {
         self.disconnecting_since = Some(Instant::now());
         tracing::info!(?reason, "disconnecting");
         if reason.announce() {
-            self.send_control(None, &Control::Disconnecting);
+            self.send_control(None, &ToPrimary::Disconnecting);
         }
         for (id, listener) in std::mem::take(&mut self.listeners) {
             if let Some(core) = listener.upgrade() {
                 if core.shut() {
-                    self.send_control(None, &Control::CloseListener { listener: id });
+                    self.send_control(None, &ToPrimary::CloseListener { listener: id });
                 }
             }
         }
@@ -549,30 +536,38 @@ impl ControlLoop {
         }
     }
 
+    /// Exits the process with the worker's exit code, if the worker exits by itself.
     fn exit_if_asked(&mut self, why: &'static str) {
         if !self.worker.options.exit_when_disconnected {
             return;
         }
         self.flush_before_exit();
-        tracing::info!(why, "worker exiting");
-        std::process::exit(0);
+        let code = self.worker.exit_code();
+        tracing::info!(why, code, "worker exiting");
+        std::process::exit(code);
     }
 
-    /// Gives the frames still queued (say, `CloseListener`) a moment to leave.
+    /// Gives what is still queued a moment to leave: the application's messages waiting for
+    /// room in the channel (a disconnect from the primary or a signal does not wait behind
+    /// them), and the frames in the channel's own queue (say, `CloseListener`). Nothing the
+    /// application sent before the worker exits is dropped while the primary reads.
     fn flush_before_exit(&mut self) {
         let deadline = deadline_after(EXIT_FLUSH_TIMEOUT);
-        while self.channel_open && self.channel.wants_write() {
+        while self.channel_open {
+            let commands_done = self.run_commands();
             match self.channel.flush() {
-                Ok(true) | Err(_) => return,
-                Ok(false) => {}
+                Err(_) => return,
+                Ok(true) if commands_done => return,
+                Ok(_) => {}
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let Some(left) = cluster_ipc::deadline::left(deadline) else {
                 return;
-            }
-            let millis = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            };
             let mut fds = [PollFd::new(self.channel.as_fd(), PollFlags::POLLOUT)];
-            let _ = poll(&mut fds, PollTimeout::from(millis));
+            let _ = poll(
+                &mut fds,
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+            );
         }
     }
 
@@ -581,34 +576,8 @@ impl ControlLoop {
     fn finish(mut self) {
         self.requests.on_closed();
         self.complete_requests();
-        for command in self.worker.close_commands() {
-            fail_command(command, || Error::ChannelClosed);
-        }
-        self.worker.close_messages();
+        self.worker.close_channel(None);
         tracing::debug!("control thread finished");
-    }
-}
-
-fn fail_command(command: Command, error: impl Fn() -> Error) {
-    match command {
-        Command::Listen { reply, .. } => {
-            let _ = reply.try_send(Err(error()));
-        }
-        Command::Retire { reply } => {
-            let _ = reply.try_send(Err(error()));
-        }
-        Command::Send(_) | Command::Disconnect | Command::CloseListener(_) => {}
-    }
-}
-
-fn fail_pending(pending: Pending, error: Error) {
-    match pending {
-        Pending::Listen { reply, .. } => {
-            let _ = reply.try_send(Err(error));
-        }
-        Pending::Retire { reply } => {
-            let _ = reply.try_send(Err(error));
-        }
     }
 }
 
@@ -624,13 +593,12 @@ fn request_error(op: &'static str, err: cluster_ipc::Error, worker: &WorkerState
     }
 }
 
-fn expect_ack(frame: &Frame) -> Result<(), Error> {
-    match frame.decode::<Control>() {
-        Ok(Control::Ack) => Ok(()),
-        Ok(other) => Err(Error::protocol(
+fn expect_ack(reply: Envelope<ToWorker>) -> Result<(), Error> {
+    match reply.msg {
+        ToWorker::Ack => Ok(()),
+        other => Err(Error::protocol(
             "retiring",
             format!("unexpected reply {other:?}"),
         )),
-        Err(err) => Err(Error::protocol("retiring", error_chain(&err))),
     }
 }

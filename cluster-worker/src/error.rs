@@ -14,15 +14,17 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An environment variable of the worker contract is missing or malformed.
+    /// An environment variable of the worker contract (see [`cluster_ipc::env`]) is missing
+    /// or malformed.
     #[error("environment variable {var}: {reason}")]
     Env {
         /// The variable.
-        var: &'static str,
+        var: String,
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// [`Worker::start`](crate::Worker::start) was called a second time in this process.
+    /// [`Worker::start`](crate::Worker::start) was called again in a process where it had
+    /// already succeeded.
     #[error("the worker was already started in this process")]
     AlreadyStarted,
     /// The control channel failed.
@@ -69,7 +71,8 @@ pub enum Error {
     /// The worker is disconnecting, so it takes no new listeners.
     #[error("the worker is disconnecting")]
     Disconnecting,
-    /// The control channel is closed: the primary is gone (or broke the protocol).
+    /// The control channel is closed: the primary is gone, or broke the protocol
+    /// ([`Worker::channel_error`](crate::Worker::channel_error) says how).
     #[error("the control channel to the primary is closed")]
     ChannelClosed,
     /// A request to the primary got no answer in time.
@@ -80,15 +83,19 @@ pub enum Error {
         /// How long the worker waited.
         timeout: Duration,
     },
-    /// A user message does not fit in one frame of the control channel.
-    #[error("a message of at least {len} bytes does not fit the {max}-byte frame limit")]
+    /// A user message is longer than the message limit of the control channel (the limit
+    /// the primary announced in its `Welcome`, see
+    /// [`Worker::max_message_len`](crate::Worker::max_message_len)).
+    #[error("a message of {len} bytes or more exceeds the {max}-byte message limit")]
     MessageTooLarge {
-        /// The frame's length (or at least this much: encoding stops at the limit).
+        /// The message's encoded length, as sent (or at least this much: encoding stops at
+        /// the limit).
         len: usize,
-        /// The frame limit of the control channel.
+        /// The message limit.
         max: usize,
     },
-    /// Too many user messages wait to be sent: the primary is not reading.
+    /// Too many user messages wait to be sent: the primary has not been reading for as long
+    /// as [`Worker::send`](crate::Worker::send) waited for room.
     #[error("{queued} bytes of messages already wait for the primary (limit {max})")]
     SendQueueFull {
         /// Bytes waiting.
@@ -99,9 +106,6 @@ pub enum Error {
     /// A user message could not be encoded.
     #[error("could not encode a message")]
     Encode(#[source] postcard::Error),
-    /// A user message could not be decoded as the type asked for.
-    #[error("could not decode a message")]
-    Decode(#[source] postcard::Error),
     /// The listener is closed (by [`Listener::close`](crate::Listener::close), a disconnect, or
     /// the primary).
     #[error("the listener is closed")]
@@ -146,6 +150,25 @@ impl Error {
         }
     }
 
+    /// An error from encoding a user message: the limit and encoding failures are the
+    /// caller's, with this crate's own variants; anything else is the channel's.
+    pub(crate) fn from_encoding(err: cluster_ipc::Error) -> Error {
+        match err {
+            cluster_ipc::Error::MessageTooLarge { len, max } => Error::MessageTooLarge { len, max },
+            cluster_ipc::Error::Encode(source) => Error::Encode(source),
+            other => Error::Ipc(other),
+        }
+    }
+
+    /// An error from adopting the control channel: a bad environment keeps the variable's
+    /// name; anything else is the channel's.
+    pub(crate) fn from_adoption(err: cluster_ipc::Error) -> Error {
+        match err {
+            cluster_ipc::Error::Env { var, reason } => Error::Env { var, reason },
+            other => Error::Ipc(other),
+        }
+    }
+
     /// The [`io::ErrorKind`] this error converts to.
     pub fn kind(&self) -> io::ErrorKind {
         match self {
@@ -167,10 +190,9 @@ impl Error {
             | Error::MessageTooLarge { .. }
             | Error::Encode(_)
             | Error::OnControlThread { .. } => io::ErrorKind::InvalidInput,
-            Error::Ipc(_)
-            | Error::VersionMismatch { .. }
-            | Error::Protocol { .. }
-            | Error::Decode(_) => io::ErrorKind::InvalidData,
+            Error::Ipc(_) | Error::VersionMismatch { .. } | Error::Protocol { .. } => {
+                io::ErrorKind::InvalidData
+            }
         }
     }
 }

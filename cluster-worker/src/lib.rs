@@ -6,24 +6,29 @@
 //! [`Worker::listen`] as if it bound the address itself, and the primary answers. This crate
 //! is that worker side:
 //!
-//! - [`Worker::start`] adopts the control channel the primary passed down (its fd is named by
-//!   [`IPC_FD_ENV`], the worker's id and slot by [`WORKER_ID_ENV`] and [`WORKER_SLOT_ENV`]),
-//!   says `Hello`, and starts the worker's *control thread*, which owns the channel from then
-//!   on. [`Worker::connect`] does the same over a channel you already have (embedding,
-//!   tests).
+//! - [`Worker::start`] adopts the control channel and identity the primary passed down (the
+//!   environment contract of [`cluster_ipc::env`]: [`IPC_FD_ENV`], [`WORKER_ID_ENV`],
+//!   [`WORKER_SLOT_ENV`], [`PRIMARY_PID_ENV`]), says `Hello`, and starts the worker's
+//!   *control thread*, which owns the channel from then on and drives the worker's one state
+//!   machine (running, disconnecting, finished). [`Worker::connect`] does the same over a
+//!   typed channel you already have (embedding, tests).
 //! - [`Worker::listen`] returns a [`Listener`]: *round-robin* (the primary accepts and hands
 //!   connections down a handoff socket in acked batches) or *shared* (every worker accepts on
 //!   the one listening socket, one waiter woken per connection). Either gives [`Stream`]s,
 //!   blocking ([`Listener::accept`], [`Listener::incoming`]) or not
 //!   ([`Listener::try_accept`], and the listener is a `mio` event source).
 //! - [`Worker::send`] and [`Worker::recv_message`] / [`Worker::on_message`] carry the
-//!   application's own messages to and from the primary.
+//!   application's own messages ([`Message`]) to and from the primary, in order, up to the
+//!   message limit the primary announced, and never drop one: a full queue in either
+//!   direction holds the sender back instead (see [`Worker::send`] and
+//!   [`WorkerOptions::message_queue_len`]).
 //! - Disconnect: [`Worker::disconnect`], the primary's `Disconnect`, `SIGTERM`, or the end of
-//!   the control channel (the primary died) all take one path: the worker closes every
-//!   listener (a round-robin listener returns the connections it had not handed out, for the
-//!   primary to give to another worker), lets open connections finish, and exits the
-//!   process with code 0 once the last [`Stream`] is dropped, or at the drain timeout the
-//!   primary announced. [`Worker::retire`] asks the primary to start a replacement first.
+//!   the control channel (the primary died, or broke the protocol) all take one path: the
+//!   worker closes every listener (a round-robin listener returns the connections it had not
+//!   handed out, for the primary to give to another worker), lets open connections finish,
+//!   and exits the process once the last [`Stream`] is dropped, or at the drain timeout the
+//!   primary announced, with the code set by [`Worker::set_exit_code`] (0 unless set).
+//!   [`Worker::retire`] asks the primary to start a replacement first.
 //!
 //! Linux is the target: shared listeners use `EPOLLEXCLUSIVE` and are refused elsewhere
 //! ([`Error::Unsupported`]).
@@ -58,32 +63,40 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use cluster_ipc::proto::{Control, PROTOCOL_VERSION};
-//! use cluster_ipc::{Channel, Kind};
+//! use cluster_ipc::proto::{PROTOCOL_VERSION, PrimaryControl, ToPrimary, ToWorker};
+//! use cluster_ipc::{Channel, Limits, SlotId, UserMessage, WorkerId};
 //! use cluster_worker::{Worker, WorkerOptions};
 //!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let (mut primary, worker_end) = Channel::pair()?;
+//! type BoxError = Box<dyn std::error::Error + Send + Sync>;
+//!
+//! # fn main() -> Result<(), BoxError> {
+//! let (primary, worker_end) = Channel::pair()?;
+//! let mut primary = primary.into_protocol::<PrimaryControl>();
 //! let deadline = Some(Instant::now() + Duration::from_secs(5));
-//! let stand_in = std::thread::spawn(move || -> Result<String, cluster_ipc::Error> {
+//! let stand_in = std::thread::spawn(move || -> Result<String, BoxError> {
 //!     let hello = primary.recv(deadline)?;
-//!     let welcome = Control::Welcome {
+//!     let welcome = ToWorker::Welcome {
 //!         primary_pid: std::process::id(),
 //!         protocol_version: PROTOCOL_VERSION,
 //!         drain_timeout_ms: 5_000,
+//!         max_message_len: 16 << 20,
 //!     };
-//!     primary.send(Kind::Control, Some(hello.seq()), &welcome, &[])?;
-//!     primary.send(Kind::User, None, "hello, worker", &[])?;
-//!     let answer = primary.recv(deadline)?;
-//!     answer.decode::<String>()
+//!     primary.send(Some(hello.seq), &welcome, &[])?;
+//!     let greeting = UserMessage::encode("hello, worker", &Limits::default())?;
+//!     primary.send(None, &ToWorker::User(greeting), &[])?;
+//!     match primary.recv(deadline)?.msg {
+//!         ToPrimary::User(answer) => Ok(answer.decode::<String>()?),
+//!         other => Err(format!("expected a user message, got {other:?}").into()),
+//!     }
 //! });
 //!
 //! let options = WorkerOptions::new().exit_when_disconnected(false);
-//! let worker = Worker::connect(worker_end, 1, 0, options)?;
-//! let message = worker.recv_message(Duration::from_secs(5))?.expect("a message");
+//! let worker = Worker::connect(worker_end.into_protocol(), WorkerId(1), SlotId(0), options)?;
+//! let message = worker.recv_message(Duration::from_secs(5))?.ok_or("no message")?;
 //! assert_eq!(message.decode::<String>()?, "hello, worker");
 //! worker.send("hello, primary")?;
-//! assert_eq!(stand_in.join().expect("no panic")?, "hello, primary");
+//! let answer = stand_in.join().map_err(|_| "the stand-in panicked")??;
+//! assert_eq!(answer, "hello, primary");
 //!
 //! // The stand-in is gone, and with it the channel: the worker disconnects.
 //! assert!(worker.wait_disconnecting(Duration::from_secs(5)));
@@ -98,25 +111,20 @@
 mod control;
 mod error;
 mod listener;
-mod message;
 mod signal;
 mod state;
 mod stream;
 mod worker;
 
-pub use cluster_ipc::proto::{ListenMode, ListenerId};
+pub use cluster_ipc::env::{IPC_FD_ENV, PRIMARY_PID_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV};
+pub use cluster_ipc::proto::ListenMode;
+pub use cluster_ipc::{ListenerId, SlotId, WorkerId};
 pub use error::Error;
 pub use listener::{Incoming, Listener};
-pub use message::Message;
 pub use state::DisconnectReason;
 pub use stream::Stream;
 pub use worker::{Worker, WorkerOptions, is_worker};
 
-/// The environment variable holding the worker's id: a decimal `u64`, from 1.
-pub const WORKER_ID_ENV: &str = "CLUSTER_WORKER_ID";
-
-/// The environment variable holding the worker's slot: a decimal `u32`.
-pub const WORKER_SLOT_ENV: &str = "CLUSTER_WORKER_SLOT";
-
-/// The environment variable holding the fd number of the inherited control channel.
-pub const IPC_FD_ENV: &str = "CLUSTER_IPC_FD";
+/// A message from the primary, still encoded: [`decode`](Message::decode) it as the type the
+/// primary sent. The same type carries messages the other way inside the control protocol.
+pub use cluster_ipc::UserMessage as Message;

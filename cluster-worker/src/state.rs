@@ -1,21 +1,27 @@
-//! What the application's threads and the control thread share: the command queue, the
-//! open-connection count, the disconnect state and the message queue.
+//! What the application's threads and the control thread share: one state behind one lock.
+//!
+//! The control thread drives every transition of a worker ([`Phase`]: running, disconnecting,
+//! finished; the channel open or closed) and is the only one that reads the channel.
+//! Application threads only queue [`Command`]s, take messages, and wait, all of them on the
+//! one condition variable in [`WorkerState::wait_until`]. Every critical section is a few
+//! plain assignments: nothing blocks under the lock, no application callback runs under it,
+//! and nothing whose drop could want the lock (a [`Listener`], a callback) is dropped under
+//! it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::SyncSender;
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
-use cluster_ipc::proto::{ListenRequest, ListenerId};
+use cluster_ipc::proto::{Encoded, ListenRequest, ToPrimary};
+use cluster_ipc::{Limits, ListenerId, SlotId, WorkerId};
 
 use crate::listener::Listener;
-use crate::message::{Inbox, Message};
-use crate::{Error, WorkerOptions};
+use crate::{Error, Message, WorkerOptions};
 
-/// How many bytes of user messages may wait for the control thread.
+/// How many bytes of user messages may wait for the control thread to hand them to the
+/// channel (one message of any allowed size always may, when none waits).
 pub(crate) const MAX_QUEUED_SEND_BYTES: usize = 4 * 1024 * 1024;
 
 /// Why a worker is disconnecting.
@@ -46,74 +52,137 @@ impl DisconnectReason {
     }
 }
 
-/// What app threads ask the control thread to do.
+/// Where a worker is in its life. Only the control thread moves it, and only forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Connected and serving.
+    Running,
+    /// Listeners closed, open connections finishing.
+    Disconnecting(DisconnectReason),
+    /// The control thread has ended and released everything it held.
+    Finished(DisconnectReason),
+}
+
+impl Phase {
+    fn reason(self) -> Option<DisconnectReason> {
+        match self {
+            Phase::Running => None,
+            Phase::Disconnecting(reason) | Phase::Finished(reason) => Some(reason),
+        }
+    }
+}
+
+/// Names one request an application thread waits on; its answer comes back under it.
+pub(crate) type Ticket = u64;
+
+/// What application threads ask the control thread to do.
 pub(crate) enum Command {
-    /// Send an encoded user message.
-    Send(Vec<u8>),
-    /// Ask the primary to listen, and answer on `reply`.
+    /// Send a user message, already encoded (and checked against the message limit).
+    Send(Encoded<ToPrimary>),
+    /// Ask the primary to listen; answer under `ticket` with [`Answer::Listener`].
     Listen {
         request: ListenRequest,
         addr: SocketAddr,
-        reply: SyncSender<Result<Listener, Error>>,
+        ticket: Ticket,
     },
-    /// Ask the primary to start a replacement, then disconnect.
-    Retire {
-        reply: SyncSender<Result<(), Error>>,
-    },
+    /// Ask the primary to start a replacement, then disconnect; answer under `ticket` with
+    /// [`Answer::Retired`].
+    Retire { ticket: Ticket },
     /// Disconnect of the worker's own accord.
     Disconnect,
     /// The application closed a listener; tell the primary.
     CloseListener(ListenerId),
 }
 
-#[derive(Default)]
-struct Commands {
-    queue: VecDeque<Command>,
-    user_bytes: usize,
-    /// The control thread has stopped: nothing queued now would ever run.
-    closed: bool,
+impl Command {
+    /// The bytes this command counts against [`MAX_QUEUED_SEND_BYTES`].
+    pub(crate) fn send_bytes(&self) -> usize {
+        match self {
+            Command::Send(message) => message.body().len(),
+            _ => 0,
+        }
+    }
+
+    /// The ticket an application thread waits on for this command, if any.
+    fn ticket(&self) -> Option<Ticket> {
+        match self {
+            Command::Listen { ticket, .. } | Command::Retire { ticket } => Some(*ticket),
+            Command::Send(_) | Command::Disconnect | Command::CloseListener(_) => None,
+        }
+    }
+}
+
+/// The answer to a request an application thread waits on.
+pub(crate) enum Answer {
+    /// The listener the primary granted.
+    Listener(Listener),
+    /// The primary acked `Retire`.
+    Retired,
 }
 
 type DisconnectCallback = Box<dyn FnOnce(DisconnectReason) + Send>;
 type MessageCallback = Box<dyn Fn(Message) + Send>;
 
-#[derive(Default)]
-struct Lifecycle {
-    reason: Option<DisconnectReason>,
-    callbacks: Vec<DisconnectCallback>,
-    /// The control thread has finished and released everything it held.
-    finished: bool,
+/// Everything about a worker that changes, behind [`WorkerState`]'s one lock.
+struct Shared {
+    phase: Phase,
+    /// The control channel is open: commands can still run and messages still come.
+    channel_open: bool,
+    /// Why the channel closed, when it failed rather than ended.
+    channel_error: Option<Arc<cluster_ipc::Error>>,
+    /// Commands for the control thread, in order.
+    commands: VecDeque<Command>,
+    /// Bytes of user messages queued and not yet handed to the channel (including ones the
+    /// control thread has taken from `commands` and is working on).
+    queued_send_bytes: usize,
+    /// Requests application threads wait on: `None` until answered. A waiter that gives up
+    /// removes its entry, and an answer without an entry is dropped (a listener then closes).
+    answers: BTreeMap<Ticket, Option<Result<Answer, Error>>>,
+    next_ticket: Ticket,
+    /// Accepted connections still open.
+    open_connections: usize,
+    /// Messages from the primary waiting for `recv_message`, at most
+    /// `options.message_queue_len`.
+    inbox: VecDeque<Message>,
+    /// The control thread stopped reading the channel because the inbox is full; whoever
+    /// makes room must wake it.
+    reading_paused: bool,
+    /// Where messages go instead of the inbox. The control thread takes it out while it runs
+    /// it, so that it never runs under the lock.
+    message_callback: Option<MessageCallback>,
+    disconnect_callbacks: Vec<DisconnectCallback>,
+    /// How many listens on port 0 this worker made, for the next one's `index`.
+    port_zero_listens: u32,
+    /// The process's exit code when the worker exits by itself.
+    exit_code: i32,
+    control_thread: Option<ThreadId>,
+    control_join: Option<JoinHandle<()>>,
 }
 
-struct Messages {
-    inbox: Inbox,
-    callback: Option<MessageCallback>,
-    /// The control channel is closed: no more messages will come.
-    closed: bool,
+/// Who a worker is, and the terms the primary set in its `Welcome`.
+pub(crate) struct Identity {
+    pub(crate) id: WorkerId,
+    pub(crate) slot: SlotId,
+    pub(crate) primary_pid: u32,
+    pub(crate) drain_timeout: Duration,
+    /// The limits an outgoing user message is encoded under: the control channel's, with the
+    /// message limit the primary announced.
+    pub(crate) send_limits: Limits,
 }
 
 /// The state of one worker, shared by its handles, listeners, streams and control thread.
 pub(crate) struct WorkerState {
-    pub(crate) id: u64,
-    pub(crate) slot: u32,
+    pub(crate) id: WorkerId,
+    pub(crate) slot: SlotId,
     pub(crate) primary_pid: u32,
     pub(crate) drain_timeout: Duration,
+    pub(crate) send_limits: Limits,
     pub(crate) options: WorkerOptions,
-    /// The control channel's frame limit, to refuse an oversized message at `send`.
-    pub(crate) control_limits: cluster_ipc::Limits,
-    commands: Mutex<Commands>,
+    shared: Mutex<Shared>,
+    /// The one condition application threads wait on: notified on every change they may be
+    /// waiting for.
+    changed: Condvar,
     waker: mio::Waker,
-    connections: Mutex<usize>,
-    connections_changed: Condvar,
-    disconnecting: AtomicBool,
-    load_report_due: AtomicBool,
-    lifecycle: Mutex<Lifecycle>,
-    lifecycle_changed: Condvar,
-    messages: Mutex<Messages>,
-    message_arrived: Condvar,
-    port_zero_listens: AtomicU32,
-    control_thread: OnceLock<ThreadId>,
-    control_join: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (every critical
@@ -125,29 +194,6 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Waits on `condvar` until `done` holds or `deadline` passes; returns the guard and whether
-/// `done` held.
-fn wait_until<'a, T>(
-    condvar: &Condvar,
-    mut guard: MutexGuard<'a, T>,
-    deadline: Instant,
-    mut done: impl FnMut(&T) -> bool,
-) -> (MutexGuard<'a, T>, bool) {
-    loop {
-        if done(&guard) {
-            return (guard, true);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return (guard, false);
-        }
-        guard = condvar
-            .wait_timeout(guard, left)
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .0;
-    }
-}
-
 /// Runs an application callback on the control thread; a panic in it is logged and goes no
 /// further, so that one bad callback cannot take the worker's control thread down.
 fn run_callback(what: &'static str, callback: impl FnOnce()) {
@@ -156,25 +202,12 @@ fn run_callback(what: &'static str, callback: impl FnOnce()) {
     }
 }
 
-/// A deadline `timeout` from now, saturating far in the future instead of overflowing.
-pub(crate) fn deadline_after(timeout: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
-}
-
-pub(crate) struct Identity {
-    pub(crate) id: u64,
-    pub(crate) slot: u32,
-    pub(crate) primary_pid: u32,
-    pub(crate) drain_timeout: Duration,
-}
+pub(crate) use cluster_ipc::deadline::after as deadline_after;
 
 impl WorkerState {
     pub(crate) fn new(
         identity: Identity,
         options: WorkerOptions,
-        control_limits: cluster_ipc::Limits,
         waker: mio::Waker,
     ) -> WorkerState {
         WorkerState {
@@ -182,64 +215,60 @@ impl WorkerState {
             slot: identity.slot,
             primary_pid: identity.primary_pid,
             drain_timeout: identity.drain_timeout,
-            messages: Mutex::new(Messages {
-                inbox: Inbox::new(options.message_queue_len),
-                callback: None,
-                closed: false,
-            }),
+            send_limits: identity.send_limits,
             options,
-            control_limits,
-            commands: Mutex::default(),
+            shared: Mutex::new(Shared {
+                phase: Phase::Running,
+                channel_open: true,
+                channel_error: None,
+                commands: VecDeque::new(),
+                queued_send_bytes: 0,
+                answers: BTreeMap::new(),
+                next_ticket: 1,
+                open_connections: 0,
+                inbox: VecDeque::new(),
+                reading_paused: false,
+                message_callback: None,
+                disconnect_callbacks: Vec::new(),
+                port_zero_listens: 0,
+                exit_code: 0,
+                control_thread: None,
+                control_join: None,
+            }),
+            changed: Condvar::new(),
             waker,
-            connections: Mutex::new(0),
-            connections_changed: Condvar::new(),
-            disconnecting: AtomicBool::new(false),
-            load_report_due: AtomicBool::new(false),
-            lifecycle: Mutex::default(),
-            lifecycle_changed: Condvar::new(),
-            message_arrived: Condvar::new(),
-            port_zero_listens: AtomicU32::new(0),
-            control_thread: OnceLock::new(),
-            control_join: Mutex::new(None),
         }
     }
 
-    // ----- the control thread itself -----
-
-    /// Keeps the control thread's handle, for [`wait_finished`](Self::wait_finished) to join.
-    pub(crate) fn set_control_join_handle(&self, handle: JoinHandle<()>) {
-        *lock(&self.control_join) = Some(handle);
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        lock(&self.shared)
     }
 
-    /// Called by the control thread when it starts.
-    pub(crate) fn register_control_thread(&self) {
-        let _ = self.control_thread.set(std::thread::current().id());
-    }
-
-    /// True on the control thread, where waiting for the control thread would never end.
-    pub(crate) fn on_control_thread(&self) -> bool {
-        self.control_thread.get() == Some(&std::thread::current().id())
-    }
-
-    /// Called by the control thread as its very last step.
-    pub(crate) fn mark_finished(&self) {
-        lock(&self.lifecycle).finished = true;
-        self.lifecycle_changed.notify_all();
-    }
-
-    pub(crate) fn wait_finished(&self, deadline: Instant) -> bool {
-        let guard = lock(&self.lifecycle);
-        let (guard, finished) = wait_until(&self.lifecycle_changed, guard, deadline, |state| {
-            state.finished
-        });
-        drop(guard);
-        if finished && !self.on_control_thread() {
-            // The thread said it is done; joining makes sure it has dropped what it held.
-            if let Some(handle) = lock(&self.control_join).take() {
-                let _ = handle.join();
+    /// Waits, holding `shared` between checks, until `done` holds or `deadline` passes;
+    /// returns the guard and whether `done` held. The one place an application thread waits.
+    fn wait_until<'a>(
+        &'a self,
+        mut shared: MutexGuard<'a, Shared>,
+        deadline: Instant,
+        mut done: impl FnMut(&Shared) -> bool,
+    ) -> (MutexGuard<'a, Shared>, bool) {
+        loop {
+            if done(&shared) {
+                return (shared, true);
             }
+            let Some(left) = cluster_ipc::deadline::left(deadline) else {
+                return (shared, false);
+            };
+            shared = self
+                .changed
+                .wait_timeout(shared, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
         }
-        finished
+    }
+
+    fn notify(&self) {
+        self.changed.notify_all();
     }
 
     fn wake(&self) {
@@ -248,136 +277,276 @@ impl WorkerState {
         }
     }
 
+    // ----- the control thread itself -----
+
+    /// Keeps the control thread's handle, for [`wait_finished`](Self::wait_finished) to join.
+    pub(crate) fn set_control_join_handle(&self, handle: JoinHandle<()>) {
+        self.lock().control_join = Some(handle);
+    }
+
+    /// Called by the control thread when it starts.
+    pub(crate) fn register_control_thread(&self) {
+        self.lock().control_thread = Some(std::thread::current().id());
+    }
+
+    /// True on the control thread, where waiting for the control thread would never end.
+    pub(crate) fn on_control_thread(&self) -> bool {
+        is_control_thread(&self.lock())
+    }
+
+    /// The control thread's very last step: the worker is finished, and every request still
+    /// waiting fails.
+    pub(crate) fn mark_finished(&self) {
+        let mut shared = self.lock();
+        let reason = shared
+            .phase
+            .reason()
+            .unwrap_or(DisconnectReason::ChannelClosed);
+        shared.phase = Phase::Finished(reason);
+        shared.channel_open = false;
+        for answer in shared.answers.values_mut() {
+            answer.get_or_insert(Err(Error::ChannelClosed));
+        }
+        drop(shared);
+        self.notify();
+    }
+
+    pub(crate) fn wait_finished(&self, deadline: Instant) -> bool {
+        let shared = self.lock();
+        let (mut shared, finished) =
+            self.wait_until(shared, deadline, |s| matches!(s.phase, Phase::Finished(_)));
+        let handle = if finished && !is_control_thread(&shared) {
+            shared.control_join.take()
+        } else {
+            None
+        };
+        drop(shared);
+        // The thread said it is done; joining makes sure it has dropped what it held.
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+        finished
+    }
+
     // ----- commands -----
 
-    /// Queues a command for the control thread and wakes it.
+    /// Queues a command for the control thread, and wakes it if the queue was empty. A queue
+    /// that was not empty needs no wake-up: whoever made it non-empty woke the thread, which
+    /// has either not taken the queue since, or put commands back for want of room in the
+    /// channel and comes back to them when the channel drains.
     pub(crate) fn push(&self, command: Command) -> Result<(), Error> {
-        let mut commands = lock(&self.commands);
-        if commands.closed {
+        let shared = self.lock();
+        if !shared.channel_open {
             return Err(Error::ChannelClosed);
         }
-        if let Command::Send(body) = &command {
-            let queued = commands.user_bytes;
-            if queued + body.len() > MAX_QUEUED_SEND_BYTES && queued > 0 {
-                return Err(Error::SendQueueFull {
-                    queued,
-                    max: MAX_QUEUED_SEND_BYTES,
-                });
-            }
-            commands.user_bytes += body.len();
-        }
-        commands.queue.push_back(command);
-        drop(commands);
-        self.wake();
+        self.push_locked(shared, command);
         Ok(())
     }
 
-    pub(crate) fn pop_command(&self) -> Option<Command> {
-        let mut commands = lock(&self.commands);
-        let command = commands.queue.pop_front()?;
-        if let Command::Send(body) = &command {
-            commands.user_bytes -= body.len();
+    fn push_locked(&self, mut shared: MutexGuard<'_, Shared>, command: Command) {
+        let was_empty = shared.commands.is_empty();
+        shared.queued_send_bytes += command.send_bytes();
+        shared.commands.push_back(command);
+        drop(shared);
+        if was_empty {
+            self.wake();
         }
-        Some(command)
     }
 
-    /// Puts back a command the control thread could not carry out yet, keeping its place.
-    pub(crate) fn unpop_command(&self, command: Command) {
-        let mut commands = lock(&self.commands);
-        if let Command::Send(body) = &command {
-            commands.user_bytes += body.len();
+    /// Queues a user message, waiting until `deadline` for room while too much waits
+    /// already. On the control thread (from a callback) it never waits: only that thread
+    /// makes room.
+    pub(crate) fn push_message(
+        &self,
+        message: Encoded<ToPrimary>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let len = message.body().len();
+        let has_room = |shared: &Shared| {
+            shared.queued_send_bytes == 0 || shared.queued_send_bytes + len <= MAX_QUEUED_SEND_BYTES
+        };
+        let shared = self.lock();
+        let deadline = if is_control_thread(&shared) {
+            Instant::now()
+        } else {
+            deadline
+        };
+        let (shared, _) = self.wait_until(shared, deadline, |s| !s.channel_open || has_room(s));
+        if !shared.channel_open {
+            return Err(Error::ChannelClosed);
         }
-        commands.queue.push_front(command);
+        if !has_room(&shared) {
+            return Err(Error::SendQueueFull {
+                queued: shared.queued_send_bytes,
+                max: MAX_QUEUED_SEND_BYTES,
+            });
+        }
+        self.push_locked(shared, Command::Send(message));
+        Ok(())
     }
 
-    /// Refuses every later command and hands back the ones still queued.
-    pub(crate) fn close_commands(&self) -> VecDeque<Command> {
-        let mut commands = lock(&self.commands);
-        commands.closed = true;
-        commands.user_bytes = 0;
-        std::mem::take(&mut commands.queue)
+    /// Queues a request and returns the ticket its answer will come under.
+    pub(crate) fn push_request(
+        &self,
+        command: impl FnOnce(Ticket) -> Command,
+    ) -> Result<Ticket, Error> {
+        let mut shared = self.lock();
+        if !shared.channel_open {
+            return Err(Error::ChannelClosed);
+        }
+        let ticket = shared.next_ticket;
+        shared.next_ticket += 1;
+        shared.answers.insert(ticket, None);
+        self.push_locked(shared, command(ticket));
+        Ok(ticket)
+    }
+
+    /// Waits until `deadline` for the answer under `ticket`; gives up on it after that (a
+    /// late answer is dropped). `None` if none came.
+    pub(crate) fn wait_answer(
+        &self,
+        ticket: Ticket,
+        deadline: Instant,
+    ) -> Option<Result<Answer, Error>> {
+        let shared = self.lock();
+        let (mut shared, _) = self.wait_until(shared, deadline, |s| {
+            !matches!(s.answers.get(&ticket), Some(None))
+        });
+        let entry = shared.answers.remove(&ticket);
+        drop(shared);
+        // A missing entry cannot happen (only this waiter removes it); say the channel closed.
+        entry.unwrap_or(Some(Err(Error::ChannelClosed)))
+    }
+
+    /// Hands the answer to the thread waiting under `ticket`. If that thread gave up, the
+    /// answer is dropped here, outside the lock: a listener closes itself (and queues a
+    /// command) when dropped.
+    pub(crate) fn answer(&self, ticket: Ticket, answer: Result<Answer, Error>) {
+        let mut shared = self.lock();
+        let unclaimed = match shared.answers.get_mut(&ticket) {
+            Some(slot) => {
+                *slot = Some(answer);
+                None
+            }
+            None => Some(answer),
+        };
+        drop(shared);
+        self.notify();
+        drop(unclaimed);
+    }
+
+    /// Takes every queued command, in order, for the control thread. Their bytes stay
+    /// counted as queued until [`commands_done`](Self::commands_done).
+    pub(crate) fn take_commands(&self) -> VecDeque<Command> {
+        std::mem::take(&mut self.lock().commands)
+    }
+
+    /// The control thread is done with what it took: `sent_bytes` of user messages left the
+    /// queue, and `unsent` (which the channel had no room for yet) go back to its front, in
+    /// order.
+    pub(crate) fn commands_done(&self, mut unsent: VecDeque<Command>, sent_bytes: usize) {
+        let mut shared = self.lock();
+        shared.queued_send_bytes = shared.queued_send_bytes.saturating_sub(sent_bytes);
+        if shared.channel_open {
+            unsent.append(&mut shared.commands);
+            shared.commands = unsent;
+            unsent = VecDeque::new();
+        }
+        let failed = fail_tickets(&mut shared, &unsent);
+        drop(shared);
+        if sent_bytes > 0 || failed {
+            self.notify();
+        }
     }
 
     /// The `index` of the next listen on port 0.
     pub(crate) fn next_port_zero_index(&self) -> u32 {
-        self.port_zero_listens.fetch_add(1, Ordering::Relaxed)
+        let mut shared = self.lock();
+        let index = shared.port_zero_listens;
+        shared.port_zero_listens += 1;
+        index
+    }
+
+    // ----- the channel -----
+
+    /// The control channel is closed (`error` says why, when it failed rather than ended):
+    /// every later command is refused, every queued one fails, and no more messages come.
+    /// Drops the message callback too: it may hold a [`Worker`] handle, and with it this
+    /// state, which would otherwise never be freed.
+    ///
+    /// [`Worker`]: crate::Worker
+    pub(crate) fn close_channel(&self, error: Option<cluster_ipc::Error>) {
+        let mut shared = self.lock();
+        shared.channel_open = false;
+        if shared.channel_error.is_none() {
+            shared.channel_error = error.map(Arc::new);
+        }
+        let commands = std::mem::take(&mut shared.commands);
+        fail_tickets(&mut shared, &commands);
+        shared.queued_send_bytes = 0;
+        shared.reading_paused = false;
+        let callback = shared.message_callback.take();
+        drop(shared);
+        self.notify();
+        drop((commands, callback));
+    }
+
+    pub(crate) fn channel_error(&self) -> Option<Arc<cluster_ipc::Error>> {
+        self.lock().channel_error.clone()
     }
 
     // ----- open connections -----
 
     pub(crate) fn connection_opened(&self) {
-        *lock(&self.connections) += 1;
-        self.load_changed();
+        self.lock().open_connections += 1;
     }
 
     pub(crate) fn connection_closed(&self) {
-        let mut open = lock(&self.connections);
-        *open = open.saturating_sub(1);
-        let idle = *open == 0;
-        drop(open);
+        let mut shared = self.lock();
+        shared.open_connections = shared.open_connections.saturating_sub(1);
+        let idle = shared.open_connections == 0;
+        let disconnecting = shared.phase != Phase::Running;
+        drop(shared);
         if idle {
-            self.connections_changed.notify_all();
+            self.notify();
             // A disconnecting worker exits when it is idle; its control thread decides.
-            if self.is_disconnecting() {
+            if disconnecting {
                 self.wake();
             }
         }
-        self.load_changed();
-    }
-
-    /// Asks the control thread for a load report, once per batch of changes.
-    fn load_changed(&self) {
-        if self.options.load_reports == Some(true)
-            && !self.load_report_due.swap(true, Ordering::AcqRel)
-        {
-            self.wake();
-        }
-    }
-
-    /// True (once) when the open-connection count changed since the last call.
-    pub(crate) fn take_load_report_due(&self) -> bool {
-        self.load_report_due.swap(false, Ordering::AcqRel)
-    }
-
-    /// Whether a load report waits (without taking it).
-    pub(crate) fn load_report_due(&self) -> bool {
-        self.load_report_due.load(Ordering::Acquire)
     }
 
     pub(crate) fn open_connections(&self) -> usize {
-        *lock(&self.connections)
+        self.lock().open_connections
     }
 
     pub(crate) fn wait_idle(&self, deadline: Instant) -> bool {
-        let guard = lock(&self.connections);
-        wait_until(&self.connections_changed, guard, deadline, |open| {
-            *open == 0
-        })
-        .1
+        let shared = self.lock();
+        self.wait_until(shared, deadline, |s| s.open_connections == 0)
+            .1
     }
 
-    // ----- disconnect -----
+    // ----- disconnect and exit -----
 
     pub(crate) fn is_disconnecting(&self) -> bool {
-        self.disconnecting.load(Ordering::Acquire)
+        self.lock().phase != Phase::Running
     }
 
     pub(crate) fn disconnect_reason(&self) -> Option<DisconnectReason> {
-        lock(&self.lifecycle).reason
+        self.lock().phase.reason()
     }
 
-    /// Records that the worker is disconnecting (once) and runs the callbacks. Returns false
-    /// if it already was.
+    /// Moves the worker to disconnecting (once) and runs the callbacks. Returns false if it
+    /// already was.
     pub(crate) fn publish_disconnect(&self, reason: DisconnectReason) -> bool {
-        let mut lifecycle = lock(&self.lifecycle);
-        if lifecycle.reason.is_some() {
+        let mut shared = self.lock();
+        if shared.phase != Phase::Running {
             return false;
         }
-        lifecycle.reason = Some(reason);
-        let callbacks = std::mem::take(&mut lifecycle.callbacks);
-        self.disconnecting.store(true, Ordering::Release);
-        drop(lifecycle);
-        self.lifecycle_changed.notify_all();
+        shared.phase = Phase::Disconnecting(reason);
+        let callbacks = std::mem::take(&mut shared.disconnect_callbacks);
+        drop(shared);
+        self.notify();
         for callback in callbacks {
             run_callback("disconnect", || callback(reason));
         }
@@ -385,72 +554,132 @@ impl WorkerState {
     }
 
     pub(crate) fn on_disconnect(&self, callback: DisconnectCallback) {
-        let mut lifecycle = lock(&self.lifecycle);
-        match lifecycle.reason {
+        let mut shared = self.lock();
+        match shared.phase.reason() {
             Some(reason) => {
-                drop(lifecycle);
+                drop(shared);
                 callback(reason);
             }
-            None => lifecycle.callbacks.push(callback),
+            None => shared.disconnect_callbacks.push(callback),
         }
     }
 
     pub(crate) fn wait_disconnecting(&self, deadline: Instant) -> bool {
-        let guard = lock(&self.lifecycle);
-        wait_until(&self.lifecycle_changed, guard, deadline, |state| {
-            state.reason.is_some()
-        })
-        .1
+        let shared = self.lock();
+        self.wait_until(shared, deadline, |s| s.phase != Phase::Running)
+            .1
     }
 
-    // ----- messages -----
+    pub(crate) fn set_exit_code(&self, code: i32) {
+        self.lock().exit_code = code;
+    }
 
-    /// Hands a message from the primary to the callback, or queues it.
-    pub(crate) fn deliver(&self, message: Message) {
-        let mut messages = lock(&self.messages);
-        let Some(callback) = messages.callback.take() else {
-            messages.inbox.push(message);
-            drop(messages);
-            self.message_arrived.notify_one();
-            return;
+    pub(crate) fn exit_code(&self) -> i32 {
+        self.lock().exit_code
+    }
+
+    // ----- messages from the primary -----
+
+    /// True when the control thread may read the channel: a message callback takes
+    /// messages, or the inbox has room. If not, the reader is marked paused, so that the
+    /// thread that makes room wakes the control thread.
+    pub(crate) fn may_read_messages(&self) -> bool {
+        let mut shared = self.lock();
+        let full = shared.message_callback.is_none() && shared.inbox.len() >= self.inbox_capacity();
+        shared.reading_paused = full;
+        !full
+    }
+
+    /// Hands a message from the primary to the callback, or queues it. Returns
+    /// [`may_read_messages`](Self::may_read_messages) afterwards.
+    pub(crate) fn deliver(&self, message: Message) -> bool {
+        let mut shared = self.lock();
+        let Some(callback) = shared.message_callback.take() else {
+            shared.inbox.push_back(message);
+            let full = shared.inbox.len() >= self.inbox_capacity();
+            shared.reading_paused = full;
+            drop(shared);
+            self.notify();
+            return !full;
         };
         // Never run application code under a lock it could want.
-        drop(messages);
+        drop(shared);
         run_callback("message", || callback(message));
-        let mut messages = lock(&self.messages);
-        if messages.callback.is_none() {
-            messages.callback = Some(callback);
-        }
+        let mut shared = self.lock();
+        // The application may have set another callback meanwhile; the newer one stays.
+        let replaced = if shared.message_callback.is_none() && shared.channel_open {
+            shared.message_callback = Some(callback);
+            None
+        } else {
+            Some(callback)
+        };
+        drop(shared);
+        drop(replaced);
+        true
     }
 
     pub(crate) fn set_message_callback(&self, callback: MessageCallback) {
-        lock(&self.messages).callback = Some(callback);
-    }
-
-    /// No more messages will come. Drops the callback too: it may hold a [`Worker`]
-    /// handle, and with it this state, which would otherwise never be freed.
-    ///
-    /// [`Worker`]: crate::Worker
-    pub(crate) fn close_messages(&self) {
-        let mut messages = lock(&self.messages);
-        messages.closed = true;
-        let callback = messages.callback.take();
-        drop(messages);
-        self.message_arrived.notify_all();
-        drop(callback);
-    }
-
-    pub(crate) fn recv_message(&self, deadline: Instant) -> Result<Option<Message>, Error> {
-        let guard = lock(&self.messages);
-        let (mut messages, _) = wait_until(&self.message_arrived, guard, deadline, |state| {
-            state.closed || !state.inbox.is_empty()
-        });
-        match messages.inbox.pop() {
-            Some(message) => Ok(Some(message)),
-            None if messages.closed => Err(Error::ChannelClosed),
-            None => Ok(None),
+        let mut shared = self.lock();
+        if !shared.channel_open {
+            // No message will come; keeping the callback would only keep what it holds.
+            drop(shared);
+            drop(callback);
+            return;
+        }
+        let previous = shared.message_callback.replace(callback);
+        let resume = std::mem::take(&mut shared.reading_paused);
+        drop(shared);
+        drop(previous);
+        if resume {
+            self.wake();
         }
     }
+
+    /// The next message from the primary, waiting until `deadline`; an error once the channel
+    /// is closed and the inbox empty. Taking a message from a full inbox lets the control
+    /// thread read on, once the inbox is down to half (so that it reads in batches, not one
+    /// message per wake-up).
+    pub(crate) fn recv_message(&self, deadline: Instant) -> Result<Option<Message>, Error> {
+        let shared = self.lock();
+        let (mut shared, _) =
+            self.wait_until(shared, deadline, |s| !s.inbox.is_empty() || !s.channel_open);
+        let Some(message) = shared.inbox.pop_front() else {
+            return if shared.channel_open {
+                Ok(None)
+            } else {
+                Err(Error::ChannelClosed)
+            };
+        };
+        let resume = shared.reading_paused && shared.inbox.len() <= self.inbox_capacity() / 2;
+        if resume {
+            shared.reading_paused = false;
+        }
+        drop(shared);
+        if resume {
+            self.wake();
+        }
+        Ok(Some(message))
+    }
+
+    fn inbox_capacity(&self) -> usize {
+        self.options.message_queue_len.max(1)
+    }
+}
+
+fn is_control_thread(shared: &Shared) -> bool {
+    shared.control_thread == Some(std::thread::current().id())
+}
+
+/// Fails the requests of `commands` that will never run; true if there were any.
+fn fail_tickets(shared: &mut Shared, commands: &VecDeque<Command>) -> bool {
+    let mut failed = false;
+    for ticket in commands.iter().filter_map(Command::ticket) {
+        if let Some(slot) = shared.answers.get_mut(&ticket) {
+            slot.get_or_insert(Err(Error::ChannelClosed));
+            failed = true;
+        }
+    }
+    failed
 }
 
 impl std::fmt::Debug for WorkerState {
@@ -459,7 +688,7 @@ impl std::fmt::Debug for WorkerState {
             .field("id", &self.id)
             .field("slot", &self.slot)
             .field("primary_pid", &self.primary_pid)
-            .field("disconnecting", &self.is_disconnecting())
+            .field("phase", &self.lock().phase)
             .finish_non_exhaustive()
     }
 }

@@ -3,7 +3,7 @@
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::ops::Deref;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use crate::state::WorkerState;
@@ -119,28 +119,6 @@ impl Write for &Stream {
     }
 }
 
-/// Registers the connection's socket, for a stream made non-blocking (as
-/// [`Listener::try_accept`](crate::Listener::try_accept) returns it).
-impl mio::event::Source for Stream {
-    fn register(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        mio::unix::SourceFd(&self.tcp.as_raw_fd()).register(registry, token, interests)
-    }
-
-    fn reregister(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        mio::unix::SourceFd(&self.tcp.as_raw_fd()).reregister(registry, token, interests)
-    }
-
-    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
-        mio::unix::SourceFd(&self.tcp.as_raw_fd()).deregister(registry)
-    }
-}
+// Registers the connection's socket, for a stream made non-blocking (as
+// `Listener::try_accept` returns it).
+cluster_ipc::impl_fd_source!(Stream, |stream| stream.tcp);

@@ -2,21 +2,22 @@
 //! application calls.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use cluster_ipc::frame::HEADER_LEN;
-use cluster_ipc::proto::{Control, ListenAddr, ListenMode, ListenRequest, PROTOCOL_VERSION};
-use cluster_ipc::{Channel, Kind, Limits, encode_message};
+use cluster_ipc::proto::{
+    Encoded, ListenAddr, ListenMode, ListenRequest, PROTOCOL_VERSION, ToPrimary, ToWorker,
+    WorkerControl,
+};
+use cluster_ipc::{Channel, Limits, SlotId, UserMessage, WorkerId};
 use serde::Serialize;
 
 use crate::control::{ControlLoop, WAKER};
 use crate::listener::Listener;
-use crate::message::Message;
-use crate::state::{Command, DisconnectReason, Identity, WorkerState, deadline_after};
-use crate::{Error, IPC_FD_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV};
+use crate::state::{
+    Answer, Command, DisconnectReason, Identity, Ticket, WorkerState, deadline_after, lock,
+};
+use crate::{Error, Message};
 
 /// How much longer than the request timeout an application thread waits for the control
 /// thread, which enforces the timeout itself and normally answers first.
@@ -25,10 +26,12 @@ const REPLY_GRACE: Duration = Duration::from_secs(1);
 /// How long [`Worker::disconnect`] waits for the control thread to close the listeners.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(10);
 
-/// Set by the first [`Worker::start`] of this process.
-static STARTED: AtomicBool = AtomicBool::new(false);
+/// Held for the whole of a [`Worker::start`], so that two threads starting at once adopt the
+/// channel once between them and the second hears [`Error::AlreadyStarted`].
+static STARTING: Mutex<()> = Mutex::new(());
 
-/// The worker [`Worker::start`] started, for [`Worker::current`].
+/// The worker [`Worker::start`] started, for [`Worker::current`]; set only by a start that
+/// succeeded, so that a failed one does not make the next say [`Error::AlreadyStarted`].
 static CURRENT: OnceLock<Worker> = OnceLock::new();
 
 /// How a worker talks to its primary and when it exits.
@@ -48,7 +51,6 @@ pub struct WorkerOptions {
     pub(crate) request_timeout: Duration,
     pub(crate) exit_when_disconnected: bool,
     pub(crate) handle_sigterm: Option<bool>,
-    pub(crate) load_reports: Option<bool>,
     pub(crate) message_queue_len: usize,
 }
 
@@ -59,7 +61,6 @@ impl Default for WorkerOptions {
             request_timeout: Duration::from_secs(10),
             exit_when_disconnected: true,
             handle_sigterm: None,
-            load_reports: None,
             message_queue_len: 1024,
         }
     }
@@ -67,8 +68,8 @@ impl Default for WorkerOptions {
 
 impl WorkerOptions {
     /// The defaults: 10 s for the handshake and for each request, exit once disconnected and
-    /// idle, `SIGTERM` handled and load reported by [`Worker::start`] (not by
-    /// [`Worker::connect`]), up to 1024 unread messages.
+    /// idle, `SIGTERM` handled by [`Worker::start`] (not by [`Worker::connect`]), up to 1024
+    /// unread messages before the worker stops reading its channel.
     pub fn new() -> WorkerOptions {
         WorkerOptions::default()
     }
@@ -80,16 +81,18 @@ impl WorkerOptions {
         self
     }
 
-    /// How long to wait for the primary's answer to a request (listen, retire).
+    /// How long to wait for the primary's answer to a request (listen, retire), and how long
+    /// [`Worker::send`] waits for room in a full send queue.
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> WorkerOptions {
         self.request_timeout = timeout;
         self
     }
 
-    /// Whether the worker exits the process (code 0) by itself once it is disconnecting and
-    /// its last connection closed, or at the drain timeout. On by default; embedders and
-    /// tests that want to keep the process turn it off and use [`Worker::wait_idle`].
+    /// Whether the worker exits the process by itself once it is disconnecting and its last
+    /// connection closed, or at the drain timeout, with the code set by
+    /// [`Worker::set_exit_code`] (0 unless set). On by default; embedders and tests that
+    /// want to keep the process turn it off and use [`Worker::wait_idle`].
     #[must_use]
     pub fn exit_when_disconnected(mut self, exit: bool) -> WorkerOptions {
         self.exit_when_disconnected = exit;
@@ -104,17 +107,13 @@ impl WorkerOptions {
         self
     }
 
-    /// Whether the worker tells the primary how many connections it has open (`LoadReport`,
-    /// at most one every 10 ms, when the count changed), for least-connections dispatch. By
-    /// default [`Worker::start`] does and [`Worker::connect`] does not.
-    #[must_use]
-    pub fn load_reports(mut self, report: bool) -> WorkerOptions {
-        self.load_reports = Some(report);
-        self
-    }
-
-    /// How many messages from the primary may wait for [`Worker::recv_message`]; beyond it
-    /// the oldest is dropped (with a warning).
+    /// How many messages from the primary may wait for [`Worker::recv_message`] (at least
+    /// one). No message is ever dropped: once this many wait, the worker stops reading its
+    /// control channel until the application takes some (it reads on once half of them are
+    /// taken), and the primary holds the rest in its send queue, refusing its own senders
+    /// when that fills. While the worker does not read, it does not see the primary's other
+    /// messages (replies, heartbeats, `Disconnect`) either, so an application that leaves
+    /// messages unread should set an [`on_message`](Worker::on_message) callback instead.
     #[must_use]
     pub fn message_queue_len(mut self, len: usize) -> WorkerOptions {
         self.message_queue_len = len.max(1);
@@ -122,10 +121,11 @@ impl WorkerOptions {
     }
 }
 
-/// True when this process was started as a cluster worker (the control channel's fd is named
-/// in [`IPC_FD_ENV`]).
+/// True when this process is a cluster worker: it was started by a primary and has not
+/// adopted its channel yet ([`cluster_ipc::env::is_worker`]), or [`Worker::start`] succeeded
+/// in it (adoption takes the contract's variables out of the environment).
 pub fn is_worker() -> bool {
-    std::env::var_os(IPC_FD_ENV).is_some()
+    CURRENT.get().is_some() || cluster_ipc::env::is_worker()
 }
 
 /// A running worker: a cheap, cloneable handle shared by the application's threads.
@@ -142,40 +142,40 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts the worker side of this process, once: reads [`WORKER_ID_ENV`] and
-    /// [`WORKER_SLOT_ENV`], adopts the control channel named by [`IPC_FD_ENV`], says `Hello`
-    /// and starts the control thread, with `SIGTERM` handled unless the options say otherwise.
+    /// Starts the worker side of this process, once: adopts the control channel and the
+    /// worker's identity from the environment the primary set up
+    /// ([`cluster_ipc::env::adopt_worker`], which also takes those variables out of the
+    /// environment), says `Hello` and starts the control thread, with `SIGTERM` handled
+    /// unless the options say otherwise. Call it early in `main`, before the program starts
+    /// threads of its own.
     ///
-    /// Returns `Ok(None)` when this process is not a worker. A second call in one process
-    /// fails with [`Error::AlreadyStarted`] ([`Worker::current`] returns the first one's
+    /// Returns `Ok(None)` when this process is not a worker, or no longer looks like one (an
+    /// earlier start failed after taking the variables). A second call after a successful
+    /// one fails with [`Error::AlreadyStarted`] ([`Worker::current`] returns the first one's
     /// worker).
     pub fn start(options: WorkerOptions) -> Result<Option<Worker>, Error> {
-        if !is_worker() {
-            return Ok(None);
-        }
-        if STARTED.swap(true, Ordering::AcqRel) {
+        let _starting = lock(&STARTING);
+        if CURRENT.get().is_some() {
             return Err(Error::AlreadyStarted);
         }
-        let id: u64 = env_number(WORKER_ID_ENV)?;
-        if id == 0 {
-            return Err(Error::Env {
-                var: WORKER_ID_ENV,
-                reason: "worker ids start at 1",
-            });
-        }
-        let slot: u32 = env_number(WORKER_SLOT_ENV)?;
-        let channel = cluster_ipc::process::adopt_from_env(IPC_FD_ENV, Limits::default())?.ok_or(
-            Error::Env {
-                var: IPC_FD_ENV,
-                reason: "not set",
-            },
-        )?;
+        let adopted =
+            cluster_ipc::env::adopt_worker(Limits::default()).map_err(Error::from_adoption)?;
+        let Some((identity, channel)) = adopted else {
+            return Ok(None);
+        };
         let options = WorkerOptions {
             handle_sigterm: Some(options.handle_sigterm.unwrap_or(true)),
-            load_reports: Some(options.load_reports.unwrap_or(true)),
             ..options
         };
-        let worker = Worker::connect(channel, id, slot, options)?;
+        let worker = Worker::connect(channel, identity.id, identity.slot, options)?;
+        if worker.primary_pid() != identity.primary_pid {
+            tracing::warn!(
+                environment = identity.primary_pid,
+                welcome = worker.primary_pid(),
+                "the primary's Welcome names another process id than the environment"
+            );
+        }
+        // Cannot be set already: `STARTING` is held and it was empty above.
         let _ = CURRENT.set(worker.clone());
         Ok(Some(worker))
     }
@@ -185,18 +185,21 @@ impl Worker {
         CURRENT.get().cloned()
     }
 
-    /// Runs the worker side over a channel that is already open, with no environment: says
-    /// `Hello` as worker `id` in `slot` and starts the control thread. This is for embedding
-    /// (a process that gets its channel some other way) and for tests, which drive it against
-    /// a primary of their own in the same process. `SIGTERM` is handled only if the options
-    /// ask for it.
+    /// Runs the worker side over a control channel that is already open, with no
+    /// environment: says `Hello` as worker `id` in `slot` and starts the control thread.
+    /// This is for embedding (a process that gets its channel some other way) and for tests,
+    /// which drive it against a primary of their own in the same process. `SIGTERM` is
+    /// handled only if the options ask for it.
     pub fn connect(
-        mut channel: Channel,
-        id: u64,
-        slot: u32,
+        mut channel: Channel<WorkerControl>,
+        id: WorkerId,
+        slot: SlotId,
         options: WorkerOptions,
     ) -> Result<Worker, Error> {
         let welcome = handshake(&mut channel, id, options.handshake_timeout)?;
+        // Both ends go by the primary's limit from now on, for what they send and accept.
+        let announced = usize::try_from(welcome.max_message_len).unwrap_or(usize::MAX);
+        channel.set_max_message_len(announced).map_err(Error::Ipc)?;
         let poll = mio::Poll::new().map_err(|err| Error::io("epoll_create", err))?;
         let waker = mio::Waker::new(poll.registry(), WAKER)
             .map_err(|err| Error::io("eventfd (waker)", err))?;
@@ -205,23 +208,19 @@ impl Worker {
             slot,
             primary_pid: welcome.primary_pid,
             drain_timeout: welcome.drain_timeout,
+            send_limits: *channel.limits(),
         };
         let handle_sigterm = options.handle_sigterm.unwrap_or(false);
-        let options = WorkerOptions {
-            load_reports: Some(options.load_reports.unwrap_or(false)),
-            ..options
-        };
-        let limits = *channel.limits();
-        let state = Arc::new(WorkerState::new(identity, options, limits, waker));
+        let state = Arc::new(WorkerState::new(identity, options, waker));
         let control = ControlLoop::new(Arc::clone(&state), poll, channel, handle_sigterm)?;
         let handle = std::thread::Builder::new()
-            .name(format!("cluster-worker-{id}"))
+            .name(format!("cluster-worker-{}", id.0))
             .spawn(move || control.run())
             .map_err(|err| Error::io("spawn the control thread", err))?;
         state.set_control_join_handle(handle);
         tracing::info!(
-            id,
-            slot,
+            id = id.0,
+            slot = slot.0,
             primary_pid = welcome.primary_pid,
             "worker connected to its primary"
         );
@@ -229,12 +228,12 @@ impl Worker {
     }
 
     /// This worker's id (from 1, never reused).
-    pub fn id(&self) -> u64 {
+    pub fn id(&self) -> WorkerId {
         self.state.id
     }
 
     /// The slot this worker fills (a replacement takes its predecessor's slot).
-    pub fn slot(&self) -> u32 {
+    pub fn slot(&self) -> SlotId {
         self.state.slot
     }
 
@@ -247,6 +246,13 @@ impl Worker {
     /// handshake.
     pub fn drain_timeout(&self) -> Duration {
         self.state.drain_timeout
+    }
+
+    /// The longest user message [`send`](Worker::send) takes, in encoded bytes (the message
+    /// as it travels, a few bytes more than the application's value): the limit the primary
+    /// announced in the handshake, which the control channel applies both ways.
+    pub fn max_message_len(&self) -> usize {
+        self.state.send_limits.max_message_len()
     }
 
     /// Asks the primary to listen on `addr` and returns the listener it granted.
@@ -271,41 +277,43 @@ impl Worker {
             addr: ListenAddr::Tcp(addr),
             mode,
             index,
-            backlog: None,
         };
-        let (reply, answer) = sync_channel(1);
-        self.state.push(Command::Listen {
+        let ticket = self.state.push_request(|ticket| Command::Listen {
             request,
             addr,
-            reply,
+            ticket,
         })?;
-        self.wait_answer("listen", &answer)
+        match self.wait_answer("listen", ticket)? {
+            Answer::Listener(listener) => Ok(listener),
+            Answer::Retired => Err(Error::protocol("listening", "answered as a retire")),
+        }
     }
 
-    /// Sends `msg` to the primary as a user message. It is encoded here, so a message over
-    /// the frame limit fails at once with [`Error::MessageTooLarge`]; the control thread sends
-    /// it in order with everything else. Fails with [`Error::SendQueueFull`] when too much
-    /// waits for a primary that is not reading, and with [`Error::ChannelClosed`] once the
-    /// primary is gone.
+    /// Sends `msg` to the primary as a user message; the control thread sends messages in
+    /// the order they were given, and never drops one.
+    ///
+    /// The message is encoded here, so one over the message limit
+    /// ([`max_message_len`](Worker::max_message_len)) fails at once with
+    /// [`Error::MessageTooLarge`] and changes nothing else. While more than 4 MiB of
+    /// messages wait for a primary that is not reading, `send` waits for room, up to the
+    /// request timeout ([`WorkerOptions::request_timeout`]), then fails with
+    /// [`Error::SendQueueFull`]; called from a worker callback (on the control thread, the
+    /// one that makes room) it fails at once instead. Fails with [`Error::ChannelClosed`]
+    /// once the primary is gone.
     pub fn send<T: Serialize + ?Sized>(&self, msg: &T) -> Result<(), Error> {
-        let limits = self.state.control_limits;
-        let mut frame = Vec::new();
-        encode_message(&mut frame, Kind::User, 0, None, 0, msg, &limits).map_err(
-            |err| match err {
-                cluster_ipc::Error::FrameTooLarge { len, max } => {
-                    Error::MessageTooLarge { len, max }
-                }
-                cluster_ipc::Error::Encode(err) => Error::Encode(err),
-                other => Error::Ipc(other),
-            },
-        )?;
-        let body = frame.split_off(HEADER_LEN);
-        self.state.push(Command::Send(body))
+        let limits = &self.state.send_limits;
+        let user = UserMessage::encode(msg, limits).map_err(Error::from_encoding)?;
+        // The limit counts the message as it travels, with its envelope.
+        let encoded = Encoded::new(&ToPrimary::User(user), limits).map_err(Error::from_encoding)?;
+        let deadline = deadline_after(self.state.options.request_timeout);
+        self.state.push_message(encoded, deadline)
     }
 
     /// Waits up to `timeout` for a message from the primary: `Ok(None)` if none came, an
     /// error once the channel is closed and every message was read. Messages go to the
-    /// callback instead once [`on_message`](Worker::on_message) set one.
+    /// callback instead once [`on_message`](Worker::on_message) set one. Taking messages is
+    /// what lets the worker read on when its inbox is full (see
+    /// [`WorkerOptions::message_queue_len`]).
     pub fn recv_message(&self, timeout: Duration) -> Result<Option<Message>, Error> {
         self.state.recv_message(deadline_after(timeout))
     }
@@ -315,8 +323,8 @@ impl Worker {
         self.state.recv_message(Instant::now())
     }
 
-    /// Hands every later message from the primary to `callback` (on the control thread)
-    /// instead of queueing it. Messages already queued stay for
+    /// Hands every later message from the primary to `callback` (on the control thread, in
+    /// the order they arrive) instead of queueing it. Messages already queued stay for
     /// [`recv_message`](Worker::recv_message). A second call replaces the callback.
     pub fn on_message(&self, callback: impl Fn(Message) + Send + 'static) {
         self.state.set_message_callback(Box::new(callback));
@@ -324,9 +332,9 @@ impl Worker {
 
     /// Disconnects of the worker's own accord: tells the primary (`Disconnecting`), closes
     /// every listener (a round-robin one gives back the connections it had not handed out),
-    /// and lets open connections finish; then, if the worker exits by itself, exits. Returns
-    /// once the listeners are closed (waiting at most a few seconds); from a callback it
-    /// returns at once and the disconnect follows.
+    /// and lets open connections finish; then, if the worker exits by itself, exits with the
+    /// [exit code](Worker::set_exit_code). Returns once the listeners are closed (waiting at
+    /// most a few seconds); from a callback it returns at once and the disconnect follows.
     pub fn disconnect(&self) {
         if self.state.push(Command::Disconnect).is_err() {
             // The control thread is gone, and disconnected before it went.
@@ -343,9 +351,21 @@ impl Worker {
     /// is gone; the error then says so.
     pub fn retire(&self) -> Result<(), Error> {
         self.refuse_on_control_thread("retire")?;
-        let (reply, answer) = sync_channel(1);
-        self.state.push(Command::Retire { reply })?;
-        self.wait_answer("retire", &answer)
+        let ticket = self
+            .state
+            .push_request(|ticket| Command::Retire { ticket })?;
+        match self.wait_answer("retire", ticket)? {
+            Answer::Retired => Ok(()),
+            Answer::Listener(_) => Err(Error::protocol("retiring", "answered as a listen")),
+        }
+    }
+
+    /// Sets the code the process exits with when the worker exits by itself after
+    /// disconnecting (see [`WorkerOptions::exit_when_disconnected`]), whatever made it
+    /// disconnect; 0 unless set. A worker whose work failed sets a non-zero code before it
+    /// disconnects, so that the primary sees a failure, not a clean exit.
+    pub fn set_exit_code(&self, code: i32) {
+        self.state.set_exit_code(code);
     }
 
     /// True once the worker is disconnecting (its listeners are closed by then).
@@ -356,6 +376,14 @@ impl Worker {
     /// Why the worker is disconnecting, once it is.
     pub fn disconnect_reason(&self) -> Option<DisconnectReason> {
         self.state.disconnect_reason()
+    }
+
+    /// Why the control channel closed, when it failed instead of ending: the primary broke
+    /// the protocol (a frame that does not belong on the control channel is
+    /// [`cluster_ipc::Error::WrongKind`]) or the socket broke. `None` while the channel is
+    /// open and after the primary simply closed it.
+    pub fn channel_error(&self) -> Option<Arc<cluster_ipc::Error>> {
+        self.state.channel_error()
     }
 
     /// Runs `callback` once when the worker starts disconnecting (at once, on this thread, if
@@ -394,17 +422,12 @@ impl Worker {
         Ok(())
     }
 
-    fn wait_answer<T>(
-        &self,
-        op: &'static str,
-        answer: &Receiver<Result<T, Error>>,
-    ) -> Result<T, Error> {
+    fn wait_answer(&self, op: &'static str, ticket: Ticket) -> Result<Answer, Error> {
         let timeout = self.state.options.request_timeout;
-        match answer.recv_timeout(timeout.saturating_add(REPLY_GRACE)) {
-            Ok(result) => result,
-            Err(RecvTimeoutError::Timeout) => Err(Error::TimedOut { op, timeout }),
-            Err(RecvTimeoutError::Disconnected) => Err(Error::ChannelClosed),
-        }
+        let deadline = deadline_after(timeout.saturating_add(REPLY_GRACE));
+        self.state
+            .wait_answer(ticket, deadline)
+            .unwrap_or(Err(Error::TimedOut { op, timeout }))
     }
 }
 
@@ -412,65 +435,50 @@ impl Worker {
 struct Welcome {
     primary_pid: u32,
     drain_timeout: Duration,
+    max_message_len: u32,
 }
 
 /// Says `Hello` and waits for `Welcome`.
-fn handshake(channel: &mut Channel, id: u64, timeout: Duration) -> Result<Welcome, Error> {
-    const CONTEXT: &str = "the handshake";
-    let hello = Control::Hello {
+fn handshake(
+    channel: &mut Channel<WorkerControl>,
+    id: WorkerId,
+    timeout: Duration,
+) -> Result<Welcome, Error> {
+    let hello = ToPrimary::Hello {
         worker_id: id,
         pid: std::process::id(),
         protocol_version: PROTOCOL_VERSION,
     };
     let reply = channel
-        .call(Kind::Control, &hello, &[], Some(deadline_after(timeout)))
+        .call(&hello, &[], Some(deadline_after(timeout)))
         .map_err(|err| match err {
             cluster_ipc::Error::TimedOut { .. } => Error::HandshakeTimedOut { timeout },
             cluster_ipc::Error::Closed => Error::ChannelClosed,
             other => Error::Ipc(other),
         })?;
-    if reply.kind() != Kind::Control {
-        return Err(Error::protocol(CONTEXT, "a user message answered Hello"));
-    }
-    let message: Control = reply
-        .decode()
-        .map_err(|err| Error::protocol(CONTEXT, crate::error::error_chain(&err)))?;
-    match message {
-        Control::Welcome {
+    match reply.msg {
+        ToWorker::Welcome {
             primary_pid,
             protocol_version: PROTOCOL_VERSION,
             drain_timeout_ms,
+            max_message_len,
         } => Ok(Welcome {
             primary_pid,
             drain_timeout: Duration::from_millis(drain_timeout_ms),
+            max_message_len,
         }),
-        Control::Welcome {
+        ToWorker::Welcome {
             protocol_version, ..
         } => Err(Error::VersionMismatch {
             worker: PROTOCOL_VERSION,
             primary: protocol_version,
         }),
-        Control::Refused { reason } => Err(Error::Refused { reason }),
+        ToWorker::Refused { reason } => Err(Error::Refused { reason }),
         other => Err(Error::protocol(
-            CONTEXT,
+            "the handshake",
             format!("unexpected reply {other:?}"),
         )),
     }
-}
-
-/// A decimal number from the environment.
-fn env_number<T: std::str::FromStr>(var: &'static str) -> Result<T, Error> {
-    let value = std::env::var_os(var).ok_or(Error::Env {
-        var,
-        reason: "not set",
-    })?;
-    value
-        .to_str()
-        .and_then(|text| text.trim().parse().ok())
-        .ok_or(Error::Env {
-            var,
-            reason: "not a decimal number",
-        })
 }
 
 // Keep the public handle usable from any thread.

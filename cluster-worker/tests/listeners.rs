@@ -8,18 +8,20 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use cluster_ipc::proto::{Control, Delivery, ListenAddr, ListenMode, ListenerId, PeerAddr};
-use cluster_ipc::{Channel, Frame, Kind};
-use cluster_worker::{Error, Listener, Stream, Worker};
+use cluster_ipc::proto::{
+    Delivery, HandoffToPrimary, HandoffToWorker, ListenAddr, PeerAddr, PrimaryHandoff, ToPrimary,
+    ToWorker,
+};
+use cluster_ipc::{Channel, Kind, ListenerId};
+use cluster_worker::{Error, ListenMode, Listener, Stream, Worker};
 use support::{
-    FakePrimary, WAIT, connect_worker, deadline, finish, no_leak, options, read_to_end,
-    round_robin_listener, send_batch, send_batch_with_peers, tcp_connections, wait_until_blocked,
+    FakePrimary, WAIT, connect_worker, deadline, finish, messages_to_end, no_leak, options,
+    read_to_end, round_robin_listener, send_batch, send_batch_with_peers, tcp_connections,
+    wait_until_blocked,
 };
 
-fn handoff_message(handoff: &mut Channel) -> (Frame, Control) {
-    let frame = handoff.recv(deadline()).unwrap();
-    let message = frame.decode().unwrap();
-    (frame, message)
+fn handoff_message(handoff: &mut Channel<PrimaryHandoff>) -> HandoffToPrimary {
+    handoff.recv(deadline()).unwrap().msg
 }
 
 /// Checks that `stream` is the server side of `client`: a byte each way.
@@ -64,10 +66,7 @@ fn round_robin_acks_each_batch_before_handing_out_its_connections_in_order() {
             .try_recv()
             .unwrap()
             .expect("the ack precedes the stream");
-        assert_eq!(
-            ack.decode::<Control>().unwrap(),
-            Control::ConnectionsAck { count: 3 }
-        );
+        assert_eq!(ack.msg, HandoffToPrimary::ConnectionsAck { count: 3 });
         assert_eq!(peer, clients[0].local_addr().unwrap());
         assert!(!is_nonblocking(&first), "accept hands out blocking streams");
         assert_connected(&mut first, &mut clients[0], 1);
@@ -108,8 +107,8 @@ fn round_robin_acks_each_batch_before_handing_out_its_connections_in_order() {
         drop(fds);
         let (a, _) = listener.accept_timeout(WAIT).unwrap();
         assert_eq!(
-            handoff_message(&mut handoff).1,
-            Control::ConnectionsAck { count: 1 }
+            handoff_message(&mut handoff),
+            HandoffToPrimary::ConnectionsAck { count: 1 }
         );
         assert!(
             handoff.try_recv().unwrap().is_none(),
@@ -117,13 +116,13 @@ fn round_robin_acks_each_batch_before_handing_out_its_connections_in_order() {
         );
         let (b, _) = listener.accept_timeout(WAIT).unwrap();
         assert_eq!(
-            handoff_message(&mut handoff).1,
-            Control::ConnectionsAck { count: 1 }
+            handoff_message(&mut handoff),
+            HandoffToPrimary::ConnectionsAck { count: 1 }
         );
         drop((a, b));
 
         drop(listener);
-        primary.expect(Control::CloseListener {
+        primary.expect(ToPrimary::CloseListener {
             listener: ListenerId(1),
         });
         finish(worker, primary);
@@ -144,17 +143,17 @@ fn closing_returns_the_connections_not_handed_out_then_hangs_up() {
         assert!(listener.is_closed());
         let err = listener.accept_timeout(WAIT).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotConnected);
-        let frames = read_to_end(&mut handoff);
-        let messages: Vec<&Control> = frames.iter().map(|(_, message)| message).collect();
+        let envelopes = read_to_end(&mut handoff);
+        let messages: Vec<&HandoffToPrimary> = envelopes.iter().map(|e| &e.msg).collect();
         assert_eq!(
             messages,
             [
-                &Control::ConnectionsAck { count: 3 },
-                &Control::ConnectionsReturned { count: 2 },
+                &HandoffToPrimary::ConnectionsAck { count: 3 },
+                &HandoffToPrimary::ConnectionsReturned { count: 2 },
             ]
         );
         // The returned fds are the two connections never served, in order, still working.
-        let (returned, _) = frames.into_iter().nth(1).unwrap();
+        let returned = envelopes.into_iter().nth(1).unwrap();
         for (fd, (client, tag)) in returned
             .fds
             .into_iter()
@@ -169,7 +168,7 @@ fn closing_returns_the_connections_not_handed_out_then_hangs_up() {
             (&server).read_exact(&mut byte).unwrap();
             assert_eq!(byte[0], tag);
         }
-        primary.expect(Control::CloseListener {
+        primary.expect(ToPrimary::CloseListener {
             listener: ListenerId(5),
         });
         // Closing is the listener's business: the worker goes on.
@@ -195,15 +194,11 @@ fn closing_lets_go_of_batches_it_never_read_while_the_listener_lives_on() {
         let (served, _) = listener.accept_timeout(WAIT).unwrap();
 
         listener.close();
-        let messages: Vec<Control> = read_to_end(&mut handoff)
-            .into_iter()
-            .map(|(_, message)| message)
-            .collect();
         assert_eq!(
-            messages,
+            messages_to_end(&mut handoff),
             [
-                Control::ConnectionsAck { count: 1 },
-                Control::ConnectionsReturned { count: 0 },
+                HandoffToPrimary::ConnectionsAck { count: 1 },
+                HandoffToPrimary::ConnectionsReturned { count: 0 },
             ]
         );
         // The listener is still alive, but the connection it never read is closed: its
@@ -211,7 +206,7 @@ fn closing_lets_go_of_batches_it_never_read_while_the_listener_lives_on() {
         clients[1].set_read_timeout(Some(WAIT)).unwrap();
         let mut byte = [0u8];
         assert_eq!(clients[1].read(&mut byte).unwrap(), 0);
-        primary.expect(Control::CloseListener {
+        primary.expect(ToPrimary::CloseListener {
             listener: ListenerId(5),
         });
         drop(served);
@@ -242,28 +237,30 @@ fn disconnect_wakes_a_blocked_accept_and_ends_incoming() {
             assert_eq!(looping.join().unwrap(), 0);
         });
         assert!(worker.is_disconnecting());
-        primary.expect(Control::Disconnecting);
-        let mut closed: Vec<Control> = (0..2).map(|_| primary.recv_control().1).collect();
+        primary.expect(ToPrimary::Disconnecting);
+        let mut closed: Vec<ToPrimary> = (0..2).map(|_| primary.recv_control().1).collect();
         closed.sort_by_key(|message| format!("{message:?}"));
         assert_eq!(
             closed,
             [
-                Control::CloseListener {
+                ToPrimary::CloseListener {
                     listener: ListenerId(2)
                 },
-                Control::CloseListener {
+                ToPrimary::CloseListener {
                     listener: ListenerId(3)
                 },
             ]
         );
         for handoff in [&mut handoff, &mut second_handoff] {
-            let messages: Vec<Control> = read_to_end(handoff).into_iter().map(|(_, m)| m).collect();
-            assert_eq!(messages, [Control::ConnectionsReturned { count: 0 }]);
+            assert_eq!(
+                messages_to_end(handoff),
+                [HandoffToPrimary::ConnectionsReturned { count: 0 }]
+            );
         }
         // Dropping a listener the disconnect closed says nothing more.
         drop((listener, second));
         worker.send("next").unwrap();
-        assert_eq!(primary.recv().decode::<String>().unwrap(), "next");
+        assert_eq!(primary.recv_user::<String>(), "next");
         finish(worker, primary);
     });
 }
@@ -275,10 +272,10 @@ fn the_primarys_disconnect_and_the_channels_end_close_listeners_too() {
         let (listener, mut handoff) = round_robin_listener(&worker, &mut primary, 1, 4);
         primary
             .channel
-            .send(Kind::Control, None, &Control::Disconnect, &[])
+            .send(None, &ToWorker::Disconnect, &[])
             .unwrap();
         assert_eq!(listener.incoming().count(), 0);
-        primary.expect(Control::CloseListener {
+        primary.expect(ToPrimary::CloseListener {
             listener: ListenerId(1),
         });
         assert_eq!(read_to_end(&mut handoff).len(), 1);
@@ -296,15 +293,11 @@ fn the_primarys_disconnect_and_the_channels_end_close_listeners_too() {
         assert_eq!(listener.incoming().count(), 0);
         assert!(worker.wait_closed(WAIT));
         // The primary is gone: the handoff socket still gets the close, in order.
-        let messages: Vec<Control> = read_to_end(&mut handoff)
-            .into_iter()
-            .map(|(_, m)| m)
-            .collect();
         assert_eq!(
-            messages,
+            messages_to_end(&mut handoff),
             [
-                Control::ConnectionsAck { count: 2 },
-                Control::ConnectionsReturned { count: 1 }
+                HandoffToPrimary::ConnectionsAck { count: 2 },
+                HandoffToPrimary::ConnectionsReturned { count: 1 }
             ]
         );
         // Open connections outlive the disconnect.
@@ -322,9 +315,8 @@ fn a_malformed_batch_closes_the_listener_and_leaves_the_fds_to_the_primary() {
         let (_clients, fds) = tcp_connections(1);
         handoff
             .send(
-                Kind::Control,
                 None,
-                &Control::Connections {
+                &HandoffToWorker::Connections {
                     count: 2,
                     peers: Vec::new(),
                 },
@@ -334,15 +326,61 @@ fn a_malformed_batch_closes_the_listener_and_leaves_the_fds_to_the_primary() {
         let err = listener.accept_timeout(WAIT).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         assert!(listener.is_closed());
-        let messages: Vec<Control> = read_to_end(&mut handoff)
-            .into_iter()
-            .map(|(_, m)| m)
-            .collect();
-        assert_eq!(messages, [Control::ConnectionsReturned { count: 0 }]);
-        primary.expect(Control::CloseListener {
+        assert_eq!(
+            messages_to_end(&mut handoff),
+            [HandoffToPrimary::ConnectionsReturned { count: 0 }]
+        );
+        primary.expect(ToPrimary::CloseListener {
             listener: ListenerId(9),
         });
         drop((listener, fds));
+        finish(worker, primary);
+    });
+}
+
+#[test]
+fn a_frame_that_does_not_belong_on_a_handoff_socket_closes_the_listener() {
+    no_leak(|| {
+        let (worker, mut primary) = connect_worker(options());
+        let (listener, handoff) = round_robin_listener(&worker, &mut primary, 6, 4);
+        // A control-channel message, where only connection batches belong.
+        let mut raw: Channel = handoff.into_protocol();
+        raw.send(Kind::ToWorker, None, &ToWorker::Heartbeat, &[])
+            .unwrap();
+        let err = listener.accept_timeout(WAIT).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        let err = err
+            .into_inner()
+            .and_then(|inner| inner.downcast::<Error>().ok())
+            .expect("the worker's own error");
+        assert!(
+            matches!(
+                *err,
+                Error::Ipc(cluster_ipc::Error::WrongKind {
+                    expected: Kind::HandoffToWorker,
+                    found: Kind::ToWorker,
+                })
+            ),
+            "{err:?}"
+        );
+        assert!(listener.is_closed());
+        assert_eq!(
+            listener.try_accept().unwrap_err().kind(),
+            io::ErrorKind::NotConnected
+        );
+        // The worker let go of the socket, and told the primary over the control channel.
+        assert!(matches!(
+            raw.recv(deadline()),
+            Err(cluster_ipc::Error::Closed)
+        ));
+        primary.expect(ToPrimary::CloseListener {
+            listener: ListenerId(6),
+        });
+        // Only the listener is gone: the worker goes on.
+        assert!(!worker.is_disconnecting());
+        worker.send("next").unwrap();
+        assert_eq!(primary.recv_user::<String>(), "next");
+        drop(listener);
         finish(worker, primary);
     });
 }
@@ -392,7 +430,6 @@ fn listens_on_port_zero_are_counted_and_others_use_index_zero() {
                 assert_eq!(request.addr, ListenAddr::Tcp(addr));
                 assert_eq!(request.index, index);
                 assert_eq!(request.mode, mode);
-                assert_eq!(request.backlog, None);
             });
         }
         finish(worker, primary);
@@ -421,7 +458,7 @@ fn grants_the_worker_cannot_use_are_handed_back() {
                 err
             });
             assert!(matches!(err, Error::Protocol { .. }), "{err:?}");
-            primary.expect(Control::CloseListener { listener: id });
+            primary.expect(ToPrimary::CloseListener { listener: id });
         }
         drop(fd);
         finish(worker, primary);
@@ -487,7 +524,7 @@ fn shared_listener(
         answer.join().unwrap();
         listener
     });
-    primary.expect(Control::Listening {
+    primary.expect(ToPrimary::Listening {
         listener: ListenerId(id),
         local_addr: ListenAddr::Tcp(addr),
     });
@@ -552,8 +589,8 @@ fn shared_listeners_in_two_workers_accept_on_one_socket() {
             assert_eq!(peer, late.local_addr().unwrap());
             drop((stream, late));
         });
-        primary_a.expect(Control::Disconnecting);
-        primary_a.expect(Control::CloseListener {
+        primary_a.expect(ToPrimary::Disconnecting);
+        primary_a.expect(ToPrimary::CloseListener {
             listener: ListenerId(1),
         });
         assert!(
@@ -562,7 +599,7 @@ fn shared_listeners_in_two_workers_accept_on_one_socket() {
         );
 
         b.close();
-        primary_b.expect(Control::CloseListener {
+        primary_b.expect(ToPrimary::CloseListener {
             listener: ListenerId(1),
         });
         assert_eq!(b.incoming().count(), 0);
@@ -593,38 +630,8 @@ fn a_shared_listener_hands_out_non_blocking_streams_from_try_accept() {
         assert!(is_nonblocking(&stream));
         poll.registry().deregister(&mut listener).unwrap();
         drop((stream, client, listener, poll));
-        primary.expect(Control::CloseListener {
+        primary.expect(ToPrimary::CloseListener {
             listener: ListenerId(4),
-        });
-        finish(worker, primary);
-    });
-}
-
-#[test]
-fn load_reports_follow_the_open_connections_when_asked_for() {
-    no_leak(|| {
-        let (worker, mut primary) = connect_worker(options().load_reports(true));
-        let (listener, mut handoff) = round_robin_listener(&worker, &mut primary, 1, 4);
-        let (_clients, fds) = tcp_connections(2);
-        send_batch(&mut handoff, &fds);
-        drop(fds);
-        let streams: Vec<Stream> = (0..2)
-            .map(|_| listener.accept_timeout(WAIT).unwrap().0)
-            .collect();
-        // Reports may coalesce; the last one says what is open now.
-        let mut wait_for_report = |open: u32| loop {
-            match primary.recv_control().1 {
-                Control::LoadReport { open_connections } if open_connections == open => break,
-                Control::LoadReport { .. } => {}
-                other => panic!("unexpected {other:?}"),
-            }
-        };
-        wait_for_report(2);
-        drop(streams);
-        wait_for_report(0);
-        drop(listener);
-        primary.expect(Control::CloseListener {
-            listener: ListenerId(1),
         });
         finish(worker, primary);
     });
@@ -659,15 +666,11 @@ fn peer_addresses_from_the_primary_are_the_ones_reported_and_must_match_the_fds(
         drop(fds);
         let err = listener.accept_timeout(WAIT).unwrap_err();
         assert!(listener.is_closed(), "{err}");
-        let messages: Vec<Control> = read_to_end(&mut handoff)
-            .into_iter()
-            .map(|(_, m)| m)
-            .collect();
         assert_eq!(
-            messages,
+            messages_to_end(&mut handoff),
             [
-                Control::ConnectionsAck { count: 2 },
-                Control::ConnectionsReturned { count: 0 }
+                HandoffToPrimary::ConnectionsAck { count: 2 },
+                HandoffToPrimary::ConnectionsReturned { count: 0 }
             ]
         );
         drop(listener);

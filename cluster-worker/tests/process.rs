@@ -2,7 +2,7 @@
 //! `Worker::start`, while the test plays its primary. These cover what only a separate
 //! process can show: adopting the channel from the environment, and exiting by itself once
 //! disconnected (after the primary vanished, on `SIGTERM`, after draining its connections,
-//! or at the drain timeout).
+//! or at the drain timeout), with the exit code the worker set.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -13,19 +13,27 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cluster_ipc::proto::{Control, ListenAddr, ListenMode, ListenerId, PROTOCOL_VERSION};
-use cluster_ipc::{Channel, Kind};
-use cluster_worker::{Error, IPC_FD_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV, Worker, WorkerOptions};
-use support::{FakePrimary, WAIT, read_to_end, send_batch, tcp_connections};
+use cluster_ipc::proto::{
+    HandoffToPrimary, ListenAddr, PROTOCOL_VERSION, PrimaryHandoff, ToPrimary, ToWorker,
+};
+use cluster_ipc::{Channel, ListenerId, SlotId, WorkerId};
+use cluster_worker::{
+    Error, IPC_FD_ENV, ListenMode, PRIMARY_PID_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV, Worker,
+    WorkerOptions,
+};
+use support::{FakePrimary, WAIT, messages_to_end, send_batch, tcp_connections};
 
 /// Names the part a re-run of this binary plays.
 const CHILD_ENV: &str = "CLUSTER_WORKER_TEST_CHILD";
 
-/// Where the child finds its end of the control channel.
-const CHILD_CHANNEL_FD: i32 = 10;
+/// The exit code a serving child sets with `Worker::set_exit_code`, if any.
+const CHILD_EXIT_CODE_ENV: &str = "CLUSTER_WORKER_TEST_EXIT_CODE";
 
 /// Exit code of a child whose `Worker::start` failed as the test expected.
 const EXPECTED_FAILURE: i32 = 3;
+
+/// Exit code a failing worker sets.
+const FAILED_WORK: i32 = 7;
 
 // ----- the child -----
 
@@ -41,6 +49,7 @@ fn child() {
         "serve" => serving_worker(),
         "start-twice" => start_twice(),
         "bad-env" => bad_env(),
+        "fail" => failing_worker(),
         other => panic!("unknown child part {other}"),
     }
 }
@@ -48,7 +57,13 @@ fn child() {
 /// Starts, says so, and waits for the worker to end the process.
 fn idle_worker() -> ! {
     let worker = Worker::start(WorkerOptions::new()).unwrap().unwrap();
-    assert_eq!((worker.id(), worker.slot()), (5, 2));
+    assert_eq!((worker.id(), worker.slot()), (WorkerId(5), SlotId(2)));
+    // Adoption took the contract out of the environment: a program this worker starts is
+    // not a worker, but this process still is.
+    for var in [IPC_FD_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV, PRIMARY_PID_ENV] {
+        assert!(std::env::var_os(var).is_none(), "{var} is still set");
+    }
+    assert!(cluster_worker::is_worker());
     worker.send("ready").unwrap();
     park_forever()
 }
@@ -56,6 +71,9 @@ fn idle_worker() -> ! {
 /// Listens, and echoes on every connection until its client closes it.
 fn serving_worker() -> ! {
     let worker = Worker::start(WorkerOptions::new()).unwrap().unwrap();
+    if let Ok(code) = std::env::var(CHILD_EXIT_CODE_ENV) {
+        worker.set_exit_code(code.parse().unwrap());
+    }
     let listener = worker
         .listen("127.0.0.1:0".parse().unwrap(), Some(ListenMode::RoundRobin))
         .unwrap();
@@ -88,12 +106,30 @@ fn start_twice() -> ! {
     park_forever()
 }
 
+/// A start that fails on its environment, and a second one that must not think the first
+/// succeeded.
 fn bad_env() -> ! {
-    let code = match Worker::start(WorkerOptions::new()) {
-        Err(Error::Env { var, .. }) if var == WORKER_ID_ENV => EXPECTED_FAILURE,
-        _ => 1,
+    let first_failed = matches!(
+        Worker::start(WorkerOptions::new()),
+        Err(Error::Env { var, .. }) if var == WORKER_ID_ENV
+    );
+    // The failed start took the variables out of the environment: this process is no
+    // longer a worker, and certainly not one that already started.
+    let second_found_nothing = matches!(Worker::start(WorkerOptions::new()), Ok(None));
+    let code = if first_failed && second_found_nothing {
+        EXPECTED_FAILURE
+    } else {
+        1
     };
     std::process::exit(code)
+}
+
+/// A worker whose work failed: it sets its exit code, then disconnects.
+fn failing_worker() -> ! {
+    let worker = Worker::start(WorkerOptions::new()).unwrap().unwrap();
+    worker.set_exit_code(FAILED_WORK);
+    worker.disconnect();
+    park_forever()
 }
 
 fn park_forever() -> ! {
@@ -117,19 +153,18 @@ impl WorkerProcess {
         command
             .args(["--exact", "child", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, part)
-            .env(WORKER_ID_ENV, "5")
-            .env(WORKER_SLOT_ENV, "2")
             .stdout(Stdio::null());
+        cluster_ipc::env::prepare_worker(
+            &mut command,
+            worker_end.into_fd(),
+            WorkerId(5),
+            SlotId(2),
+        )
+        .unwrap();
+        // After the contract's variables, so that a test can spoil them.
         for (var, value) in env {
             command.env(var, value);
         }
-        cluster_ipc::process::pass_channel(
-            &mut command,
-            worker_end.into_fd(),
-            CHILD_CHANNEL_FD,
-            IPC_FD_ENV,
-        )
-        .unwrap();
         let child = command.spawn().unwrap();
         // The command holds the parent's copy of the child's end; only the child may.
         drop(command);
@@ -137,10 +172,7 @@ impl WorkerProcess {
         WorkerProcess {
             pid,
             exited: wait_in_thread(child),
-            primary: Some(FakePrimary {
-                channel: primary,
-                skip_load_reports: true,
-            }),
+            primary: Some(FakePrimary::new(primary.into_protocol())),
         }
     }
 
@@ -149,8 +181,8 @@ impl WorkerProcess {
     }
 
     fn welcome(&mut self, drain_timeout_ms: u64) {
-        let (frame, hello) = self.primary().recv_control();
-        let Control::Hello {
+        let (envelope, hello) = self.primary().recv_control();
+        let ToPrimary::Hello {
             worker_id,
             pid,
             protocol_version,
@@ -158,23 +190,32 @@ impl WorkerProcess {
         else {
             panic!("expected Hello, got {hello:?}");
         };
-        assert_eq!((worker_id, protocol_version), (5, PROTOCOL_VERSION));
+        assert_eq!(
+            (worker_id, protocol_version),
+            (WorkerId(5), PROTOCOL_VERSION)
+        );
         assert_eq!(nix::unistd::Pid::from_raw(pid as i32), self.pid);
-        let welcome = Control::Welcome {
+        let welcome = ToWorker::Welcome {
             primary_pid: std::process::id(),
             protocol_version: PROTOCOL_VERSION,
             drain_timeout_ms,
+            max_message_len: 1 << 20,
         };
         self.primary()
             .channel
-            .send(Kind::Control, Some(frame.seq()), &welcome, &[])
+            .send(Some(envelope.seq), &welcome, &[])
             .unwrap();
     }
 
     fn recv_text(&mut self) -> String {
-        let frame = self.primary().recv();
-        assert_eq!(frame.kind(), Kind::User);
-        frame.decode().unwrap()
+        self.primary().recv_user()
+    }
+
+    fn send_disconnect(&mut self) {
+        self.primary()
+            .channel
+            .send(None, &ToWorker::Disconnect, &[])
+            .unwrap();
     }
 
     fn is_running(&self) -> bool {
@@ -233,17 +274,28 @@ fn sigterm_disconnects_and_exits_cleanly() {
     worker.welcome(60_000);
     assert_eq!(worker.recv_text(), "ready");
     nix::sys::signal::kill(worker.pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    worker.primary().expect(Control::Disconnecting);
+    worker.primary().expect(ToPrimary::Disconnecting);
     let status = worker.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
+#[test]
+fn a_worker_that_set_an_exit_code_exits_with_it() {
+    let mut worker = WorkerProcess::spawn("fail", &[]);
+    worker.welcome(60_000);
+    worker.primary().expect(ToPrimary::Disconnecting);
+    let status = worker.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(FAILED_WORK), "{status:?}");
+}
+
 /// Grants the serving child its listener and hands it one connection: returns the client
 /// and the primary's end of the handoff socket.
-fn serve_one_connection(worker: &mut WorkerProcess) -> (std::net::TcpStream, Channel) {
+fn serve_one_connection(
+    worker: &mut WorkerProcess,
+) -> (std::net::TcpStream, Channel<PrimaryHandoff>) {
     let addr: SocketAddr = "127.0.0.1:8000".parse().unwrap();
     let mut handoff = worker.primary().grant_round_robin(ListenerId(1), addr, 4);
-    worker.primary().expect(Control::Listening {
+    worker.primary().expect(ToPrimary::Listening {
         listener: ListenerId(1),
         local_addr: ListenAddr::Tcp(addr),
     });
@@ -251,10 +303,7 @@ fn serve_one_connection(worker: &mut WorkerProcess) -> (std::net::TcpStream, Cha
     send_batch(&mut handoff, &fds);
     drop(fds);
     let ack = handoff.recv(support::deadline()).unwrap();
-    assert_eq!(
-        ack.decode::<Control>().unwrap(),
-        Control::ConnectionsAck { count: 1 }
-    );
+    assert_eq!(ack.msg, HandoffToPrimary::ConnectionsAck { count: 1 });
     let mut client = clients.remove(0);
     client.set_read_timeout(Some(WAIT)).unwrap();
     echo(&mut client, b"before");
@@ -274,19 +323,14 @@ fn a_disconnected_worker_finishes_its_connections_then_exits() {
     worker.welcome(60_000);
     let (mut client, mut handoff) = serve_one_connection(&mut worker);
 
-    worker
-        .primary()
-        .channel
-        .send(Kind::Control, None, &Control::Disconnect, &[])
-        .unwrap();
-    worker.primary().expect(Control::CloseListener {
+    worker.send_disconnect();
+    worker.primary().expect(ToPrimary::CloseListener {
         listener: ListenerId(1),
     });
-    let returned: Vec<Control> = read_to_end(&mut handoff)
-        .into_iter()
-        .map(|(_, message)| message)
-        .collect();
-    assert_eq!(returned, [Control::ConnectionsReturned { count: 0 }]);
+    assert_eq!(
+        messages_to_end(&mut handoff),
+        [HandoffToPrimary::ConnectionsReturned { count: 0 }]
+    );
 
     // Still serving the open connection after the disconnect...
     echo(&mut client, b"after");
@@ -298,19 +342,16 @@ fn a_disconnected_worker_finishes_its_connections_then_exits() {
 }
 
 #[test]
-fn a_worker_exits_at_the_drain_timeout_even_with_connections_open() {
-    let mut worker = WorkerProcess::spawn("serve", &[]);
+fn a_worker_exits_at_the_drain_timeout_even_with_connections_open_and_keeps_its_code() {
+    let code = FAILED_WORK.to_string();
+    let mut worker = WorkerProcess::spawn("serve", &[(CHILD_EXIT_CODE_ENV, code.as_str())]);
     let drain = Duration::from_millis(300);
     worker.welcome(drain.as_millis() as u64);
     let (client, _handoff) = serve_one_connection(&mut worker);
     let asked = Instant::now();
-    worker
-        .primary()
-        .channel
-        .send(Kind::Control, None, &Control::Disconnect, &[])
-        .unwrap();
+    worker.send_disconnect();
     let status = worker.wait_exit(WAIT);
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(status.code(), Some(FAILED_WORK), "{status:?}");
     assert!(asked.elapsed() >= drain, "exited before the drain timeout");
     drop(client);
 }
@@ -320,13 +361,13 @@ fn a_second_start_in_one_process_is_refused() {
     let mut worker = WorkerProcess::spawn("start-twice", &[]);
     worker.welcome(60_000);
     assert_eq!(worker.recv_text(), "already started");
-    worker.primary().expect(Control::Disconnecting);
+    worker.primary().expect(ToPrimary::Disconnecting);
     let status = worker.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
 #[test]
-fn a_malformed_environment_fails_start() {
+fn a_malformed_environment_fails_start_and_a_second_start_is_not_refused_as_a_repeat() {
     for id in ["not a number", "0"] {
         let worker = WorkerProcess::spawn("bad-env", &[(WORKER_ID_ENV, id)]);
         let status = worker.wait_exit(WAIT);

@@ -3,51 +3,13 @@
 //!
 //! Alone in its test binary: it counts this process's fd table, which tests running in
 //! parallel threads would disturb. The primary runs in this process, on a thread.
-#![allow(clippy::unwrap_used)]
 
 #[path = "cluster/support.rs"]
 mod support;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-
 use cluster_primary::{ExitStatus, Signal};
-use support::{Harness, builder, greet, signal, wait_until};
-
-/// This process's open fds and what each points at.
-fn open_fds() -> BTreeMap<i32, PathBuf> {
-    let listing = PathBuf::from(format!("/proc/{}/fd", std::process::id()));
-    let mut fds = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
-        let entry = entry.unwrap();
-        let Ok(number) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        // Skip the handle of this very listing.
-        if let Ok(target) = std::fs::read_link(entry.path()) {
-            if target != listing {
-                fds.insert(number, target);
-            }
-        }
-    }
-    fds
-}
-
-/// What kinds of fds there are, and how many of each (`socket`, `anon_inode:[pidfd]`, ...).
-fn kinds(fds: &BTreeMap<i32, PathBuf>) -> BTreeMap<String, usize> {
-    let mut kinds = BTreeMap::new();
-    for target in fds.values() {
-        let text = target.to_string_lossy();
-        let kind = text.split(':').next().unwrap_or_default().to_owned();
-        let kind = if kind.starts_with("anon_inode") {
-            text.into_owned()
-        } else {
-            kind
-        };
-        *kinds.entry(kind).or_insert(0) += 1;
-    }
-    kinds
-}
+use cluster_test_support::FdSnapshot;
+use support::{Harness, WAIT, builder, greet, signal, wait_until};
 
 #[test]
 fn the_primarys_fds_do_not_grow_over_1000_connections_and_20_respawns() {
@@ -59,7 +21,7 @@ fn the_primarys_fds_do_not_grow_over_1000_connections_and_20_respawns() {
     for _ in 0..WORKERS {
         cluster.wait_fork();
     }
-    let before = open_fds();
+    let before = FdSnapshot::take();
 
     for round in 0..ROUNDS {
         for _ in 0..PER_ROUND {
@@ -71,10 +33,10 @@ fn the_primarys_fds_do_not_grow_over_1000_connections_and_20_respawns() {
         signal(victim.pid, Signal::SIGKILL);
         assert_eq!(
             cluster.wait_exit(victim.id),
-            (ExitStatus::Signal(Signal::SIGKILL as i32), false)
+            (ExitStatus::Signal(Signal::SIGKILL), false)
         );
         let (worker, _, new_slot) = cluster.wait_fork();
-        assert_eq!(new_slot, slot);
+        assert_eq!(new_slot, cluster_primary::SlotId(slot));
         cluster.wait_listening(worker);
     }
     let status = cluster.status();
@@ -87,14 +49,7 @@ fn the_primarys_fds_do_not_grow_over_1000_connections_and_20_respawns() {
         let status = cluster.status();
         status.pending_connections == 0 && status.workers.iter().all(|w| w.in_flight == 0)
     });
-    let after = open_fds();
-    assert!(
-        after.len() <= before.len(),
-        "fds grew from {} to {}: before {:?}, after {:?}",
-        before.len(),
-        after.len(),
-        kinds(&before),
-        kinds(&after)
-    );
+    // Fails with how many of each kind there were before and after.
+    before.assert_not_grown_within(WAIT);
     cluster.stop();
 }

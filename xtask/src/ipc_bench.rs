@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use cluster_ipc::{Channel, Kind, Limits};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde_json::json;
@@ -356,13 +356,11 @@ fn drain(ch: &mut Channel, deadline: Instant) -> Result<()> {
 
 /// Waits with `poll(2)` for `events` on the channel's socket, at most until `deadline`.
 fn wait_for(ch: &Channel, events: PollFlags, deadline: Instant) -> Result<()> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    ensure!(
-        !left.is_zero(),
-        "timed out after {ROUND_TIMEOUT:?} waiting for the receiver"
-    );
-    let millis = left.as_millis().max(1);
-    let timeout = PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX);
+    let left = cluster_ipc::deadline::left(deadline);
+    let Some(left) = left else {
+        bail!("timed out after {ROUND_TIMEOUT:?} waiting for the receiver");
+    };
+    let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
     let mut fds = [PollFd::new(ch.as_fd(), events)];
     match poll(&mut fds, timeout) {
         Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),

@@ -1,12 +1,16 @@
 //! The control protocol of a cluster: the messages a primary and its workers exchange.
 //!
-//! Control messages travel as [`Kind::Control`](crate::Kind::Control) frames whose body is a
-//! [`Control`]; an application's own messages travel as [`Kind::User`](crate::Kind::User)
-//! frames with any `serde` type as the body. Requests and replies are correlated by the
-//! frame's `seq`/`ack`, never by the body.
-//!
 //! Two kinds of socket carry these messages: the *control channel*, one per worker, and a
-//! *handoff socket* per (worker, round-robin listener). The conversations:
+//! *handoff socket* per (worker, round-robin listener). Each direction of each has its own
+//! message type ([`ToWorker`], [`ToPrimary`], [`HandoffToWorker`], [`HandoffToPrimary`]) and
+//! frame [`Kind`], and each end its own [`Protocol`] ([`PrimaryControl`], [`WorkerControl`],
+//! [`PrimaryHandoff`], [`WorkerHandoff`]): a `Channel<WorkerControl>` can only send a
+//! `ToPrimary`, and refuses anything but a `ToWorker` on arrival ([`Error::WrongKind`]), so
+//! a message sent where it does not belong can neither be built nor slip through. An
+//! application's own messages travel inside the control messages as [`UserMessage`]s.
+//! Requests and replies are correlated by the frame's `seq`/`ack`, never by the body.
+//!
+//! The conversations:
 //!
 //! 1. **Handshake.** The worker's first frame is the request `Hello`. The primary replies
 //!    `Welcome` (same protocol version), or `Refused` and closes the channel.
@@ -29,23 +33,29 @@
 //!    replacement and replies `Ack`, and the worker disconnects. Disconnecting means: close
 //!    every listener as above, let open connections finish (up to the drain timeout from
 //!    `Welcome`), exit.
-//! 6. **Messages.** User frames go either way at any time after the handshake.
+//! 6. **Messages.** `User` messages go either way at any time after the handshake, up to the
+//!    message limit announced in `Welcome` (longer ones are refused at `send`, with an error
+//!    that names the limit).
 //!
 //! End of file on the control channel means the other side is gone.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::frame::{HEADER_LEN, KERNEL_MAX_FDS, Kind, Limits};
+use crate::ids::{ListenerId, WorkerId};
 
 /// The version of the control protocol, exchanged in the handshake. A primary refuses a worker
 /// that speaks another version (postcard is not self-describing, so both ends must agree on
 /// every message's shape).
-pub const PROTOCOL_VERSION: u32 = 1;
-
-/// Names one listener granted to one worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ListenerId(pub u64);
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// An address a worker asks to listen on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -156,8 +166,6 @@ pub struct ListenRequest {
     /// Counts this worker's listens on port 0, so that one worker can listen on `:0` twice
     /// and get two ports, while every worker's first `:0` shares one (as in Node).
     pub index: u32,
-    /// The listen backlog asked for, if any.
-    pub backlog: Option<u32>,
 }
 
 /// How a granted listener delivers connections; says what the attached fd is.
@@ -204,19 +212,151 @@ impl ListenRefused {
     }
 }
 
-/// A control message.
+/// One direction of one channel: the type of the messages it carries, and the frame [`Kind`]
+/// that names them on the wire.
+pub trait Message: Serialize + DeserializeOwned + fmt::Debug {
+    /// The frame kind of this message type; a typed channel refuses every other kind.
+    const KIND: Kind;
+}
+
+/// One end of a typed channel: what it sends and what it receives. See
+/// [`Channel`](crate::Channel)'s type parameter.
+pub trait Protocol {
+    /// The messages this end sends.
+    type Send: Message;
+    /// The messages this end receives.
+    type Recv: Message;
+}
+
+/// The primary's end of a worker's control channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrimaryControl;
+
+/// A worker's end of its control channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerControl;
+
+/// The primary's end of a handoff socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrimaryHandoff;
+
+/// A worker's end of a handoff socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerHandoff;
+
+impl Protocol for PrimaryControl {
+    type Send = ToWorker;
+    type Recv = ToPrimary;
+}
+
+impl Protocol for WorkerControl {
+    type Send = ToPrimary;
+    type Recv = ToWorker;
+}
+
+impl Protocol for PrimaryHandoff {
+    type Send = HandoffToWorker;
+    type Recv = HandoffToPrimary;
+}
+
+impl Protocol for WorkerHandoff {
+    type Send = HandoffToPrimary;
+    type Recv = HandoffToWorker;
+}
+
+/// A message received on a typed channel, with its frame's sequence numbers and fds.
+#[derive(Debug)]
+pub struct Envelope<M> {
+    /// The sender's sequence number.
+    pub seq: u64,
+    /// The request this message answers, if it is a reply.
+    pub ack: Option<u64>,
+    /// The message.
+    pub msg: M,
+    /// The fds that travelled with it, in the order they were sent.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// A message encoded once, to be sent on several channels (see
+/// [`Channel::send_encoded`](crate::Channel::send_encoded)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded<M> {
+    body: Vec<u8>,
+    message: PhantomData<fn() -> M>,
+}
+
+impl<M: Message> Encoded<M> {
+    /// Encodes `msg`, refusing it when it is longer than `limits` allow.
+    pub fn new(msg: &M, limits: &Limits) -> Result<Encoded<M>, Error> {
+        let mut body = Vec::new();
+        crate::frame::encode_body(&mut body, msg, limits)?;
+        Ok(Encoded {
+            body,
+            message: PhantomData,
+        })
+    }
+
+    /// The encoded bytes.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// An application's own message, carried by [`ToWorker::User`] and [`ToPrimary::User`]: any
+/// `serde` type, encoded with postcard by the sender and decoded by the receiver as the same
+/// type.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserMessage {
+    body: Vec<u8>,
+}
+
+impl UserMessage {
+    /// Encodes `msg`, refusing it when its encoding is longer than `limits` allow
+    /// ([`Error::MessageTooLarge`] names the limit).
+    pub fn encode<T: Serialize + ?Sized>(msg: &T, limits: &Limits) -> Result<UserMessage, Error> {
+        let mut body = Vec::new();
+        crate::frame::encode_body(&mut body, msg, limits)?;
+        Ok(UserMessage { body })
+    }
+
+    /// A message of already encoded bytes.
+    pub fn from_bytes(body: Vec<u8>) -> UserMessage {
+        UserMessage { body }
+    }
+
+    /// Decodes the body as a `T`. Decoding as another type than the one sent may fail or give
+    /// nonsense: postcard is not self-describing.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        postcard::from_bytes(&self.body).map_err(|source| Error::Decode {
+            kind: Kind::User,
+            source,
+        })
+    }
+
+    /// The encoded body.
+    pub fn bytes(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Takes the encoded body.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.body
+    }
+}
+
+impl fmt::Debug for UserMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A multi-megabyte body is no help in a log line.
+        f.debug_struct("UserMessage")
+            .field("len", &self.body.len())
+            .finish()
+    }
+}
+
+/// A control message from the primary to a worker, on its control channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Control {
-    /// Worker → primary, the first frame a worker sends.
-    Hello {
-        /// The id the primary gave this worker (`CLUSTER_WORKER_ID`).
-        worker_id: u64,
-        /// The worker's process id.
-        pid: u32,
-        /// [`PROTOCOL_VERSION`] as the worker knows it.
-        protocol_version: u32,
-    },
-    /// Primary → worker, the reply to `Hello` when the versions agree.
+pub enum ToWorker {
+    /// The reply to `Hello` when the versions agree.
     Welcome {
         /// The primary's process id.
         primary_pid: u32,
@@ -225,53 +365,71 @@ pub enum Control {
         /// How long a disconnecting worker may take to finish its open connections before it
         /// exits anyway, in milliseconds.
         drain_timeout_ms: u64,
+        /// The longest message either side may send on this channel, in encoded bytes.
+        max_message_len: u32,
     },
-    /// Primary → worker, the reply to `Hello` when the worker cannot join; the primary closes
-    /// the channel after it.
+    /// The reply to `Hello` when the worker cannot join; the primary closes the channel
+    /// after it.
     Refused {
         /// Why.
         reason: String,
     },
-    /// Worker → primary, a request to listen; the reply is `ListenGranted` or
-    /// `ListenRefused`.
-    Listen(ListenRequest),
-    /// Primary → worker, a reply granting a listen request, with one fd attached.
+    /// The reply granting a listen request, with one fd attached.
     ListenGranted(ListenGranted),
-    /// Primary → worker, a reply refusing a listen request.
+    /// The reply refusing a listen request.
     ListenRefused(ListenRefused),
-    /// Worker → primary: the granted listener is in use.
+    /// Disconnect gracefully (stop accepting, finish open connections, exit).
+    Disconnect,
+    /// A reply that carries nothing but its `ack`.
+    Ack,
+    /// Are you alive? The reply is [`ToPrimary::Ack`].
+    Heartbeat,
+    /// An application's message.
+    User(UserMessage),
+}
+
+/// A control message from a worker to the primary, on its control channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToPrimary {
+    /// The first message a worker sends.
+    Hello {
+        /// The id the primary gave this worker.
+        worker_id: WorkerId,
+        /// The worker's process id.
+        pid: u32,
+        /// [`PROTOCOL_VERSION`] as the worker knows it.
+        protocol_version: u32,
+    },
+    /// A request to listen; the reply is `ListenGranted` or `ListenRefused`.
+    Listen(ListenRequest),
+    /// The granted listener is in use.
     Listening {
         /// Which listener.
         listener: ListenerId,
         /// Its local address.
         local_addr: ListenAddr,
     },
-    /// Worker → primary: the worker closed a listener. For a round-robin listener the worker
-    /// also closes its handoff socket, after returning what it will not serve.
+    /// The worker closed a listener. For a round-robin listener the worker also closes its
+    /// handoff socket, after returning what it will not serve.
     CloseListener {
         /// Which listener.
         listener: ListenerId,
     },
-    /// Primary → worker: disconnect gracefully (stop accepting, finish open connections,
-    /// exit).
-    Disconnect,
-    /// Worker → primary: this worker is disconnecting of its own accord; its exit is not a
-    /// crash.
+    /// This worker is disconnecting of its own accord; its exit is not a crash.
     Disconnecting,
-    /// Worker → primary: start my replacement first; I will then disconnect. The reply is
-    /// `Ack`.
+    /// Start my replacement first; I will then disconnect. The reply is
+    /// [`ToWorker::Ack`].
     Retire,
     /// A reply that carries nothing but its `ack`.
     Ack,
-    /// Worker → primary: how many connections this worker has open now.
-    LoadReport {
-        /// Open connections.
-        open_connections: u32,
-    },
-    /// Either way: are you alive? The reply is `Ack`.
-    Heartbeat,
-    /// Primary → worker on a handoff socket: `count` accepted connections, attached, in
-    /// non-blocking mode.
+    /// An application's message.
+    User(UserMessage),
+}
+
+/// A message from the primary to a worker on a handoff socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandoffToWorker {
+    /// `count` accepted connections, attached, in non-blocking mode.
     Connections {
         /// How many sockets are attached.
         count: u32,
@@ -279,18 +437,58 @@ pub enum Control {
         /// need not ask the kernel again); empty when the primary does not know them.
         peers: Vec<PeerAddr>,
     },
-    /// Worker → primary on a handoff socket: `count` more connections arrived (the oldest
-    /// un-acked ones, in order); the primary may close its copies.
+}
+
+/// A message from a worker to the primary on a handoff socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandoffToPrimary {
+    /// `count` more connections arrived (the oldest un-acked ones, in order); the primary may
+    /// close its copies.
     ConnectionsAck {
         /// How many.
         count: u32,
     },
-    /// Worker → primary on a handoff socket: connections the worker will not serve, attached,
-    /// for the primary to hand to another worker.
+    /// Connections the worker will not serve, attached, for the primary to hand to another
+    /// worker.
     ConnectionsReturned {
         /// How many sockets are attached.
         count: u32,
     },
+}
+
+impl Message for ToWorker {
+    const KIND: Kind = Kind::ToWorker;
+}
+
+impl Message for ToPrimary {
+    const KIND: Kind = Kind::ToPrimary;
+}
+
+impl Message for HandoffToWorker {
+    const KIND: Kind = Kind::HandoffToWorker;
+}
+
+impl Message for HandoffToPrimary {
+    const KIND: Kind = Kind::HandoffToPrimary;
+}
+
+/// The most bytes one peer address takes in a `Connections` message (an IPv6 address with
+/// its port, flow info and scope id, postcard-encoded, with its variant tag).
+const MAX_PEER_WIRE_LEN: usize = 1 + 16 + 3 + 5 + 5;
+
+/// The room a `Connections` message needs besides its peers (variant tag, count, length).
+const CONNECTIONS_OVERHEAD: usize = 1 + 5 + 5;
+
+/// The limits of a handoff socket whose worker may hold `window` un-acked connections: a
+/// batch carries at most `min(window, 253)` fds (the kernel's limit per message), and a frame
+/// has room for that many peer addresses, IPv6 included. Both ends use the same.
+pub fn handoff_limits(window: u32) -> Limits {
+    let max_fds = usize::try_from(window)
+        .unwrap_or(KERNEL_MAX_FDS)
+        .clamp(1, KERNEL_MAX_FDS);
+    let max_frame_len = HEADER_LEN + CONNECTIONS_OVERHEAD + max_fds * MAX_PEER_WIRE_LEN;
+    // Always valid: more than a header, far below u32::MAX, at most the kernel's fd limit.
+    Limits::new(max_frame_len, max_fds).unwrap_or_default()
 }
 
 #[cfg(test)]

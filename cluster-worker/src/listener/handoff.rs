@@ -8,6 +8,11 @@
 //! primary's credit window bounds what waits in this worker. To close, the worker sends the
 //! connections still in its FIFO back (`ConnectionsReturned`, fds attached) and shuts the
 //! socket down, so that the primary reads to the end before it re-dispatches anything.
+//!
+//! The socket is a typed channel ([`WorkerHandoff`]) with the limits both ends derive from
+//! the window ([`handoff_limits`]). A frame that does not belong on it (a control-channel
+//! message, the wrong direction: `WrongKind`), garbage, or a malformed batch is a protocol
+//! error: the listener closes, and the `accept` that met it returns the error.
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
@@ -15,9 +20,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cluster_ipc::frame::KERNEL_MAX_FDS;
-use cluster_ipc::proto::{Control, PeerAddr};
-use cluster_ipc::{Channel, Frame, Kind, Limits};
+use cluster_ipc::Channel;
+use cluster_ipc::proto::{
+    Envelope, HandoffToPrimary, HandoffToWorker, PeerAddr, WorkerHandoff, handoff_limits,
+};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::Taken;
@@ -26,17 +32,8 @@ use crate::error::error_chain;
 use crate::state::{WorkerState, deadline_after, lock};
 use crate::stream::OpenConnection;
 
-/// The frame limit on a handoff socket: its frames are tiny, but a generous limit costs
-/// nothing and leaves room for the primary's encoding to grow.
-const HANDOFF_MAX_FRAME_LEN: usize = 64 * 1024;
-
-/// The least number of fds a handoff frame may carry, whatever the window, so that a primary
-/// that batches a little more than it announced is not taken for a hostile one.
-const MIN_HANDOFF_FDS: usize = 16;
-
 struct State {
-    channel: Channel,
-    /// Connections received and acked, not yet handed out.
+    channel: Channel<WorkerHandoff>,
     /// Acked connections not yet handed out, with their peers' addresses when known.
     fifo: VecDeque<(OwnedFd, Option<SocketAddr>)>,
     closed: bool,
@@ -55,11 +52,9 @@ pub(super) struct Handoff {
 
 impl Handoff {
     pub(super) fn new(fd: OwnedFd, window: u32, send_timeout: Duration) -> Result<Handoff, Error> {
-        let max_fds = usize::try_from(window)
-            .unwrap_or(KERNEL_MAX_FDS)
-            .clamp(MIN_HANDOFF_FDS, KERNEL_MAX_FDS);
-        let limits = Limits::new(HANDOFF_MAX_FRAME_LEN, max_fds)?;
-        let channel = Channel::from_fd(fd, limits)?;
+        // The same limits the primary uses for this socket: room for a whole batch.
+        let channel =
+            Channel::from_fd(fd, handoff_limits(window))?.into_protocol::<WorkerHandoff>();
         let poll_fd = channel
             .as_fd()
             .try_clone_to_owned()
@@ -111,16 +106,21 @@ impl Handoff {
             }
             match state.channel.try_recv() {
                 Ok(None) => return Ok(None),
-                Ok(Some(frame)) => self.accept_batch(&mut state, frame)?,
+                Ok(Some(batch)) => self.accept_batch(&mut state, batch)?,
                 Err(cluster_ipc::Error::Closed) => {
                     tracing::debug!("the primary closed the handoff socket");
                     self.close_locked(&mut state);
                     return Err(Error::ListenerClosed);
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, "handoff socket broken: closing the listener");
+                    // A frame that does not belong here (`WrongKind`), garbage, a broken
+                    // socket: the channel has closed itself, and so does the listener.
+                    tracing::error!(
+                        error = %error_chain(&err),
+                        "handoff socket failed: closing the listener"
+                    );
                     self.close_locked(&mut state);
-                    return Err(Error::protocol("receiving connections", error_chain(&err)));
+                    return Err(Error::Ipc(err));
                 }
             }
         }
@@ -128,12 +128,16 @@ impl Handoff {
 
     /// Checks a batch, acks it, and queues its connections. A malformed batch closes the
     /// listener: its fds were not acked, so the primary still owns them.
-    fn accept_batch(&self, state: &mut State, frame: Frame) -> Result<(), Error> {
-        let (count, peers) = match batch_count(&frame) {
-            Ok(batch) => batch,
+    fn accept_batch(
+        &self,
+        state: &mut State,
+        batch: Envelope<HandoffToWorker>,
+    ) -> Result<(), Error> {
+        let (count, peers) = match check_batch(&batch) {
+            Ok(checked) => checked,
             Err(err) => {
-                tracing::warn!(error = %err, "bad batch on the handoff socket: closing the listener");
-                drop(frame);
+                tracing::error!(error = %err, "bad batch on the handoff socket: closing the listener");
+                drop(batch);
                 self.close_locked(state);
                 return Err(err);
             }
@@ -141,14 +145,11 @@ impl Handoff {
         if count == 0 {
             return Ok(());
         }
-        let ack = Control::ConnectionsAck { count };
+        let ack = HandoffToPrimary::ConnectionsAck { count };
         let deadline = Some(deadline_after(self.send_timeout));
-        if let Err(err) = state
-            .channel
-            .send_blocking(Kind::Control, None, &ack, &[], deadline)
-        {
+        if let Err(err) = state.channel.send_blocking(None, &ack, &[], deadline) {
             tracing::warn!(error = %err, "cannot ack a batch: closing the listener");
-            drop(frame);
+            drop(batch);
             self.close_locked(state);
             return Err(Error::protocol("acking connections", error_chain(&err)));
         }
@@ -157,7 +158,7 @@ impl Handoff {
         let mut peers = peers.into_iter().map(|peer| Some(peer.0));
         state
             .fifo
-            .extend(frame.fds.into_iter().map(|fd| (fd, peers.next().flatten())));
+            .extend(batch.fds.into_iter().map(|fd| (fd, peers.next().flatten())));
         Ok(())
     }
 
@@ -203,8 +204,8 @@ impl Handoff {
         // after that worker answered. So read them now and close our copies. Nothing more
         // can arrive: after the shutdown the primary's sends fail.
         let mut discarded = 0;
-        while let Ok(Some(frame)) = state.channel.try_recv() {
-            discarded += frame.fds.len();
+        while let Ok(Some(batch)) = state.channel.try_recv() {
+            discarded += batch.fds.len();
         }
         tracing::debug!(
             returned = unserved.len(),
@@ -216,7 +217,7 @@ impl Handoff {
 
     /// Sends the connections this worker will not serve back to the primary, in frames of at
     /// most the fd limit (always at least one frame, so the primary sees the close in order).
-    fn return_connections(&self, channel: &mut Channel, unserved: &[OwnedFd]) {
+    fn return_connections(&self, channel: &mut Channel<WorkerHandoff>, unserved: &[OwnedFd]) {
         let max_fds = channel.limits().max_fds().max(1);
         let deadline = Some(deadline_after(self.send_timeout));
         let mut chunks: Vec<&[OwnedFd]> = unserved.chunks(max_fds).collect();
@@ -226,9 +227,8 @@ impl Handoff {
         for chunk in chunks {
             let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(AsFd::as_fd).collect();
             let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
-            let returned = Control::ConnectionsReturned { count };
-            if let Err(err) = channel.send_blocking(Kind::Control, None, &returned, &fds, deadline)
-            {
+            let returned = HandoffToPrimary::ConnectionsReturned { count };
+            if let Err(err) = channel.send_blocking(None, &returned, &fds, deadline) {
                 // The primary is gone or stuck; it will re-dispatch what it never saw acked,
                 // and what it did see acked is lost with this worker.
                 tracing::warn!(error = %err, count, "could not return connections to the primary");
@@ -238,35 +238,25 @@ impl Handoff {
     }
 }
 
-/// The `count` of a `Connections` batch, checked against the fds that came with it.
-fn batch_count(frame: &Frame) -> Result<(u32, Vec<PeerAddr>), Error> {
+/// The `count` of a `Connections` batch and its peers, checked against the fds that came
+/// with it.
+fn check_batch(batch: &Envelope<HandoffToWorker>) -> Result<(u32, Vec<PeerAddr>), Error> {
     const CONTEXT: &str = "receiving connections";
-    if frame.kind() != Kind::Control {
-        return Err(Error::protocol(CONTEXT, "a user frame on a handoff socket"));
-    }
-    let message: Control = frame
-        .decode()
-        .map_err(|err| Error::protocol(CONTEXT, error_chain(&err)))?;
-    let Control::Connections { count, peers } = message else {
-        return Err(Error::protocol(
-            CONTEXT,
-            format!("unexpected {message:?} on a handoff socket"),
-        ));
-    };
-    if usize::try_from(count).ok() != Some(frame.fds.len()) {
+    let HandoffToWorker::Connections { count, peers } = &batch.msg;
+    if usize::try_from(*count).ok() != Some(batch.fds.len()) {
         return Err(Error::protocol(
             CONTEXT,
             format!(
                 "a batch announced {count} connections but carried {} fds",
-                frame.fds.len()
+                batch.fds.len()
             ),
         ));
     }
-    if !peers.is_empty() && peers.len() != frame.fds.len() {
+    if !peers.is_empty() && peers.len() != batch.fds.len() {
         return Err(Error::protocol(
             CONTEXT,
             format!("a batch of {count} connections named {} peers", peers.len()),
         ));
     }
-    Ok((count, peers))
+    Ok((*count, peers.clone()))
 }

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cluster_ipc::proto::{Delivery, ListenAddr, ListenGranted, ListenerId};
+use cluster_ipc::ListenerId;
+use cluster_ipc::proto::{Delivery, ListenAddr, ListenGranted};
 use nix::poll::PollTimeout;
 
 use crate::Error;
@@ -46,11 +47,10 @@ pub(crate) struct ListenerCore {
     close_announced: AtomicBool,
 }
 
-/// A connection taken from a listener, not yet wrapped: the socket and its place in the
+/// A connection taken from a listener, not yet wrapped: the socket, its place in the
 /// open-connection count (taken while the listener could not close, so that a disconnecting
-/// worker never exits between the two).
-/// A connection taken from a listener, counted as open, with its peer's address when the
-/// listener already knows it.
+/// worker never exits between the two), and its peer's address when the listener already
+/// knows it.
 pub(crate) type Taken = (TcpStream, OpenConnection, Option<SocketAddr>);
 
 impl ListenerCore {
@@ -163,15 +163,13 @@ fn poll_timeout(deadline: Option<Instant>) -> Result<PollTimeout, Error> {
     let Some(deadline) = deadline else {
         return Ok(PollTimeout::NONE);
     };
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(Error::io(
+    let left = cluster_ipc::deadline::left(deadline).ok_or_else(|| {
+        Error::io(
             "accept",
             io::Error::new(io::ErrorKind::TimedOut, "no connection before the deadline"),
-        ));
-    }
-    let millis = left.as_micros().div_ceil(1000);
-    Ok(PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX))
+        )
+    })?;
+    Ok(PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX))
 }
 
 /// A listener granted by the primary: round-robin or shared, used like a `TcpListener`.
@@ -185,7 +183,9 @@ fn poll_timeout(deadline: Option<Instant>) -> Result<PollTimeout, Error> {
 /// Once the listener is closed, by [`close`](Listener::close), by dropping it, by the worker's
 /// disconnect or by the primary, `accept` (even one already blocked in another thread) fails
 /// with [`NotConnected`](io::ErrorKind::NotConnected) and [`incoming`](Listener::incoming)
-/// ends. Connections a round-robin listener had received but not handed out go back to the
+/// ends. A primary that breaks the protocol on a round-robin listener's handoff socket
+/// closes the listener too; the `accept` that met the error returns it
+/// ([`InvalidData`](io::ErrorKind::InvalidData), wrapping this crate's [`Error`]). Connections a round-robin listener had received but not handed out go back to the
 /// primary, which gives them to another worker.
 #[derive(Debug)]
 pub struct Listener {
@@ -303,44 +303,21 @@ impl Drop for Listener {
     }
 }
 
-/// Registers whatever fd becomes readable when a connection can be taken: the handoff socket
-/// of a round-robin listener, the private epoll instance of a shared one. It also becomes
-/// readable when the listener closes, so that the loop learns of it from `try_accept`.
-impl mio::event::Source for Listener {
-    fn register(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        self.source_fd(|fd| fd.register(registry, token, interests))
-    }
-
-    fn reregister(
-        &mut self,
-        registry: &mio::Registry,
-        token: mio::Token,
-        interests: mio::Interest,
-    ) -> io::Result<()> {
-        self.source_fd(|fd| fd.reregister(registry, token, interests))
-    }
-
-    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
-        self.source_fd(|fd| fd.deregister(registry))
-    }
-}
-
-impl Listener {
-    fn source_fd<R>(&self, with: impl FnOnce(&mut mio::unix::SourceFd<'_>) -> R) -> R {
-        use std::os::fd::AsRawFd;
-        let raw = match &self.core.kind {
-            Kind::Handoff(handoff) => handoff.readiness_fd().as_raw_fd(),
+/// The fd that becomes readable when a connection can be taken: the handoff socket of a
+/// round-robin listener, the private epoll instance of a shared one. It also becomes readable
+/// when the listener closes, so that a loop learns of it from `try_accept`. This is what the
+/// listener registers as a `mio` event source; poll it to wait for connections.
+impl std::os::fd::AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.core.kind {
+            Kind::Handoff(handoff) => handoff.readiness_fd(),
             #[cfg(any(target_os = "linux", target_os = "android"))]
-            Kind::Shared(shared) => shared.readiness_fd().as_raw_fd(),
-        };
-        with(&mut mio::unix::SourceFd(&raw))
+            Kind::Shared(shared) => shared.readiness_fd(),
+        }
     }
 }
+
+cluster_ipc::impl_fd_source!(Listener, |listener| std::os::fd::AsFd::as_fd(listener));
 
 /// The iterator of [`Listener::incoming`].
 #[derive(Debug)]

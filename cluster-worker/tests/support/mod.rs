@@ -1,19 +1,20 @@
 //! Shared helpers for the integration tests: an fd-leak check and a stand-in primary.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cluster_ipc::proto::{
-    Control, Delivery, ListenAddr, ListenGranted, ListenRefused, ListenRequest, ListenerId,
-    PROTOCOL_VERSION, PeerAddr,
+    Delivery, Envelope, HandoffToPrimary, HandoffToWorker, ListenAddr, ListenGranted,
+    ListenRefused, ListenRequest, PROTOCOL_VERSION, PeerAddr, PrimaryControl, PrimaryHandoff,
+    ToPrimary, ToWorker,
 };
-use cluster_ipc::{Channel, Frame, Kind};
+use cluster_ipc::{Channel, Limits, ListenerId, SlotId, UserMessage, WorkerId};
+use cluster_test_support::{ProcStat, wait_until};
 use cluster_worker::{Worker, WorkerOptions};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -25,50 +26,9 @@ pub fn deadline() -> Option<Instant> {
     Some(Instant::now() + WAIT)
 }
 
-// ----- fd leak checks (as in cluster-ipc's tests) -----
+// ----- fd leak checks -----
 
-/// Tests in one binary run on parallel threads that share one fd table; every test that
-/// opens fds takes this lock, so a count taken by one is not disturbed by another.
-static FD_TABLE: Mutex<()> = Mutex::new(());
-
-/// The open fds of this process and what each points at.
-pub fn open_fds() -> BTreeMap<i32, PathBuf> {
-    let mut fds = BTreeMap::new();
-    let listing = PathBuf::from(format!("/proc/{}/fd", std::process::id()));
-    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
-        let entry = entry.unwrap();
-        let Ok(number) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        // Skip the directory handle of this very listing.
-        if let Ok(target) = std::fs::read_link(entry.path()) {
-            if target != listing {
-                fds.insert(number, target);
-            }
-        }
-    }
-    fds
-}
-
-/// Runs `test` under the fd-table lock and checks that it leaves the fd table as it found
-/// it.
-pub fn no_leak(test: impl FnOnce()) {
-    let _lock: MutexGuard<'static, ()> = FD_TABLE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let before = open_fds();
-    test();
-    let now = open_fds();
-    let opened: Vec<_> = now
-        .iter()
-        .filter(|(n, t)| before.get(n) != Some(t))
-        .collect();
-    let closed: Vec<_> = before.keys().filter(|n| !now.contains_key(n)).collect();
-    assert!(
-        opened.is_empty() && closed.is_empty(),
-        "fds leaked: {opened:?}; closed: {closed:?}"
-    );
-}
+pub use cluster_test_support::no_leak;
 
 // ----- a stand-in primary -----
 
@@ -82,56 +42,65 @@ pub fn options() -> WorkerOptions {
 
 /// The primary's end of one worker's control channel.
 pub struct FakePrimary {
-    pub channel: Channel,
-    /// Pass over `LoadReport`s (a worker from `Worker::start` sends them).
-    pub skip_load_reports: bool,
+    pub channel: Channel<PrimaryControl>,
 }
 
 impl FakePrimary {
-    pub fn new(channel: Channel) -> FakePrimary {
-        FakePrimary {
-            channel,
-            skip_load_reports: false,
-        }
+    pub fn new(channel: Channel<PrimaryControl>) -> FakePrimary {
+        FakePrimary { channel }
     }
 
-    /// Receives the next frame (failing the test after `WAIT`).
-    pub fn recv(&mut self) -> Frame {
-        loop {
-            let frame = self.channel.recv(deadline()).unwrap();
-            let is_load_report = frame.kind() == Kind::Control
-                && matches!(frame.decode(), Ok(Control::LoadReport { .. }));
-            if !(self.skip_load_reports && is_load_report) {
-                return frame;
-            }
-        }
+    /// Receives the next message (failing the test after `WAIT`).
+    pub fn recv(&mut self) -> Envelope<ToPrimary> {
+        self.channel.recv(deadline()).unwrap()
     }
 
     /// Receives the next control message.
-    pub fn recv_control(&mut self) -> (Frame, Control) {
-        let frame = self.recv();
-        assert_eq!(frame.kind(), Kind::Control, "expected a control frame");
-        let message = frame.decode().unwrap();
-        (frame, message)
+    pub fn recv_control(&mut self) -> (Envelope<ToPrimary>, ToPrimary) {
+        let envelope = self.recv();
+        let message = envelope.msg.clone();
+        (envelope, message)
     }
 
     /// Receives the next control message and checks it.
-    pub fn expect(&mut self, expected: Control) -> Frame {
-        let (frame, message) = self.recv_control();
-        assert_eq!(message, expected);
-        frame
+    pub fn expect(&mut self, expected: ToPrimary) -> Envelope<ToPrimary> {
+        let envelope = self.recv();
+        assert_eq!(envelope.msg, expected);
+        envelope
     }
 
-    /// Answers `Hello` with `Welcome`.
-    pub fn welcome(&mut self) -> Control {
-        let (frame, hello) = self.recv_control();
-        let welcome = Control::Welcome {
+    /// Receives the next message, which must be a user message, as a `T`.
+    pub fn recv_user<T: DeserializeOwned>(&mut self) -> T {
+        match self.recv().msg {
+            ToPrimary::User(message) => message.decode().unwrap(),
+            other => panic!("expected a user message, got {other:?}"),
+        }
+    }
+
+    /// Sends `msg` to the worker as a user message.
+    pub fn send_user<T: Serialize + ?Sized>(&mut self, msg: &T) -> u64 {
+        let message = UserMessage::encode(msg, &Limits::default()).unwrap();
+        self.channel
+            .send(None, &ToWorker::User(message), &[])
+            .unwrap()
+    }
+
+    /// Answers `Hello` with `Welcome`, announcing the default message limit.
+    pub fn welcome(&mut self) -> ToPrimary {
+        self.welcome_with_limit(Limits::DEFAULT_MAX_MESSAGE_LEN)
+    }
+
+    /// Answers `Hello` with `Welcome`, announcing `max_message_len`.
+    pub fn welcome_with_limit(&mut self, max_message_len: usize) -> ToPrimary {
+        let (envelope, hello) = self.recv_control();
+        let welcome = ToWorker::Welcome {
             primary_pid: 4242,
             protocol_version: PROTOCOL_VERSION,
             drain_timeout_ms: DRAIN_MS,
+            max_message_len: u32::try_from(max_message_len).unwrap(),
         };
         self.channel
-            .send(Kind::Control, Some(frame.seq()), &welcome, &[])
+            .send(Some(envelope.seq), &welcome, &[])
             .unwrap();
         hello
     }
@@ -139,7 +108,7 @@ impl FakePrimary {
     /// Receives a `Listen` request.
     pub fn recv_listen(&mut self) -> (u64, ListenRequest) {
         match self.recv_control() {
-            (frame, Control::Listen(request)) => (frame.seq(), request),
+            (envelope, ToPrimary::Listen(request)) => (envelope.seq, request),
             (_, other) => panic!("expected Listen, got {other:?}"),
         }
     }
@@ -153,27 +122,23 @@ impl FakePrimary {
         fds: &[BorrowedFd<'_>],
     ) -> ListenRequest {
         let (seq, request) = self.recv_listen();
-        let granted = Control::ListenGranted(ListenGranted {
+        let granted = ToWorker::ListenGranted(ListenGranted {
             listener,
             local_addr: ListenAddr::Tcp(local_addr),
             delivery,
         });
-        self.channel
-            .send(Kind::Control, Some(seq), &granted, fds)
-            .unwrap();
+        self.channel.send(Some(seq), &granted, fds).unwrap();
         request
     }
 
     /// Answers the next `Listen` with a refusal.
     pub fn refuse(&mut self, errno: i32) -> ListenRequest {
         let (seq, request) = self.recv_listen();
-        let refused = Control::ListenRefused(ListenRefused {
+        let refused = ToWorker::ListenRefused(ListenRefused {
             errno,
             message: "bind".into(),
         });
-        self.channel
-            .send(Kind::Control, Some(seq), &refused, &[])
-            .unwrap();
+        self.channel.send(Some(seq), &refused, &[]).unwrap();
         request
     }
 
@@ -184,8 +149,10 @@ impl FakePrimary {
         listener: ListenerId,
         local_addr: SocketAddr,
         window: u32,
-    ) -> Channel {
-        let (handoff, worker_end) = Channel::pair().unwrap();
+    ) -> Channel<PrimaryHandoff> {
+        let limits = cluster_ipc::proto::handoff_limits(window);
+        let (handoff, worker_end) =
+            Channel::pair_with(cluster_ipc::Transport::native(), limits).unwrap();
         let worker_end = worker_end.into_fd();
         self.grant(
             listener,
@@ -193,19 +160,28 @@ impl FakePrimary {
             Delivery::Handoff { window },
             &[worker_end.as_fd()],
         );
-        handoff
+        handoff.into_protocol()
     }
 }
 
 /// A worker connected to a stand-in primary that answered its handshake.
 pub fn connect_worker(options: WorkerOptions) -> (Worker, FakePrimary) {
+    connect_worker_with_limit(options, Limits::DEFAULT_MAX_MESSAGE_LEN)
+}
+
+/// A worker connected to a stand-in primary that announced `max_message_len`.
+pub fn connect_worker_with_limit(
+    options: WorkerOptions,
+    max_message_len: usize,
+) -> (Worker, FakePrimary) {
     let (primary, worker_end) = Channel::pair().unwrap();
     let primary = std::thread::spawn(move || {
-        let mut primary = FakePrimary::new(primary);
-        primary.welcome();
+        let mut primary = FakePrimary::new(primary.into_protocol());
+        primary.welcome_with_limit(max_message_len);
         primary
     });
-    let worker = Worker::connect(worker_end, 7, 3, options).unwrap();
+    let worker =
+        Worker::connect(worker_end.into_protocol(), WorkerId(7), SlotId(3), options).unwrap();
     (worker, primary.join().unwrap())
 }
 
@@ -226,16 +202,16 @@ pub fn round_robin_listener(
     primary: &mut FakePrimary,
     id: u64,
     window: u32,
-) -> (cluster_worker::Listener, Channel) {
+) -> (cluster_worker::Listener, Channel<PrimaryHandoff>) {
     let addr: SocketAddr = "127.0.0.1:8000".parse().unwrap();
     let (listener, handoff) = std::thread::scope(|scope| {
         let answer = scope.spawn(|| primary.grant_round_robin(ListenerId(id), addr, window));
         let listener = worker
-            .listen(addr, Some(cluster_ipc::proto::ListenMode::RoundRobin))
+            .listen(addr, Some(cluster_worker::ListenMode::RoundRobin))
             .unwrap();
         (listener, answer.join().unwrap())
     });
-    primary.expect(Control::Listening {
+    primary.expect(ToPrimary::Listening {
         listener: ListenerId(id),
         local_addr: ListenAddr::Tcp(addr),
     });
@@ -266,35 +242,43 @@ pub fn tcp_connections(n: usize) -> (Vec<TcpStream>, Vec<OwnedFd>) {
     (clients, ordered)
 }
 
-/// Reads a handoff socket to its end: the last frames the worker sent, then end of file.
-pub fn read_to_end(handoff: &mut Channel) -> Vec<(Frame, Control)> {
-    let mut frames = Vec::new();
+/// Reads a handoff socket to its end: the last messages the worker sent, then end of file.
+pub fn read_to_end(handoff: &mut Channel<PrimaryHandoff>) -> Vec<Envelope<HandoffToPrimary>> {
+    let mut messages = Vec::new();
     loop {
         match handoff.recv(deadline()) {
-            Ok(frame) => {
-                let message = frame.decode().unwrap();
-                frames.push((frame, message));
-            }
-            Err(cluster_ipc::Error::Closed) => return frames,
+            Ok(envelope) => messages.push(envelope),
+            Err(cluster_ipc::Error::Closed) => return messages,
             Err(err) => panic!("the handoff socket failed: {err}"),
         }
     }
 }
 
+/// What [`read_to_end`] read, without the fds.
+pub fn messages_to_end(handoff: &mut Channel<PrimaryHandoff>) -> Vec<HandoffToPrimary> {
+    read_to_end(handoff)
+        .into_iter()
+        .map(|envelope| envelope.msg)
+        .collect()
+}
+
 /// Sends a `Connections` batch carrying `fds`, without peer addresses.
-pub fn send_batch(handoff: &mut Channel, fds: &[OwnedFd]) {
+pub fn send_batch(handoff: &mut Channel<PrimaryHandoff>, fds: &[OwnedFd]) {
     send_batch_with_peers(handoff, fds, Vec::new());
 }
 
 /// Sends a `Connections` batch carrying `fds` and naming `peers`.
-pub fn send_batch_with_peers(handoff: &mut Channel, fds: &[OwnedFd], peers: Vec<PeerAddr>) {
+pub fn send_batch_with_peers(
+    handoff: &mut Channel<PrimaryHandoff>,
+    fds: &[OwnedFd],
+    peers: Vec<PeerAddr>,
+) {
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     let count = u32::try_from(fds.len()).unwrap();
     handoff
         .send(
-            Kind::Control,
             None,
-            &Control::Connections { count, peers },
+            &HandoffToWorker::Connections { count, peers },
             &borrowed,
         )
         .unwrap();
@@ -303,16 +287,7 @@ pub fn send_batch_with_peers(handoff: &mut Channel, fds: &[OwnedFd], peers: Vec<
 /// Waits until thread `tid` of this process is asleep in the kernel (blocked in a system
 /// call), so that a test can act while another thread is known to be blocked.
 pub fn wait_until_blocked(tid: i32) {
-    let path = format!("/proc/self/task/{tid}/stat");
-    let until = Instant::now() + WAIT;
-    loop {
-        let stat = std::fs::read_to_string(&path).unwrap();
-        // The state follows the command name, which is in parentheses.
-        let state = stat.rsplit(')').next().unwrap().trim_start().chars().next();
-        if state == Some('S') {
-            return;
-        }
-        assert!(Instant::now() < until, "thread {tid} never blocked");
-        std::thread::yield_now();
-    }
+    wait_until(&format!("thread {tid} blocks"), WAIT, || {
+        ProcStat::of_thread(tid).is_some_and(|stat| stat.state == 'S')
+    });
 }

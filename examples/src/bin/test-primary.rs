@@ -59,7 +59,7 @@ fn main() -> ExitCode {
         }
     };
     let result = primary.run(|_, event| match event {
-        Event::Fork { worker, pid, slot } => println!("fork {} {pid} {slot}", worker.0),
+        Event::Fork { worker, pid, slot } => println!("fork {} {pid} {}", worker.0, slot.0),
         Event::Online { worker } => println!("online {}", worker.0),
         Event::Listening { worker, addr } => println!("listening {} {addr}", worker.0),
         Event::Ready { .. } => println!("ready"),

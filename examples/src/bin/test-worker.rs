@@ -39,10 +39,10 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cluster_net::ipc::proto::{Control, PROTOCOL_VERSION};
-use cluster_net::ipc::{Kind, Limits};
+use cluster_net::ipc::proto::{PROTOCOL_VERSION, ToPrimary, ToWorker};
+use cluster_net::ipc::{Limits, UserMessage};
 use cluster_net::worker::{
-    IPC_FD_ENV, ListenMode, Listener, WORKER_ID_ENV, WORKER_SLOT_ENV, Worker, WorkerOptions,
+    ListenMode, Listener, WORKER_ID_ENV, WORKER_SLOT_ENV, Worker, WorkerOptions,
 };
 
 type Msg = (String, Vec<String>);
@@ -270,21 +270,21 @@ fn answer_messages(worker: &Worker, go: &mpsc::Sender<()>) {
 /// from the channel that its primary died, and `SIGTERM` keeps its default action (this
 /// process installs no handler), so only a signal ends it.
 fn raw_hello(id: u64, slot: u32) -> Result<Never, BoxError> {
-    let mut channel = cluster_net::ipc::process::adopt_from_env(IPC_FD_ENV, Limits::default())?
-        .ok_or("no control channel")?;
+    let limits = Limits::default();
+    let (identity, mut channel) =
+        cluster_net::ipc::env::adopt_worker(limits)?.ok_or("no control channel")?;
     let deadline = Some(Instant::now() + Duration::from_secs(10));
-    let hello = Control::Hello {
-        worker_id: id,
+    let hello = ToPrimary::Hello {
+        worker_id: identity.id,
         pid: std::process::id(),
         protocol_version: PROTOCOL_VERSION,
     };
-    let reply = channel.call(Kind::Control, &hello, &[], deadline)?;
-    match reply.decode::<Control>()? {
-        Control::Welcome { .. } => {}
+    match channel.call(&hello, &[], deadline)?.msg {
+        ToWorker::Welcome { .. } => {}
         other => return Err(format!("the primary answered Hello with {other:?}").into()),
     }
-    let report = msg("report", report_fields(id, slot));
-    channel.send_blocking(Kind::User, None, &report, &[], deadline)?;
+    let report = UserMessage::encode(&msg("report", report_fields(id, slot)), &limits)?;
+    channel.send_blocking(None, &ToPrimary::User(report), &[], deadline)?;
     // Keep the channel open, unread, for as long as the process lives.
     let _channel = channel;
     loop {

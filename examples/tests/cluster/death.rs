@@ -77,7 +77,7 @@ fn kill_primary(guard: &mut Guard) {
     signal(guard.pid(), Signal::SIGKILL);
     assert!(matches!(
         guard.wait(),
-        WaitStatus::Signaled(_, Signal::SIGKILL, _)
+        WaitStatus::Signaled(_, nix::sys::signal::SIGKILL, _)
     ));
 }
 
@@ -101,7 +101,7 @@ fn the_primarys_death_ends_its_workers_through_channel_eof_alone() {
     signal(raw, Signal::SIGKILL);
     assert_eq!(
         primary.reap_other(raw),
-        WaitStatus::Signaled(pid(raw), Signal::SIGKILL, false)
+        WaitStatus::Signaled(pid(raw), nix::sys::signal::SIGKILL, false)
     );
 }
 
@@ -118,7 +118,7 @@ fn the_primarys_death_ends_its_workers_through_the_parent_death_signal_alone() {
     let raw = workers[&1].pid;
     assert_eq!(
         primary.reap_other(raw),
-        WaitStatus::Signaled(pid(raw), Signal::SIGTERM, false)
+        WaitStatus::Signaled(pid(raw), nix::sys::signal::SIGTERM, false)
     );
     // The ordinary worker hears it both ways and disconnects gracefully either way.
     assert_eq!(

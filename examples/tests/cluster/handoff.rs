@@ -147,7 +147,7 @@ fn a_worker_sigkilled_with_unacked_connections_loses_none_of_them() {
     signal(victim.pid, Signal::SIGKILL);
     assert_eq!(
         cluster.wait_exit(victim.id),
-        (ExitStatus::Signal(Signal::SIGKILL as i32), false)
+        (ExitStatus::Signal(Signal::SIGKILL), false)
     );
 
     // Every client gets exactly one full answer, from the surviving worker.

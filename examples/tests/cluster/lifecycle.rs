@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use cluster_primary::{Event, ExitStatus, Signal, WorkerId, WorkerState};
+use cluster_primary::{Event, ExitStatus, Signal, SlotId, WorkerId, WorkerState};
 
 use crate::support::{
     Harness, builder, connect, decode, forks, greet, parse_greeting, read_line, signal, worker_of,
@@ -99,7 +99,10 @@ fn ids_start_at_1_and_are_never_reused() {
     cluster.wait_ready();
     for (expected_id, expected_slot) in [(1, 0), (2, 1)] {
         let (worker, _, slot) = cluster.wait_fork();
-        assert_eq!((worker, slot), (WorkerId(expected_id), expected_slot));
+        assert_eq!(
+            (worker, slot),
+            (WorkerId(expected_id), SlotId(expected_slot))
+        );
     }
 
     // Kill a worker four times, alternating slots: each replacement gets the next id and
@@ -109,11 +112,11 @@ fn ids_start_at_1_and_are_never_reused() {
         let victim = cluster.worker_in_slot(slot);
         signal(victim.pid, Signal::SIGKILL);
         let (status, after_disconnect) = cluster.wait_exit(victim.id);
-        assert_eq!(status, ExitStatus::Signal(Signal::SIGKILL as i32));
+        assert_eq!(status, ExitStatus::Signal(Signal::SIGKILL));
         assert!(!after_disconnect);
         let (worker, pid, new_slot) = cluster.wait_fork();
         assert_eq!(worker, WorkerId(3 + round), "round {round}");
-        assert_eq!(new_slot, slot);
+        assert_eq!(new_slot, SlotId(slot));
         // The worker itself knows its id and slot from its environment.
         let (_, report) = cluster.wait_message(Some(worker), "report");
         assert!(report.contains(&format!("id={}", worker.0)), "{report:?}");
@@ -140,7 +143,10 @@ fn exit_code_42_and_sigkill_are_reported_as_such() {
         .env("TW_BEHAVIOUR_SLOT0", "exit:42");
     let mut cluster = Harness::start_with(builder, |cluster, event| {
         if let Event::Listening { worker, .. } = event {
-            if cluster.worker(*worker).is_some_and(|info| info.slot == 1) {
+            if cluster
+                .worker(*worker)
+                .is_some_and(|info| info.slot == SlotId(1))
+            {
                 cluster.kill(*worker, Signal::SIGKILL).unwrap();
             }
         }
@@ -150,10 +156,10 @@ fn exit_code_42_and_sigkill_are_reported_as_such() {
     let workers = forks(&events);
     assert_eq!(workers.len(), 2, "{events:#?}");
     for (worker, pid, slot) in workers {
-        let expected = if slot == 0 {
+        let expected = if slot == SlotId(0) {
             ExitStatus::Code(42)
         } else {
-            ExitStatus::Signal(Signal::SIGKILL as i32)
+            ExitStatus::Signal(Signal::SIGKILL)
         };
         assert!(
             events.contains(&Event::Exit {
@@ -196,7 +202,9 @@ fn a_worker_sigtermed_directly_disconnects_gracefully_and_is_replaced() {
     // its size.
     let replacement = cluster.wait_for("the replacement's Fork", |event| match event {
         Event::Fork {
-            worker, slot: 0, ..
+            worker,
+            slot: SlotId(0),
+            ..
         } if *worker != victim.id => Some(*worker),
         _ => None,
     });

@@ -12,6 +12,7 @@ mod support;
 mod death;
 mod examples;
 mod handoff;
+mod issue9;
 mod lifecycle;
 mod listen;
 mod messages;

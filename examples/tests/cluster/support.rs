@@ -1,7 +1,7 @@
 //! Shared helpers: an in-process primary on a thread with its events collected, clients, and
 //! child-process bookkeeping. Every wait has a deadline, so a broken build fails instead of
 //! hanging.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -9,13 +9,17 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ChildStdout};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Condvar, Mutex, Once};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cluster_primary::{
-    Builder, Cluster, Event, ExitStatus, Handle, Message, Signal, Status, WorkerId, WorkerInfo,
+    Builder, Cluster, Event, ExitStatus, Handle, Message, Signal, SlotId, Status, WorkerId,
+    WorkerInfo,
 };
+use cluster_test_support::{Deadline, ProcStat};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
+
+pub use cluster_test_support::is_alive;
 
 /// How long any single wait may take before the test fails. Generous: these machines are
 /// shared and noisy; it only catches hangs.
@@ -38,10 +42,6 @@ pub fn msg<const N: usize>(kind: &str, fields: [&str; N]) -> Msg {
 
 pub fn decode(message: &Message) -> Msg {
     message.decode::<Msg>().expect("a test-worker message")
-}
-
-pub fn deadline() -> Instant {
-    Instant::now() + WAIT
 }
 
 /// Once per test process: make it a child subreaper, so that the workers of a primary that
@@ -177,10 +177,9 @@ impl Harness {
                 }
             }
         }
-        let deadline = deadline();
+        let deadline = Deadline::after(WAIT);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let event = match self.events.recv_timeout(left) {
+            let event = match self.events.recv_timeout(deadline.left()) {
                 Ok(event) => event,
                 Err(_) => panic!(
                     "no {what} within {WAIT:?}; events so far: {:#?}",
@@ -228,7 +227,7 @@ impl Harness {
     }
 
     /// Waits for a `Fork`; returns the worker, its pid and its slot.
-    pub fn wait_fork(&mut self) -> (WorkerId, u32, u32) {
+    pub fn wait_fork(&mut self) -> (WorkerId, u32, SlotId) {
         self.wait_for("Fork", |event| match event {
             Event::Fork { worker, pid, slot } => Some((*worker, *pid, *slot)),
             _ => None,
@@ -248,7 +247,8 @@ impl Harness {
     }
 
     /// The live worker in `slot`.
-    pub fn worker_in_slot(&self, slot: u32) -> WorkerInfo {
+    pub fn worker_in_slot(&self, slot: impl Into<SlotOf>) -> WorkerInfo {
+        let SlotOf(slot) = slot.into();
         let status = self.status();
         status
             .workers
@@ -299,7 +299,7 @@ impl Drop for Harness {
 }
 
 /// The workers each event names, in order of their `Fork`.
-pub fn forks(events: &[Event]) -> Vec<(WorkerId, u32, u32)> {
+pub fn forks(events: &[Event]) -> Vec<(WorkerId, u32, SlotId)> {
     events
         .iter()
         .filter_map(|event| match event {
@@ -324,12 +324,8 @@ pub fn worker_of(event: &Event) -> Option<WorkerId> {
 
 /// Polls `condition` until it holds; fails at the deadline. For states that no event
 /// announces (a count in the primary's status), never as a stand-in for an event.
-pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = deadline();
-    while !condition() {
-        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+pub fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+    cluster_test_support::wait_until(what, WAIT, condition);
 }
 
 // ----- clients -----
@@ -431,39 +427,9 @@ pub fn pid(pid: u32) -> Pid {
 }
 
 pub fn signal(target: u32, signal: Signal) {
-    nix::sys::signal::kill(pid(target), signal)
+    let number = nix::sys::signal::Signal::try_from(signal.as_raw()).expect("a signal");
+    nix::sys::signal::kill(pid(target), number)
         .unwrap_or_else(|err| panic!("kill({target}, {signal}): {err}"));
-}
-
-/// Whether a process exists and has not exited (a zombie has).
-pub fn is_alive(target: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{target}/stat")) {
-        // The state follows the command name, which is in parentheses and may hold anything.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
-/// Waits for a child of this process (its own, or an orphan it inherited as a subreaper) to
-/// end and reaps it. A blocking `waitpid` on a helper thread, bounded by the deadline: past
-/// it the process is killed and the test fails.
-pub fn reap(target: u32) -> WaitStatus {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(nix::sys::wait::waitpid(pid(target), None));
-    });
-    match rx.recv_timeout(WAIT) {
-        Ok(Ok(status)) => status,
-        Ok(Err(err)) => panic!("waitpid({target}): {err}"),
-        Err(RecvTimeoutError::Timeout) => {
-            let _ = nix::sys::signal::kill(pid(target), Signal::SIGKILL);
-            panic!("process {target} did not end within {WAIT:?}");
-        }
-        Err(RecvTimeoutError::Disconnected) => panic!("waitpid thread for {target} died"),
-    }
 }
 
 /// A child process's stdout, read line by line on a thread.
@@ -538,12 +504,12 @@ impl Guard {
     pub fn wait(&mut self) -> WaitStatus {
         let child = self.child.take().expect("a child to wait for");
         // Reaped by pid here; the `Child` has nothing left to wait for.
-        reap(child.id())
+        cluster_test_support::reap(child.id(), WAIT)
     }
 
     /// Reaps one of the other processes (an orphan that came to this process) and forgets it.
     pub fn reap_other(&mut self, other: u32) -> WaitStatus {
-        let status = reap(other);
+        let status = cluster_test_support::reap(other, WAIT);
         self.others.retain(|&known| known != other);
         status
     }
@@ -558,17 +524,25 @@ impl Drop for Guard {
         // Its processes that are still around have come to this process by now (it is a
         // subreaper); kill only those, so that a recycled pid is never hit.
         for &other in &self.others {
-            if parent_of(other) == Some(std::process::id()) {
-                let _ = nix::sys::signal::kill(pid(other), Signal::SIGKILL);
+            if ProcStat::of_process(other).map(|stat| stat.ppid) == Some(std::process::id()) {
+                let _ = nix::sys::signal::kill(pid(other), nix::sys::signal::SIGKILL);
                 let _ = nix::sys::wait::waitpid(pid(other), None);
             }
         }
     }
 }
 
-/// The parent pid of a process, if it exists.
-pub fn parent_of(target: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{target}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+/// A slot, given as a number or as a `SlotId`.
+pub struct SlotOf(pub SlotId);
+
+impl From<u32> for SlotOf {
+    fn from(slot: u32) -> SlotOf {
+        SlotOf(SlotId(slot))
+    }
+}
+
+impl From<SlotId> for SlotOf {
+    fn from(slot: SlotId) -> SlotOf {
+        SlotOf(slot)
+    }
 }
