@@ -51,7 +51,8 @@ use serde::Serialize;
 pub use cluster_ipc as ipc;
 pub use cluster_primary as primary;
 pub use cluster_primary::{
-    Cluster as PrimaryCluster, Event, ExitStatus, ListenMode, Signal, SlotId, Status, WorkerId,
+    Cluster as PrimaryCluster, Event, ExitStatus, ListenMode, Policy, Signal, SlotId, Status,
+    WorkerId,
 };
 pub use cluster_sched as sched;
 pub use cluster_worker as worker;
@@ -165,6 +166,20 @@ impl Builder {
     /// [`primary::DEFAULT_WINDOW`]).
     pub fn window(mut self, window: u32) -> Builder {
         self.primary = self.primary.window(window);
+        self
+    }
+
+    /// Who gets the next connection of a round-robin listener: in turn (default) or the
+    /// worker with the fewest open connections.
+    pub fn policy(mut self, policy: Policy) -> Builder {
+        self.primary = self.primary.policy(policy);
+        self
+    }
+
+    /// The longest message the primary and its workers may send each other, in encoded
+    /// bytes (default 16 MiB); a longer one is refused at `send` with an error naming it.
+    pub fn max_message_len(mut self, len: usize) -> Builder {
+        self.primary = self.primary.max_message_len(len);
         self
     }
 

@@ -117,6 +117,8 @@ pub(crate) struct Worker {
     /// Shared listeners it holds.
     pub(crate) shared: BTreeSet<ListenerId>,
     pub(crate) connections_handed: u64,
+    /// The open-connection count it last reported.
+    pub(crate) reported_open: Option<u32>,
     /// The `Disconnect` event was sent.
     pub(crate) disconnect_reported: bool,
     /// Reaped: the process is gone and its `Exit` event is queued. The worker stays listed,
@@ -225,6 +227,7 @@ impl Cluster {
             uptime: worker.spawned_at.elapsed(),
             connections_handed: worker.connections_handed,
             in_flight: self.in_flight(worker.id),
+            open_connections: worker.reported_open,
         }
     }
 

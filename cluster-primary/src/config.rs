@@ -27,6 +27,21 @@ pub const MAX_WINDOW: u32 = 65_536;
 /// primary stops accepting and this backlog holds new clients.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 
+/// How a listener's connections are shared out among its workers, in round-robin mode (the
+/// primary accepts and hands connections down). Either way a worker holds at most the credit
+/// window of connections it has not acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Policy {
+    /// Workers take connections in turn (Node's `SCHED_RR`, with a credit window).
+    #[default]
+    RoundRobin,
+    /// The worker with the fewest open connections takes the next one. Workers report their
+    /// count (the primary asks for it in the handshake), so long-lived connections do not pile
+    /// up on one worker.
+    LeastConnections,
+}
+
 /// Which program a worker runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Program {
@@ -45,6 +60,7 @@ pub(crate) struct Config {
     pub(crate) envs: Vec<(OsString, Option<OsString>)>,
     pub(crate) cwd: Option<PathBuf>,
     pub(crate) mode: ListenMode,
+    pub(crate) policy: Policy,
     pub(crate) window: NonZeroU32,
     pub(crate) backlog: u32,
     pub(crate) start_timeout: Duration,
@@ -81,6 +97,7 @@ pub struct Builder {
     envs: Vec<(OsString, Option<OsString>)>,
     cwd: Option<PathBuf>,
     mode: ListenMode,
+    policy: Policy,
     window: u32,
     backlog: u32,
     start_timeout: Duration,
@@ -100,6 +117,7 @@ impl Default for Builder {
             envs: Vec::new(),
             cwd: None,
             mode: ListenMode::RoundRobin,
+            policy: Policy::RoundRobin,
             window: DEFAULT_WINDOW,
             backlog: DEFAULT_BACKLOG,
             start_timeout: DEFAULT_START_TIMEOUT,
@@ -164,6 +182,13 @@ impl Builder {
     /// [`ListenMode::ReusePort`] is not served yet: [`build`](Builder::build) refuses it.
     pub fn mode(mut self, mode: ListenMode) -> Builder {
         self.mode = mode;
+        self
+    }
+
+    /// Who gets the next connection of a round-robin listener (default
+    /// [`Policy::RoundRobin`]).
+    pub fn policy(mut self, policy: Policy) -> Builder {
+        self.policy = policy;
         self
     }
 
@@ -275,6 +300,7 @@ impl Builder {
             envs: self.envs,
             cwd: self.cwd,
             mode: self.mode,
+            policy: self.policy,
             window,
             backlog: self.backlog,
             start_timeout: self.start_timeout,
@@ -284,5 +310,44 @@ impl Builder {
             handle_signals: self.handle_signals,
             control_limits,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(builder: Builder) -> String {
+        match builder.settle() {
+            Err(Error::InvalidConfig { reason }) => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_reuse_port_mode_is_refused_at_build_until_it_is_served() {
+        let reason = refusal(Builder::new().workers(1).mode(ListenMode::ReusePort));
+        assert!(reason.contains("reuse-port"), "{reason}");
+    }
+
+    #[test]
+    fn windows_and_message_limits_are_checked() {
+        assert!(refusal(Builder::new().workers(1).window(0)).contains("window"));
+        assert!(refusal(Builder::new().workers(1).window(MAX_WINDOW + 1)).contains("window"));
+        let too_long = usize::try_from(u64::from(u32::MAX) + 1).unwrap_or(usize::MAX);
+        assert!(
+            refusal(Builder::new().workers(1).max_message_len(too_long))
+                .contains("max_message_len")
+        );
+        let config = Builder::new()
+            .workers(1)
+            .window(256)
+            .max_message_len(1 << 20)
+            .settle()
+            .map_err(|err| err.to_string());
+        assert_eq!(
+            config.map(|c| c.control_limits.max_message_len()),
+            Ok(1 << 20)
+        );
     }
 }

@@ -10,6 +10,7 @@ use cluster_ipc::proto::{
 use cluster_ipc::{ListenerId, Transport, WorkerId};
 
 use crate::cluster::{Cluster, Registered, Source};
+use crate::config::Policy;
 use crate::event::{Event, WorkerState};
 use crate::listen::{Delivery, Dispatcher, ListenKey, Listener, bind_tcp};
 
@@ -88,6 +89,9 @@ impl Cluster {
                 self.reply(id, seq, &ToWorker::Ack, &[]);
             }
             (_, ToPrimary::Ack) => {}
+            (_, ToPrimary::LoadReport { open_connections }) => {
+                self.on_load_report(id, open_connections);
+            }
             (_, other @ ToPrimary::Hello { .. }) => {
                 self.protocol_violation(id, &format!("unexpected {other:?}"))
             }
@@ -130,6 +134,7 @@ impl Cluster {
             // The limits were checked to fit a u32 when they were made.
             max_message_len: u32::try_from(self.config.control_limits.max_message_len())
                 .unwrap_or(u32::MAX),
+            load_reports: self.config.policy == Policy::LeastConnections,
         };
         self.reply(id, seq, &welcome, &[]);
         if let Some(worker) = self.workers.get_mut(&id) {
@@ -211,7 +216,9 @@ impl Cluster {
         self.next_listener += 1;
         let token = self.allocate_token(Source::Listener(id));
         let delivery = match mode {
-            ListenMode::RoundRobin => Delivery::RoundRobin(Dispatcher::new(self.config.window)),
+            ListenMode::RoundRobin => {
+                Delivery::RoundRobin(Dispatcher::new(self.config.policy, self.config.window))
+            }
             ListenMode::Shared | ListenMode::ReusePort => Delivery::Shared,
         };
         let listener = Listener {
@@ -405,6 +412,26 @@ impl Cluster {
         if replace && !self.stopping {
             tracing::info!(worker = %id, %slot, "worker retires; starting its replacement");
             self.spawn_into(slot);
+        }
+    }
+
+    /// A worker's open-connection count, for the least-connections policy of every listener
+    /// it takes connections from.
+    fn on_load_report(&mut self, id: WorkerId, open: u32) {
+        if let Some(worker) = self.workers.get_mut(&id) {
+            worker.reported_open = Some(open);
+        }
+        for listener_id in self.round_robin_listeners_of(id) {
+            if let Some(Delivery::RoundRobin(dispatcher)) = self
+                .listeners
+                .get_mut(&listener_id)
+                .map(|l| &mut l.delivery)
+            {
+                if let Err(err) = dispatcher.policy.load_report(id, open) {
+                    tracing::debug!(worker = %id, %err, "load report for a worker the policy does not know");
+                }
+            }
+            self.apply_actions(listener_id);
         }
     }
 

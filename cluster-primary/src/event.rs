@@ -142,6 +142,9 @@ pub struct WorkerInfo {
     /// Connections handed to it and not yet acknowledged (round-robin listeners): the
     /// primary still holds its copies, and gives them to another worker if this one leaves.
     pub in_flight: usize,
+    /// The connections it has open, as it last reported them (only under
+    /// [`Policy::LeastConnections`](crate::Policy::LeastConnections), which asks for reports).
+    pub open_connections: Option<u32>,
 }
 
 /// A snapshot of the whole cluster.

@@ -63,7 +63,7 @@ pub use cluster_ipc::proto::ListenMode;
 pub use cluster_ipc::{ListenerId, SlotId, WorkerId};
 pub use config::{
     Builder, DEFAULT_BACKLOG, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_START_TIMEOUT, DEFAULT_WINDOW,
-    MAX_WINDOW,
+    MAX_WINDOW, Policy,
 };
 pub use error::Error;
 pub use event::{Event, ExitStatus, Message, Status, WorkerInfo, WorkerState};

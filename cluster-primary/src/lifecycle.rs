@@ -95,6 +95,7 @@ impl Cluster {
             handoffs: BTreeMap::new(),
             shared: Default::default(),
             connections_handed: 0,
+            reported_open: None,
             disconnect_reported: false,
             reaped: false,
         };

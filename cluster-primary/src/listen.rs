@@ -8,7 +8,9 @@ use std::os::fd::OwnedFd;
 
 use cluster_ipc::proto::ListenMode;
 use cluster_ipc::{ConnId, ListenerId, WorkerId};
-use cluster_sched::{Action, Dispatch, RoundRobin};
+use cluster_sched::{Action, Dispatch, LeastConnections, RoundRobin};
+
+use crate::config::Policy;
 use nix::sys::socket::{
     self, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, sockopt,
 };
@@ -89,9 +91,13 @@ pub(crate) struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub(crate) fn new(window: NonZeroU32) -> Dispatcher {
+    pub(crate) fn new(policy: Policy, window: NonZeroU32) -> Dispatcher {
+        let policy: Box<dyn Dispatch + Send> = match policy {
+            Policy::RoundRobin => Box::new(RoundRobin::new(window)),
+            Policy::LeastConnections => Box::new(LeastConnections::new(window)),
+        };
         Dispatcher {
-            policy: Box::new(RoundRobin::new(window)),
+            policy,
             conns: BTreeMap::new(),
             next_conn: 1,
             accepting: false,

@@ -37,6 +37,9 @@ const USER_QUEUE_SHARE: usize = 3 * 1024 * 1024;
 /// How long an exiting worker waits for its last frames to leave.
 const EXIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The least time between two load reports.
+const LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(10);
+
 /// A request waiting for the primary's reply, and the ticket its caller waits on.
 enum Pending {
     Listen { addr: SocketAddr, ticket: Ticket },
@@ -55,6 +58,8 @@ pub(crate) struct ControlLoop {
     /// Listeners to close on disconnect. Weak: a listener the application dropped is gone.
     listeners: BTreeMap<ListenerId, Weak<ListenerCore>>,
     disconnecting_since: Option<Instant>,
+    /// When the last load report went.
+    last_load_report: Option<Instant>,
 }
 
 impl ControlLoop {
@@ -88,6 +93,7 @@ impl ControlLoop {
             requests: Requests::default(),
             listeners: BTreeMap::new(),
             disconnecting_since: None,
+            last_load_report: None,
         })
     }
 
@@ -145,10 +151,39 @@ impl ControlLoop {
         // Flush first: commands held back by a full channel go as soon as it drains.
         self.flush();
         self.run_commands();
+        self.report_load();
         self.requests.on_time(Instant::now());
         self.complete_requests();
         self.flush();
         self.exit_when_drained();
+    }
+
+    /// Tells the primary the open-connection count when it changed, at most once per
+    /// [`LOAD_REPORT_INTERVAL`] (the timeout brings a later turn for what is still due).
+    fn report_load(&mut self) {
+        if !self.channel_open || !self.worker.load_reports {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .last_load_report
+            .is_some_and(|at| now < at + LOAD_REPORT_INTERVAL)
+        {
+            return;
+        }
+        let Some(open) = self.worker.take_load_change() else {
+            return;
+        };
+        // Sent even when the count is what it was: connections came and went since, and the
+        // primary counts what it handed over since the last report until the next one.
+        let open = u32::try_from(open).unwrap_or(u32::MAX);
+        self.last_load_report = Some(now);
+        self.send_control(
+            None,
+            &ToPrimary::LoadReport {
+                open_connections: open,
+            },
+        );
     }
 
     fn next_timeout(&self) -> Option<Duration> {
@@ -156,7 +191,11 @@ impl ControlLoop {
             .disconnecting_since
             .filter(|_| self.worker.options.exit_when_disconnected)
             .map(|since| since + self.worker.drain_timeout);
-        [self.requests.next_deadline(), drain]
+        let report = self
+            .last_load_report
+            .filter(|_| self.channel_open && self.worker.load_report_due())
+            .map(|at| at + LOAD_REPORT_INTERVAL);
+        [self.requests.next_deadline(), drain, report]
             .into_iter()
             .flatten()
             .min()

@@ -80,6 +80,7 @@
 //!         protocol_version: PROTOCOL_VERSION,
 //!         drain_timeout_ms: 5_000,
 //!         max_message_len: 16 << 20,
+//!         load_reports: false,
 //!     };
 //!     primary.send(Some(hello.seq), &welcome, &[])?;
 //!     let greeting = UserMessage::encode("hello, worker", &Limits::default())?;

@@ -141,6 +141,8 @@ struct Shared {
     next_ticket: Ticket,
     /// Accepted connections still open.
     open_connections: usize,
+    /// The count changed since the control thread last reported it (load reports only).
+    load_changed: bool,
     /// Messages from the primary waiting for `recv_message`, at most
     /// `options.message_queue_len`.
     inbox: VecDeque<Message>,
@@ -168,6 +170,8 @@ pub(crate) struct Identity {
     /// The limits an outgoing user message is encoded under: the control channel's, with the
     /// message limit the primary announced.
     pub(crate) send_limits: Limits,
+    /// Tell the primary the open-connection count when it changes.
+    pub(crate) load_reports: bool,
 }
 
 /// The state of one worker, shared by its handles, listeners, streams and control thread.
@@ -177,6 +181,7 @@ pub(crate) struct WorkerState {
     pub(crate) primary_pid: u32,
     pub(crate) drain_timeout: Duration,
     pub(crate) send_limits: Limits,
+    pub(crate) load_reports: bool,
     pub(crate) options: WorkerOptions,
     shared: Mutex<Shared>,
     /// The one condition application threads wait on: notified on every change they may be
@@ -216,6 +221,7 @@ impl WorkerState {
             primary_pid: identity.primary_pid,
             drain_timeout: identity.drain_timeout,
             send_limits: identity.send_limits,
+            load_reports: identity.load_reports,
             options,
             shared: Mutex::new(Shared {
                 phase: Phase::Running,
@@ -226,6 +232,7 @@ impl WorkerState {
                 answers: BTreeMap::new(),
                 next_ticket: 1,
                 open_connections: 0,
+                load_changed: false,
                 inbox: VecDeque::new(),
                 reading_paused: false,
                 message_callback: None,
@@ -498,7 +505,13 @@ impl WorkerState {
     // ----- open connections -----
 
     pub(crate) fn connection_opened(&self) {
-        self.lock().open_connections += 1;
+        let mut shared = self.lock();
+        shared.open_connections += 1;
+        let report = self.load_changed(&mut shared);
+        drop(shared);
+        if report {
+            self.wake();
+        }
     }
 
     pub(crate) fn connection_closed(&self) {
@@ -506,14 +519,33 @@ impl WorkerState {
         shared.open_connections = shared.open_connections.saturating_sub(1);
         let idle = shared.open_connections == 0;
         let disconnecting = shared.phase != Phase::Running;
+        let report = self.load_changed(&mut shared);
         drop(shared);
         if idle {
             self.notify();
-            // A disconnecting worker exits when it is idle; its control thread decides.
-            if disconnecting {
-                self.wake();
-            }
         }
+        // A disconnecting worker exits when it is idle; its control thread decides. A load
+        // report is due once per batch of changes.
+        if (idle && disconnecting) || report {
+            self.wake();
+        }
+    }
+
+    /// Marks the count changed for the next load report; true when the control thread must
+    /// be woken for it (the first change since the last report).
+    fn load_changed(&self, shared: &mut Shared) -> bool {
+        self.load_reports && !std::mem::replace(&mut shared.load_changed, true)
+    }
+
+    /// The open-connection count, if it changed since the last call (load reports only).
+    pub(crate) fn take_load_change(&self) -> Option<usize> {
+        let mut shared = self.lock();
+        std::mem::take(&mut shared.load_changed).then_some(shared.open_connections)
+    }
+
+    /// Whether a load report is due (without taking it).
+    pub(crate) fn load_report_due(&self) -> bool {
+        self.load_reports && self.lock().load_changed
     }
 
     pub(crate) fn open_connections(&self) -> usize {

@@ -209,6 +209,7 @@ impl Worker {
             primary_pid: welcome.primary_pid,
             drain_timeout: welcome.drain_timeout,
             send_limits: *channel.limits(),
+            load_reports: welcome.load_reports,
         };
         let handle_sigterm = options.handle_sigterm.unwrap_or(false);
         let state = Arc::new(WorkerState::new(identity, options, waker));
@@ -436,6 +437,7 @@ struct Welcome {
     primary_pid: u32,
     drain_timeout: Duration,
     max_message_len: u32,
+    load_reports: bool,
 }
 
 /// Says `Hello` and waits for `Welcome`.
@@ -462,10 +464,12 @@ fn handshake(
             protocol_version: PROTOCOL_VERSION,
             drain_timeout_ms,
             max_message_len,
+            load_reports,
         } => Ok(Welcome {
             primary_pid,
             drain_timeout: Duration::from_millis(drain_timeout_ms),
             max_message_len,
+            load_reports,
         }),
         ToWorker::Welcome {
             protocol_version, ..

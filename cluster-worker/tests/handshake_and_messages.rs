@@ -104,6 +104,7 @@ fn another_protocol_version_fails_the_handshake() {
             protocol_version: PROTOCOL_VERSION + 1,
             drain_timeout_ms: 1000,
             max_message_len: 1 << 20,
+            load_reports: false,
         })
         .unwrap_err();
         assert!(
@@ -500,6 +501,7 @@ fn unexpected_messages_from_the_primary_are_ignored() {
             protocol_version: PROTOCOL_VERSION,
             drain_timeout_ms: 1,
             max_message_len: 1,
+            load_reports: false,
         };
         primary.channel.send(None, &welcome_again, &[]).unwrap();
         // A grant nobody asked for, with its fd: the worker must not keep it.

@@ -200,6 +200,7 @@ impl WorkerProcess {
             protocol_version: PROTOCOL_VERSION,
             drain_timeout_ms,
             max_message_len: 1 << 20,
+            load_reports: false,
         };
         self.primary()
             .channel

@@ -9,10 +9,10 @@
 //! - `messages`: workers report each request to the primary, which keeps the global count
 //!   and broadcasts it; responses carry it.
 //!
-//! Two more binaries are test helpers, not examples: `test-worker` (a worker program whose
-//! behaviour the end-to-end tests in `tests/` pick through environment variables) and
-//! `test-primary` (a primary in a process of its own that prints its events, for the tests
-//! that kill it).
+//! Three more binaries are test helpers, not examples: `test-worker` (a worker program whose
+//! behaviour the end-to-end tests in `tests/` pick through environment variables),
+//! `test-facade` (the same for a program built on the facade's `run`) and `test-primary` (a
+//! primary in a process of its own that prints its events, for the tests that kill it).
 //!
 //! Run one with `cargo run --release -p cluster-examples --bin hello -- --help`.
 #![deny(missing_docs)]
@@ -25,7 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use cluster_net::{Event, ListenMode, PrimaryCluster, TcpListener, Worker};
+use cluster_net::{Event, ListenMode, Policy, PrimaryCluster, TcpListener, Worker};
 
 /// The flags every example server takes.
 #[derive(Debug, Clone, Parser)]
@@ -48,6 +48,10 @@ pub struct ServerArgs {
     /// acknowledged (1 is Node's protocol).
     #[arg(long, default_value_t = cluster_net::primary::DEFAULT_WINDOW)]
     pub window: u32,
+    /// Round-robin only: who gets the next connection, in turn or the worker with the
+    /// fewest open.
+    #[arg(long, value_enum, default_value_t = PolicyArg::RoundRobin)]
+    pub policy: PolicyArg,
     /// CPU work per request: a loop of this many iterations (the seed's benchmark used 1e7).
     #[arg(long, default_value_t = 0)]
     pub work: u64,
@@ -60,6 +64,15 @@ pub enum Mode {
     Rr,
     /// One listening socket shared by every worker.
     Shared,
+}
+
+/// Who gets the next connection of a round-robin listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyArg {
+    /// Workers take connections in turn.
+    RoundRobin,
+    /// The worker with the fewest open connections takes the next one.
+    LeastConnections,
 }
 
 impl ServerArgs {
@@ -88,6 +101,10 @@ impl ServerArgs {
             .workers(self.worker_count())
             .mode(self.listen_mode())
             .window(self.window)
+            .policy(match self.policy {
+                PolicyArg::RoundRobin => Policy::RoundRobin,
+                PolicyArg::LeastConnections => Policy::LeastConnections,
+            })
     }
 
     /// The line the primary prints once every worker listens (an IPv6 host in brackets).

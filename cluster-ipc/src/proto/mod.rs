@@ -367,6 +367,8 @@ pub enum ToWorker {
         drain_timeout_ms: u64,
         /// The longest message either side may send on this channel, in encoded bytes.
         max_message_len: u32,
+        /// Send [`ToPrimary::LoadReport`]s: the primary dispatches by open connections.
+        load_reports: bool,
     },
     /// The reply to `Hello` when the worker cannot join; the primary closes the channel
     /// after it.
@@ -422,6 +424,12 @@ pub enum ToPrimary {
     Retire,
     /// A reply that carries nothing but its `ack`.
     Ack,
+    /// How many connections the worker has open now (sent when `Welcome` asked for load
+    /// reports, after the count changed, at most every few milliseconds).
+    LoadReport {
+        /// Open connections.
+        open_connections: u32,
+    },
     /// An application's message.
     User(UserMessage),
 }

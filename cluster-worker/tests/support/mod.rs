@@ -98,6 +98,7 @@ impl FakePrimary {
             protocol_version: PROTOCOL_VERSION,
             drain_timeout_ms: DRAIN_MS,
             max_message_len: u32::try_from(max_message_len).unwrap(),
+            load_reports: false,
         };
         self.channel
             .send(Some(envelope.seq), &welcome, &[])

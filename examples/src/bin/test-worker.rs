@@ -14,6 +14,7 @@
 //!     `worker <id> pid <pid> port <port>` and closes it (a thread per listener);
 //!   - `hold`: one connection at a time: sends that line, waits for one byte (or the end)
 //!     from the client, answers `bye` and closes;
+//!   - `hold-all`: the same for every connection at once, each on a thread of its own;
 //!   - `no-accept`: listens and never accepts;
 //!   - `exit:<code>`: exits with `code` once it listens;
 //!   - `close-after:<k>`: once the primary sends `go`, accepts and answers `k` connections,
@@ -96,6 +97,11 @@ fn run() -> Result<Never, BoxError> {
         None if behaviour == "hold" => {
             if let Some(listener) = listeners.first() {
                 hold(listener, id, pid);
+            }
+        }
+        None if behaviour == "hold-all" => {
+            if let Some(listener) = listeners.first() {
+                hold_all(listener, id, pid);
             }
         }
         None if behaviour == "no-accept" => {
@@ -216,6 +222,27 @@ fn serve(listener: &Listener, id: u64, pid: u32) {
 }
 
 /// One connection at a time, held until the client sends a byte or closes.
+/// Like `hold`, but every connection at once, each on a thread of its own.
+fn hold_all(listener: &Listener, id: u64, pid: u32) {
+    std::thread::scope(|scope| {
+        for stream in listener.incoming() {
+            let mut stream = match stream {
+                Ok(stream) => stream,
+                Err(err) => {
+                    eprintln!("test-worker {id}: accept: {err}");
+                    continue;
+                }
+            };
+            greet(&mut stream, id, pid, listener);
+            scope.spawn(move || {
+                let mut byte = [0u8; 1];
+                let _ = stream.read(&mut byte);
+                let _ = stream.write_all(b"bye\n");
+            });
+        }
+    });
+}
+
 fn hold(listener: &Listener, id: u64, pid: u32) {
     for stream in listener.incoming() {
         let mut stream = match stream {

@@ -5,9 +5,14 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use cluster_primary::{Builder, Event, ExitStatus, WorkerId, WorkerState};
+use cluster_primary::{Builder, Event, ExitStatus, Policy, WorkerId, WorkerState};
 
-use crate::support::{Harness, builder, connect, read_greeting, wait_until};
+use std::io::Write;
+use std::net::TcpStream;
+
+use crate::support::{
+    Harness, builder, connect, parse_greeting, read_greeting, read_line, wait_until,
+};
 
 const TEST_FACADE: &str = env!("CARGO_BIN_EXE_test-facade");
 
@@ -197,5 +202,92 @@ fn a_window_of_256_serves_256_ipv6_connections_at_once() {
     }
     assert_eq!(by_worker.values().sum::<usize>(), 256);
     assert_eq!(cluster.status().restarts, 0, "no worker was lost");
+    cluster.stop();
+}
+
+#[test]
+fn least_connections_gives_new_connections_to_the_worker_with_fewest_open() {
+    // Every worker holds each connection open until its client sends a byte, and reports
+    // how many it has open.
+    let builder = builder(2)
+        .policy(Policy::LeastConnections)
+        .env("TW_BEHAVIOUR", "hold-all");
+    let mut cluster = Harness::start(builder);
+    let addr = cluster.wait_ready()[0];
+    let info = |cluster: &Harness, worker: u64| {
+        cluster
+            .status()
+            .workers
+            .into_iter()
+            .find(|info| info.id == WorkerId(worker))
+            .expect("a live worker")
+    };
+    let mut open: Vec<(u64, TcpStream)> = (0..4)
+        .map(|_| {
+            let stream = connect(addr);
+            (parse_greeting(&read_line(&stream)).worker, stream)
+        })
+        .collect();
+    let (emptied, loaded) = (open[0].0, open[1].0);
+    assert_ne!(emptied, loaded, "the first two go to different workers");
+    // Every handoff acknowledged, then all of one worker's connections closed and reported.
+    wait_until("every handoff acknowledged", || {
+        cluster
+            .status()
+            .workers
+            .iter()
+            .map(|w| w.connections_handed)
+            .sum::<u64>()
+            == 4
+    });
+    for (_, stream) in open.iter_mut().filter(|(worker, _)| *worker == emptied) {
+        stream.write_all(b"x").unwrap();
+        assert_eq!(read_line(stream), "bye\n");
+    }
+    open.retain(|(worker, _)| *worker != emptied);
+    let still_open = u32::try_from(open.len()).unwrap();
+    assert!(
+        still_open >= 2,
+        "round-robin's first four were split: {still_open}"
+    );
+    wait_until("the counts reported", || {
+        info(&cluster, emptied).open_connections == Some(0)
+            && info(&cluster, loaded).open_connections == Some(still_open)
+    });
+    // Round-robin would take turns; least-connections fills the emptied worker up to the
+    // other's load first.
+    for _ in 0..still_open {
+        let stream = connect(addr);
+        assert_eq!(parse_greeting(&read_line(&stream)).worker, emptied);
+        open.push((emptied, stream));
+    }
+    // Clients that leave let the workers finish at once.
+    drop(open);
+    cluster.stop();
+}
+
+#[test]
+fn a_status_request_the_loop_cannot_answer_in_time_times_out_with_its_own_error() {
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let mut cluster = Harness::start_with(builder(1), move |_, event| {
+        if let Event::Online { .. } = event {
+            // Keep the loop busy until the test has asked for a status.
+            let _ = entered_tx.send(());
+            let _ = released.lock().unwrap().recv();
+        }
+    });
+    entered.recv_timeout(crate::support::WAIT).unwrap();
+    let err = cluster
+        .handle
+        .status(std::time::Duration::from_millis(50))
+        .unwrap_err();
+    assert!(
+        matches!(err, cluster_primary::Error::TimedOut { op: "status", .. }),
+        "{err:?}"
+    );
+    release.send(()).unwrap();
+    cluster.wait_ready();
     cluster.stop();
 }
