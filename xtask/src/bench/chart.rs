@@ -149,6 +149,9 @@ mod tests {
             per_worker: BTreeMap::new(),
             balance_max_over_min: None,
             primary_peak_rss_mib: None,
+            primary_cpu_us_per_conn: None,
+            round_primary_cpu_us_per_conn: Vec::new(),
+            primary_cpu_ticks_min: None,
         }
     }
 

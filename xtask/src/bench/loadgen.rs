@@ -54,7 +54,15 @@ impl LoadResult {
 }
 
 /// Runs the load. `progress` counts answered requests as they come (warm-up included).
-pub(crate) fn run(spec: &LoadSpec, progress: Arc<AtomicU64>) -> Result<LoadResult> {
+///
+/// `at_edge` runs on the calling thread, off the load threads' path, once when the measured
+/// window opens and once when it closes (the instants after which the load threads start and
+/// stop counting); what it returns comes back with the result, opening first.
+pub(crate) fn run<T>(
+    spec: &LoadSpec,
+    progress: Arc<AtomicU64>,
+    mut at_edge: impl FnMut() -> T,
+) -> Result<(LoadResult, [T; 2])> {
     let start = Instant::now();
     let window_start = start + spec.warmup;
     let end = window_start + spec.duration;
@@ -75,6 +83,10 @@ pub(crate) fn run(spec: &LoadSpec, progress: Arc<AtomicU64>) -> Result<LoadResul
         })
         .collect::<io::Result<_>>()
         .context("starting load threads")?;
+    std::thread::sleep(window_start.saturating_duration_since(Instant::now()));
+    let opened = at_edge();
+    std::thread::sleep(end.saturating_duration_since(Instant::now()));
+    let closed = at_edge();
     let mut total = LoadResult {
         requests: 0,
         window: spec.duration,
@@ -98,7 +110,7 @@ pub(crate) fn run(spec: &LoadSpec, progress: Arc<AtomicU64>) -> Result<LoadResul
             *total.per_pid.entry(pid).or_default() += count;
         }
     }
-    Ok(total)
+    Ok((total, [opened, closed]))
 }
 
 fn new_histogram() -> Result<Histogram<u64>> {

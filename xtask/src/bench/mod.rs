@@ -6,10 +6,20 @@
 //! Every figure is a ratio between runs of the same invocation on the same machine, so the
 //! machine's speed cancels out; nothing is asserted, this is a measurement. The report goes
 //! to `target/bench/report.{json,md,svg}`; the server logs to `target/bench/logs/`.
+//!
+//! Besides requests per second, the dispatch scenario reports the primary's CPU time per
+//! connection (`primary_cpu_us_per_conn`, in µs, the median round's): the user+system time
+//! `/proc/<primary>/stat` counts over the measured window (read as it opens and closes, off the
+//! load's path), over the connections the load generator completed in it. It is the cost of a
+//! handoff in our round-robin primary (`rr1_` for window 1) and in Node's
+//! (`node_primary_cpu_us_per_conn`); shared primaries (`shared_`, `node_shared_`) hand
+//! nothing and only supervise. The kernel counts in 10 ms ticks, so a short `--duration` makes
+//! it coarse (a note says when).
 
 mod affinity;
 mod chart;
 mod loadgen;
+mod procstat;
 mod report;
 mod scenarios;
 mod target;
@@ -27,7 +37,8 @@ use target::Programs;
 /// The scenarios, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub(crate) enum ScenarioName {
-    /// A new connection per request, trivial handler, every server.
+    /// A new connection per request, trivial handler, every server; with the primaries' CPU
+    /// time per connection.
     Dispatch,
     /// Keep-alive connections, trivial handler, every server.
     Keepalive,
@@ -273,6 +284,8 @@ fn ratios(scenarios: &[Scenario], workers: usize) -> Ratios {
         respawn_median_ms: figure("respawn", "respawn_ms_median"),
         node_respawn_median_ms: figure("respawn", "node_respawn_ms_median"),
         primary_rss_mib: figure("memory", "primary_peak_rss_mib"),
+        primary_cpu_us_per_conn: figure("dispatch", "primary_cpu_us_per_conn"),
+        node_primary_cpu_us_per_conn: figure("dispatch", "node_primary_cpu_us_per_conn"),
         cpu_scaling_2w_over_1w: ratio(rps("cpu", rr.clone()), rps("cpu", "rr 1w".into())),
         keepalive_vs_node_rr: ratio(rps("keepalive", rr), rps("keepalive", node_rr)),
         loadgen_ceiling_rps: find("keepalive")

@@ -10,6 +10,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::loadgen::LoadResult;
+use super::procstat::CpuUse;
 
 /// Latency percentiles, in microseconds.
 #[derive(Debug, Clone, Serialize)]
@@ -29,6 +30,17 @@ impl Latency {
             max: histogram.max(),
         }
     }
+}
+
+/// One round: the load against one fresh server, and what was read from its primary.
+#[derive(Debug)]
+pub(crate) struct Round {
+    pub(crate) load: LoadResult,
+    /// The primary's peak resident memory after the load, in MiB.
+    pub(crate) primary_peak_rss_mib: Option<f64>,
+    /// The primary's CPU use over the measured window, where measured (a cluster's primary
+    /// under a new connection per request).
+    pub(crate) primary_cpu: Option<CpuUse>,
 }
 
 /// One server under one load.
@@ -53,29 +65,40 @@ pub(crate) struct Run {
     pub(crate) balance_max_over_min: Option<f64>,
     /// The primary's peak resident memory after the run, where measured.
     pub(crate) primary_peak_rss_mib: Option<f64>,
+    /// The primary's user+system CPU time per connection completed, in microseconds: the
+    /// median round's. Measured for clusters under a new connection per request, where each
+    /// request is a connection the primary handed on (or, in shared mode, did not: there it
+    /// only supervises); `null` elsewhere, and where `/proc` could not be read.
+    pub(crate) primary_cpu_us_per_conn: Option<f64>,
+    /// The same, for each round that has it, in the order they ran.
+    pub(crate) round_primary_cpu_us_per_conn: Vec<f64>,
+    /// The fewest clock ticks of primary CPU a round's figure rests on: one tick more or less
+    /// moves that round's figure by 1/this of itself.
+    pub(crate) primary_cpu_ticks_min: Option<u64>,
 }
 
 impl Run {
     /// One run made of interleaved rounds (each against a fresh server): requests/s is the
     /// median round's, so that one disturbed round does not move it; latencies, errors and
-    /// per-worker counts add up over the rounds; balance is the median round's.
+    /// per-worker counts add up over the rounds; balance and the primary's CPU per connection
+    /// are the median round's (and only there when every round has them).
     pub(crate) fn from_rounds(
         target: String,
         workers: usize,
         keep_alive: bool,
         connections: usize,
         work: u64,
-        rounds: &[(LoadResult, Option<f64>)],
+        rounds: &[Round],
     ) -> Run {
-        let mut latency = rounds.first().map(|(load, _)| load.latency_us.clone());
+        let mut latency = rounds.first().map(|round| round.load.latency_us.clone());
         let mut errors = BTreeMap::new();
         let mut per_worker = BTreeMap::new();
-        for (load, _) in rounds.iter().skip(1) {
+        for round in rounds.iter().skip(1) {
             if let Some(latency) = latency.as_mut() {
-                let _ = latency.add(&load.latency_us);
+                let _ = latency.add(&round.load.latency_us);
             }
         }
-        for (load, _) in rounds {
+        for Round { load, .. } in rounds {
             for (kind, count) in &load.errors {
                 *errors.entry(kind.clone()).or_default() += count;
             }
@@ -83,11 +106,20 @@ impl Run {
                 *per_worker.entry(*pid).or_default() += count;
             }
         }
-        let round_rps: Vec<f64> = rounds.iter().map(|(load, _)| load.rps()).collect();
+        let round_rps: Vec<f64> = rounds.iter().map(|round| round.load.rps()).collect();
         let balances: Vec<f64> = rounds
             .iter()
-            .filter_map(|(load, _)| balance(&load.per_pid, workers))
+            .filter_map(|round| balance(&round.load.per_pid, workers))
             .collect();
+        let cpu: Vec<(f64, u64)> = rounds
+            .iter()
+            .filter_map(|round| {
+                let used = round.primary_cpu?;
+                Some((used.us_per_connection(round.load.requests)?, used.ticks))
+            })
+            .collect();
+        let cpu_in_every_round = !rounds.is_empty() && cpu.len() == rounds.len();
+        let round_cpu: Vec<f64> = cpu.iter().map(|(us, _)| *us).collect();
         Run {
             target,
             workers,
@@ -96,9 +128,9 @@ impl Run {
             work,
             seconds: rounds
                 .iter()
-                .map(|(load, _)| load.window.as_secs_f64())
+                .map(|round| round.load.window.as_secs_f64())
                 .sum(),
-            requests: rounds.iter().map(|(load, _)| load.requests).sum(),
+            requests: rounds.iter().map(|round| round.load.requests).sum(),
             rps: median(&round_rps),
             round_rps,
             latency_us: latency.as_ref().map_or(
@@ -115,13 +147,24 @@ impl Run {
             balance_max_over_min: (balances.len() == rounds.len()).then(|| median(&balances)),
             primary_peak_rss_mib: rounds
                 .iter()
-                .filter_map(|(_, rss)| *rss)
+                .filter_map(|round| round.primary_peak_rss_mib)
                 .max_by(f64::total_cmp),
+            primary_cpu_us_per_conn: cpu_in_every_round.then(|| median(&round_cpu)),
+            primary_cpu_ticks_min: cpu_in_every_round
+                .then(|| cpu.iter().map(|(_, ticks)| *ticks).min())
+                .flatten(),
+            round_primary_cpu_us_per_conn: round_cpu,
         }
     }
 
     pub(crate) fn error_count(&self) -> u64 {
         self.errors.values().sum()
+    }
+
+    /// Whether the primary's CPU per connection is measured for this run: a cluster (not the
+    /// single process, which has no primary) under a new connection per request.
+    pub(crate) fn wants_primary_cpu(&self) -> bool {
+        !self.keep_alive && self.target != "single"
     }
 }
 
@@ -173,6 +216,30 @@ impl Scenario {
     pub(crate) fn run(&self, target: &str) -> Option<&Run> {
         self.runs.iter().find(|run| run.target == target)
     }
+
+    /// Whether the primary's CPU per connection was measured for any of the runs (it is for
+    /// clusters under a new connection per request).
+    fn has_primary_cpu(&self) -> bool {
+        self.runs.iter().any(Run::wants_primary_cpu)
+    }
+}
+
+/// What the primary CPU column means, under the tables that have it (a line each on the
+/// terminal, a paragraph in Markdown).
+const PRIMARY_CPU_LEGEND: [&str; 3] = [
+    "primary µs/conn: the primary's user+system CPU time (/proc/<pid>/stat, 10 ms ticks) over",
+    "the measured window, per connection completed in it (median round). Round-robin primaries",
+    "hand each connection on; shared primaries (ours and Node's) hand nothing, only supervise.",
+];
+
+/// A run's primary CPU per connection for the tables: `null` where it was wanted but not
+/// measured, `-` where it does not apply.
+fn primary_cpu_cell(run: &Run) -> String {
+    match run.primary_cpu_us_per_conn {
+        Some(us) => format!("{us:.2}"),
+        None if run.wants_primary_cpu() => "null".into(),
+        None => "-".into(),
+    }
 }
 
 /// The ratios the project tracks; `None` (JSON `null`) when a baseline was skipped.
@@ -187,6 +254,10 @@ pub(crate) struct Ratios {
     pub(crate) respawn_median_ms: Option<f64>,
     pub(crate) node_respawn_median_ms: Option<f64>,
     pub(crate) primary_rss_mib: Option<f64>,
+    /// The round-robin primary's CPU per handed connection, in µs (dispatch scenario).
+    pub(crate) primary_cpu_us_per_conn: Option<f64>,
+    /// The same for Node's round-robin primary.
+    pub(crate) node_primary_cpu_us_per_conn: Option<f64>,
     pub(crate) cpu_scaling_2w_over_1w: Option<f64>,
     pub(crate) keepalive_vs_node_rr: Option<f64>,
     pub(crate) loadgen_ceiling_rps: Option<f64>,
@@ -217,6 +288,12 @@ impl Ratios {
             ("respawn_median_ms", self.respawn_median_ms, "<= 10"),
             ("node_respawn_median_ms", self.node_respawn_median_ms, ""),
             ("primary_rss_mib", self.primary_rss_mib, "<= 5"),
+            ("primary_cpu_us_per_conn", self.primary_cpu_us_per_conn, ""),
+            (
+                "node_primary_cpu_us_per_conn",
+                self.node_primary_cpu_us_per_conn,
+                "",
+            ),
             (
                 "cpu_scaling_2w_over_1w",
                 self.cpu_scaling_2w_over_1w,
@@ -285,15 +362,17 @@ impl Report {
                 continue;
             }
             let _ = writeln!(out, "\n{} ({})", scenario.title, scenario.name);
+            let cpu = scenario.has_primary_cpu();
             if !scenario.runs.is_empty() {
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "  {:<22} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}",
                     "target", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "max/min"
                 );
+                let _ = writeln!(out, "{}", if cpu { "  primary µs/conn" } else { "" });
             }
             for run in &scenario.runs {
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "  {:<22} {:>10.0} {:>9.2} {:>9.2} {:>9.1} {:>8} {:>8}",
                     run.target,
@@ -305,6 +384,20 @@ impl Report {
                     run.balance_max_over_min
                         .map_or("-".into(), |b| format!("{b:.2}")),
                 );
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    if cpu {
+                        format!("  {:>15}", primary_cpu_cell(run))
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            if cpu {
+                for line in PRIMARY_CPU_LEGEND {
+                    let _ = writeln!(out, "  {line}");
+                }
             }
             for (name, value) in &scenario.figures {
                 let _ = writeln!(out, "  {name}: {value:.2}");
@@ -359,13 +452,20 @@ impl Report {
         }
         for scenario in &self.scenarios {
             let _ = writeln!(out, "\n## {} (`{}`)\n", scenario.title, scenario.name);
+            let cpu = scenario.has_primary_cpu();
             if !scenario.runs.is_empty() {
                 let _ = writeln!(
                     out,
-                    "| target | req/s (median round) | rounds | p50 ms | p99 ms | errors | max/min per worker |\n|---|---:|---|---:|---:|---:|---:|"
+                    "| target | req/s (median round) | rounds | p50 ms | p99 ms | errors | max/min per worker |{}\n|---|---:|---|---:|---:|---:|---:|{}",
+                    if cpu {
+                        " primary CPU µs/conn (median round) |"
+                    } else {
+                        ""
+                    },
+                    if cpu { "---:|" } else { "" },
                 );
                 for run in &scenario.runs {
-                    let _ = writeln!(
+                    let _ = write!(
                         out,
                         "| {} | {:.0} | {} | {:.2} | {:.2} | {} | {} |",
                         run.target,
@@ -381,7 +481,17 @@ impl Report {
                         run.balance_max_over_min
                             .map_or("-".into(), |b| format!("{b:.2}")),
                     );
+                    if cpu {
+                        let _ = write!(out, " {} |", primary_cpu_cell(run));
+                    }
+                    let _ = writeln!(out);
                 }
+                if cpu {
+                    let _ = writeln!(out, "\n{}", PRIMARY_CPU_LEGEND.join(" "));
+                }
+            }
+            if !scenario.runs.is_empty() && !scenario.figures.is_empty() {
+                let _ = writeln!(out);
             }
             for (name, value) in &scenario.figures {
                 let _ = writeln!(out, "- {name}: {value:.2}");
@@ -406,6 +516,107 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(&[5.0, 1.0, 3.0]), 3.0);
         assert!(median(&[]).is_nan());
+    }
+
+    fn round(requests: u64, cpu_ticks: Option<u64>) -> Round {
+        Round {
+            load: LoadResult {
+                requests,
+                window: std::time::Duration::from_secs(2),
+                latency_us: Histogram::new(3).unwrap(),
+                errors: BTreeMap::new(),
+                per_pid: BTreeMap::new(),
+            },
+            primary_peak_rss_mib: None,
+            primary_cpu: cpu_ticks.map(|ticks| CpuUse {
+                ticks,
+                ticks_per_second: 100,
+            }),
+        }
+    }
+
+    fn run_of(target: &str, rounds: &[Round]) -> Run {
+        Run::from_rounds(target.into(), 2, false, 16, 0, rounds)
+    }
+
+    #[test]
+    fn the_primary_cpu_per_connection_is_the_median_rounds() {
+        // 1.0 s, 0.5 s and 2.0 s of CPU over 20,000 connections each: 50, 25 and 100 µs.
+        let rounds = [
+            round(20_000, Some(100)),
+            round(20_000, Some(50)),
+            round(20_000, Some(200)),
+        ];
+        let run = run_of("rr 2w", &rounds);
+        assert_eq!(run.primary_cpu_us_per_conn, Some(50.0));
+        assert_eq!(run.round_primary_cpu_us_per_conn, vec![50.0, 25.0, 100.0]);
+        assert_eq!(run.primary_cpu_ticks_min, Some(50));
+    }
+
+    #[test]
+    fn a_round_without_the_figure_makes_it_null_never_nan() {
+        let missing = [round(20_000, Some(100)), round(20_000, None)];
+        let run = run_of("rr 2w", &missing);
+        assert_eq!(run.primary_cpu_us_per_conn, None);
+        assert_eq!(run.primary_cpu_ticks_min, None);
+        let idle = [round(0, Some(3))];
+        assert_eq!(run_of("rr 2w", &idle).primary_cpu_us_per_conn, None);
+        assert_eq!(run_of("rr 2w", &[]).primary_cpu_us_per_conn, None);
+        let json = serde_json::to_string(&run).unwrap();
+        assert!(json.contains("\"primary_cpu_us_per_conn\":null"), "{json}");
+    }
+
+    #[test]
+    fn the_tables_show_the_primary_cpu_of_clusters_only() {
+        let mut dispatch = Scenario::new("dispatch", "Connection dispatch");
+        dispatch.runs = vec![
+            run_of("single", &[round(30_000, None)]),
+            run_of("rr 2w", &[round(20_000, Some(100))]),
+            run_of("shared 2w", &[round(20_000, None)]),
+        ];
+        let mut report = Report {
+            finished_unix: 0,
+            machine: Machine {
+                cpus: 2,
+                cpu_model: None,
+                kernel: None,
+                node: None,
+            },
+            settings: Settings {
+                quick: true,
+                seconds_per_run: 2.0,
+                rounds: 1,
+                warmup_seconds: 0.0,
+                connections: 16,
+                workers: 2,
+                loadgen_threads: 1,
+                command: "test".into(),
+            },
+            ratios: Ratios::default(),
+            notes: Vec::new(),
+            scenarios: vec![dispatch],
+        };
+        let table = report.table();
+        let markdown = report.markdown();
+        for text in [&table, &markdown] {
+            assert!(text.contains("µs/conn"), "{text}");
+            assert!(text.contains("50.00"), "rr's figure: {text}");
+            assert!(text.contains("null"), "shared's missing figure: {text}");
+            assert!(text.contains("only supervise"), "{text}");
+            assert!(text.contains("per connection completed"), "{text}");
+        }
+        let single = table.lines().find(|l| l.contains("single")).unwrap();
+        assert!(single.trim_end().ends_with('-'), "{single}");
+        // Keep-alive runs have no such column.
+        report.scenarios[0].runs = vec![Run::from_rounds(
+            "rr 2w".into(),
+            2,
+            true,
+            16,
+            0,
+            &[round(20_000, None)],
+        )];
+        assert!(!report.table().contains("µs/conn"));
     }
 
     #[test]

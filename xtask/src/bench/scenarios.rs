@@ -11,9 +11,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::loadgen::LoadResult;
 use super::loadgen::{self, LoadSpec, pid_in};
-use super::report::{Run, Scenario, median};
+use super::procstat::{self, CpuUse};
+use super::report::{Round, Run, Scenario, median};
 use super::target::{Programs, Running, Server};
 
 /// Everything a scenario needs to run.
@@ -65,14 +65,13 @@ impl Context {
     /// Loads each server in turn, `rounds` times over (interleaved, so that a disturbance of
     /// the machine hits every server alike), each round against a fresh server.
     fn measure_all(
-        &self,
+        &mut self,
         scenario: &str,
         servers: &[Server],
         keep_alive: bool,
         work: u64,
     ) -> Result<Vec<Run>> {
-        let mut rounds: Vec<Vec<(LoadResult, Option<f64>)>> =
-            servers.iter().map(|_| Vec::new()).collect();
+        let mut rounds: Vec<Vec<Round>> = servers.iter().map(|_| Vec::new()).collect();
         let duration = self.duration.div_f64(self.rounds as f64);
         for round in 0..self.rounds {
             for (server, results) in servers.iter().zip(&mut rounds) {
@@ -100,17 +99,21 @@ impl Context {
             .collect())
     }
 
-    /// Starts `server`, loads it, stops it. Returns the load's result and the primary's peak
-    /// RSS.
+    /// Starts `server`, loads it, stops it. Returns the load's result, the primary's peak
+    /// RSS and, for a cluster under a new connection per request, the primary's CPU over the
+    /// measured window (read from `/proc` as the window opens and closes, off the load's
+    /// path).
     fn measure_once(
-        &self,
+        &mut self,
         label: &str,
         server: Server,
         keep_alive: bool,
         work: u64,
         duration: Duration,
-    ) -> Result<(LoadResult, Option<f64>)> {
+    ) -> Result<Round> {
         let running = Running::start(&self.programs, server, work)?;
+        let primary = running.pid();
+        let watch_cpu = !keep_alive && server != Server::Single;
         let spec = LoadSpec {
             addr: running.addr,
             connections: self.connections,
@@ -121,10 +124,43 @@ impl Context {
             cpus: self.load_cpus.clone(),
             request_timeout: Duration::from_secs(10),
         };
-        let load = self.with_progress(label, &spec, |counter| loadgen::run(&spec, counter))?;
+        let (load, [opened, closed]) = self.with_progress(label, &spec, |counter| {
+            loadgen::run(&spec, counter, || {
+                watch_cpu.then(|| procstat::cpu_ticks(primary))
+            })
+        })?;
         let rss = running.peak_rss_mib();
         running.stop();
-        Ok((load, rss))
+        let primary_cpu = match (opened, closed) {
+            (Some(Ok(before)), Some(Ok(after))) => Some(CpuUse::between(before, after)),
+            (Some(Err(err)), _) | (_, Some(Err(err))) => {
+                self.note_once(
+                    &format!("{server}: the primary's CPU could not be read"),
+                    &format!("({err}); its primary_cpu_us_per_conn is null"),
+                );
+                None
+            }
+            _ => None,
+        };
+        if primary_cpu.is_some() && load.requests == 0 {
+            self.note_once(
+                &format!("{server}: a round completed no connection"),
+                "in its measured window; its primary_cpu_us_per_conn is null",
+            );
+        }
+        Ok(Round {
+            load,
+            primary_peak_rss_mib: rss,
+            primary_cpu,
+        })
+    }
+
+    /// Adds the note `{key} {detail}` unless a note starting with `key` is there already
+    /// (one per server, not one per round).
+    fn note_once(&mut self, key: &str, detail: &str) {
+        if !self.notes.iter().any(|note| note.starts_with(key)) {
+            self.notes.push(format!("{key} {detail}"));
+        }
     }
 
     /// Shows a progress bar while `body` runs the load.
@@ -177,8 +213,74 @@ pub(crate) fn throughput(ctx: &mut Context, keep_alive: bool) -> Result<Scenario
     };
     let mut scenario = Scenario::new(name, title);
     scenario.runs = ctx.measure_all(name, &ctx.comparison_set(), keep_alive, 0)?;
+    if !keep_alive {
+        primary_cpu_figures(ctx, &mut scenario);
+    }
     Ok(scenario)
 }
+
+/// The primary's CPU per connection of each cluster in the dispatch scenario, as figures;
+/// `primary_cpu_us_per_conn` is our round-robin primary's, the one that hands connections
+/// on. A figure that could not be measured is left out (the run and the ratio say `null`,
+/// and a note says why).
+fn primary_cpu_figures(ctx: &mut Context, scenario: &mut Scenario) {
+    let workers = ctx.workers;
+    let rr = Server::Rr {
+        workers,
+        window: None,
+    };
+    let keyed = [
+        (rr, "primary_cpu_us_per_conn"),
+        (
+            Server::Rr {
+                workers,
+                window: Some(1),
+            },
+            "rr1_primary_cpu_us_per_conn",
+        ),
+        (Server::Shared { workers }, "shared_primary_cpu_us_per_conn"),
+        (Server::NodeRr { workers }, "node_primary_cpu_us_per_conn"),
+        (
+            Server::NodeShared { workers },
+            "node_shared_primary_cpu_us_per_conn",
+        ),
+    ];
+    for (server, key) in keyed {
+        if let Some(us) = scenario
+            .run(&server.label())
+            .and_then(|run| run.primary_cpu_us_per_conn)
+        {
+            scenario.figures.insert(key.into(), us);
+        }
+    }
+    // One clock tick is 10 ms of CPU: say so when the round-robin figure rests on few.
+    if let Some(ticks) = scenario
+        .run(&rr.label())
+        .and_then(|run| run.primary_cpu_ticks_min)
+        .filter(|&ticks| ticks < COARSE_TICKS)
+    {
+        let tick_ms = 1000.0 / procstat::ticks_per_second() as f64;
+        let coarse = if ticks == 0 {
+            format!("used less than one clock tick ({tick_ms:.0} ms) of CPU in a round")
+        } else {
+            format!(
+                "used as few as {ticks} clock ticks of {tick_ms:.0} ms in a round (one tick \
+                 is {:.0}% of it)",
+                100.0 / ticks as f64
+            )
+        };
+        ctx.notes.push(format!(
+            "{}: the {rr} primary {coarse}, so its CPU figure is coarse; a longer --duration \
+             makes it finer",
+            scenario.name
+        ));
+    }
+}
+
+/// Below this many clock ticks in a round, the primary's CPU figure gets a note that it is
+/// coarse: one tick is then over 4% of it, as much as the run-to-run spread of a small
+/// machine. (The full bench's 2 s rounds give our round-robin primary about 50 on two cores.)
+const COARSE_TICKS: u64 = 25;
 
 /// Scenario 3, the seed's benchmark: a CPU-bound handler, one process against 1 and 2
 /// workers (or `--workers`).
