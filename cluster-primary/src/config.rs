@@ -8,7 +8,6 @@ use std::time::Duration;
 use cluster_ipc::Limits;
 use cluster_ipc::proto::ListenMode;
 
-use crate::primary::Primary;
 use crate::{Error, Signal};
 
 /// The default credit window: how many connections a worker may have handed to it and not
@@ -73,7 +72,7 @@ pub(crate) struct Config {
     pub(crate) control_limits: Limits,
 }
 
-/// Sets up a [`Primary`].
+/// Sets up a [`Primary`](crate::Primary).
 ///
 /// ```
 /// use std::time::Duration;
@@ -253,12 +252,8 @@ impl Builder {
         self
     }
 
-    /// Checks the settings, resolves the program, and makes the primary.
-    pub fn build(self) -> Result<Primary, Error> {
-        Primary::new(self.settle()?)
-    }
-
-    fn settle(self) -> Result<Config, Error> {
+    /// Checks the settings and resolves the program.
+    pub(crate) fn settle(self) -> Result<Config, Error> {
         let invalid = |reason: &str| Error::InvalidConfig {
             reason: reason.to_owned(),
         };

@@ -1,6 +1,45 @@
 //! The primary process of a cluster: it owns the listening sockets, starts N worker
 //! processes, hands them connections, replaces the ones that die, and stops them in order.
 //!
+//! # Core and shell
+//!
+//! The primary is two layers, the way `quinn-proto` splits QUIC from its sockets:
+//!
+//! - **The supervisor core** (the private `supervisor` module) holds every decision: workers
+//!   by slot and their states, listeners, the connections it holds (pending, in flight to a
+//!   worker, acknowledged) through `cluster-sched`, respawn and kill timers, the stop. It takes
+//!   inputs as `handle_*` calls with the time passed in, and gives actions (spawn, send, bind,
+//!   grant, hand off, release, accept on/off, signal, event) and its next deadline. It owns no
+//!   fd, pid handle, socket or clock: processes and connections are ids in it, so it is tested
+//!   without processes, by a simulator with scripted workers and a fake clock, property tests
+//!   over random event sequences, and deliberately broken variants that the tests must catch.
+//! - **The shell** ([`Primary::run`]'s single-threaded `mio` loop) maps the ids to fds and
+//!   pids: it waits, reads and decodes, feeds the core, carries out its actions, and sleeps
+//!   until its deadline. It decides nothing.
+//!
+//! One connection's path, round-robin, with the side that does each step:
+//!
+//! ```text
+//!  client ──connect──▶ listening socket
+//!                           │ shell: accept4 (a turn's worth), keeps the fd as ConnId c
+//!                           ▼
+//!                      core.handle_accepted(listener, [c])
+//!                           │ core: the policy picks a worker with credit (or keeps c
+//!                           │       pending; with no credit anywhere, accept pauses)
+//!                           ▼
+//!                      Action::HandOff { worker w, [c, ...] }
+//!                           │ shell: one sendmsg of the batch's fds down w's handoff socket;
+//!                           │        keeps its copy of c
+//!                           ▼
+//!  worker w: recvmsg, ConnectionsAck ──▶ core.handle_handoff(w, Ack)
+//!                           │ core: c is w's now
+//!                           ▼
+//!                      Action::Release { [c] }   shell: closes its copy
+//!
+//!  If w dies first: the shell reads w's sockets to their end (acks that raced the exit
+//!  count), then core.handle_exited(w): c, never acknowledged, goes to another worker.
+//! ```
+//!
 //! # Overview
 //!
 //! - [`Builder`] sets the cluster up (how many workers, which program, round-robin or shared
@@ -46,15 +85,14 @@
 
 mod cluster;
 mod config;
-mod control;
-mod dispatch;
 mod error;
 mod event;
-mod lifecycle;
 mod listen;
 mod primary;
+mod shell;
 mod signal;
 mod spawn;
+mod supervisor;
 mod sys;
 
 pub use cluster::Cluster;

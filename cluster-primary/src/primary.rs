@@ -4,14 +4,18 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::time::{Duration, Instant};
 
+use cluster_ipc::WorkerId;
 use cluster_ipc::proto::{Encoded, ToWorker};
-use cluster_ipc::{ListenerId, WorkerId};
 use mio::{Events, Interest, Poll, Waker};
 use serde::Serialize;
 
 use crate::Error;
-use crate::cluster::{Cluster, SIGNALS, Source, WAKER};
-use crate::config::Config;
+use crate::cluster::Cluster;
+use crate::shell::{SIGNALS, Source, WAKER};
+
+/// How often the loop reaps when it relies on SIGCHLD, which coalesces.
+const SIGCHLD_POLL: Duration = Duration::from_millis(500);
+use crate::config::{Builder, Config};
 use crate::event::{Event, Status};
 
 /// A cluster's primary process: it owns the listening sockets, starts and watches the
@@ -54,10 +58,8 @@ impl Primary {
         let waker =
             Waker::new(poll.registry(), WAKER).map_err(|source| Error::io("eventfd", source))?;
         let (sender, commands) = mpsc::channel();
-        let config_limits = config.control_limits;
-        let mut cluster = Cluster::new(config, registry);
-        cluster.tokens.insert(WAKER, Source::Waker);
-        cluster.tokens.insert(SIGNALS, Source::Signals);
+        let limits = config.control_limits;
+        let cluster = Cluster::new(config, registry);
         Ok(Primary {
             poll,
             cluster,
@@ -65,7 +67,7 @@ impl Primary {
             handle: Handle {
                 sender,
                 waker: Arc::new(waker),
-                limits: config_limits,
+                limits,
             },
         })
     }
@@ -82,16 +84,20 @@ impl Primary {
     ///
     /// Workers are spawned from this thread only: their parent-death signal follows the
     /// thread that spawned them, so call this on a thread that lives as long as the cluster.
+    ///
+    /// The loop is the shell of the supervisor core: it waits, reads and decodes, feeds the
+    /// core, carries out its actions and sleeps until its next deadline; it decides nothing.
     pub fn run(mut self, mut on_event: impl FnMut(&mut Cluster, Event)) -> Result<(), Error> {
         raise_fd_limit();
-        if self.cluster.config.handle_signals {
+        if self.cluster.shell.config.handle_signals {
             self.install_signals()?;
         }
-        self.cluster.spawn_all();
+        self.cluster.core.start(Instant::now());
+        self.cluster.pump();
         let mut events = Events::with_capacity(256);
         loop {
             self.dispatch_events(&mut on_event);
-            if self.cluster.is_finished() {
+            if self.cluster.finished && self.cluster.events.is_empty() {
                 break;
             }
             let timeout = self.poll_timeout();
@@ -104,11 +110,19 @@ impl Primary {
             for event in events.iter() {
                 self.on_ready(event);
             }
-            let again: Vec<ListenerId> = self.cluster.accept_ready.iter().copied().collect();
-            for listener_id in again {
-                self.cluster.accept_turn(listener_id);
+            for listener in self.cluster.accept_ready() {
+                self.cluster
+                    .shell
+                    .accept_turn(listener, &mut self.cluster.core);
+                self.cluster.pump();
             }
-            self.cluster.on_time(Instant::now());
+            let now = Instant::now();
+            self.cluster.core.handle_timeout(now);
+            if self.cluster.shell.sigchld {
+                // Signals coalesce and a handler may be installed late: poll too.
+                self.cluster.shell.try_reap_all(&mut self.cluster.core);
+            }
+            self.cluster.pump();
             self.run_commands();
         }
         self.dispatch_events(&mut on_event);
@@ -121,78 +135,89 @@ impl Primary {
             signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGQUIT])
                 .map_err(|source| Error::io("install signal handlers", source))?;
         self.cluster
+            .shell
             .registry
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|source| Error::io("register signals", source))?;
-        self.cluster.signals = Some(signals);
+        self.cluster.shell.signals = Some(signals);
         Ok(())
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.cluster.accept_ready.is_empty() {
+        if self.cluster.has_accepts_waiting() {
             return Some(Duration::ZERO);
         }
-        self.cluster
-            .next_deadline()
-            .map(|at| at.saturating_duration_since(Instant::now()))
+        let now = Instant::now();
+        let sigchld_poll = self.cluster.shell.sigchld.then(|| now + SIGCHLD_POLL);
+        [self.cluster.core.poll_timeout(), sigchld_poll]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| at.saturating_duration_since(now))
     }
 
     /// Hands queued events to the application; what it does may queue more.
     fn dispatch_events(&mut self, on_event: &mut impl FnMut(&mut Cluster, Event)) {
         loop {
-            while let Some(event) = self.cluster.events.pop_front() {
-                if let Event::Exit { worker, .. } = event {
-                    self.cluster.forget_exited(worker);
-                }
+            while let Some(event) = self.cluster.next_event() {
                 on_event(&mut self.cluster, event);
+                self.cluster.pump();
             }
-            if !self.cluster.workers.is_empty() || self.cluster.on_all_gone.is_empty() {
+            if !self.cluster.core.has_no_workers() || self.cluster.on_all_gone.is_empty() {
                 return;
             }
             for done in std::mem::take(&mut self.cluster.on_all_gone) {
                 done(&mut self.cluster);
+                self.cluster.pump();
             }
         }
     }
 
     fn on_ready(&mut self, event: &mio::event::Event) {
-        let Some(&source) = self.cluster.tokens.get(&event.token()) else {
+        let Some(source) = self.cluster.shell.source(event.token()) else {
             return;
         };
         let cluster = &mut self.cluster;
         match source {
             Source::Waker => self.run_commands(),
             Source::Signals => self.on_signals(),
-            Source::Listener(id) => cluster.accept_turn(id),
+            Source::Listener(listener) => cluster.shell.accept_turn(listener, &mut cluster.core),
             Source::Control(worker) => {
-                cluster.on_control_readable(worker);
+                cluster.shell.read_control(worker, &mut cluster.core);
                 if event.is_writable() {
-                    cluster.flush_control(worker);
+                    cluster.shell.flush_control(worker);
                 }
             }
-            Source::Handoff(worker, listener) => cluster.on_handoff_readable(worker, listener),
-            Source::Pidfd(worker) => cluster.try_reap(worker),
+            Source::Handoff(worker, listener) => {
+                cluster
+                    .shell
+                    .read_handoff(worker, listener, &mut cluster.core);
+            }
+            Source::Pidfd(worker) => cluster.shell.try_reap(worker, &mut cluster.core),
         }
+        self.cluster.pump();
     }
 
     fn on_signals(&mut self) {
-        let Some(signals) = self.cluster.signals.as_mut() else {
+        let Some(signals) = self.cluster.shell.signals.as_mut() else {
             return;
         };
         let pending: Vec<i32> = signals.pending().collect();
+        let now = Instant::now();
         for signal in pending {
             match signal {
                 libc::SIGTERM | libc::SIGINT => {
                     // The first asks for a graceful stop; a second one, while stopping, for
                     // an immediate one.
                     tracing::info!(signal, "stop requested");
-                    self.cluster.begin_stop(true);
+                    self.cluster.core.stop(true, now);
                 }
-                libc::SIGQUIT => self.cluster.begin_stop(false),
-                libc::SIGCHLD => self.cluster.try_reap_all(),
+                libc::SIGQUIT => self.cluster.core.stop(false, now),
+                libc::SIGCHLD => self.cluster.shell.try_reap_all(&mut self.cluster.core),
                 _ => {}
             }
         }
+        self.cluster.pump();
     }
 
     fn run_commands(&mut self) {
@@ -200,7 +225,7 @@ impl Primary {
             let cluster = &mut self.cluster;
             let result = match command {
                 Command::Stop { graceful } => {
-                    cluster.begin_stop(graceful);
+                    cluster.stop(graceful);
                     Ok(())
                 }
                 Command::Send { worker, message } => cluster.send_encoded(worker, &message),
@@ -215,6 +240,13 @@ impl Primary {
                 tracing::warn!(%err, "a command from a handle failed");
             }
         }
+    }
+}
+
+impl Builder {
+    /// Checks the settings, resolves the program, and makes the primary.
+    pub fn build(self) -> Result<Primary, Error> {
+        Primary::new(self.settle()?)
     }
 }
 

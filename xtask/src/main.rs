@@ -6,12 +6,15 @@
 //!   side (see [`mod@bench`]).
 //! - `cargo xtask ipc-bench`: one-way throughput of `cluster-ipc` channels between two
 //!   processes (see [`ipc_bench`]).
+//! - `cargo xtask mutants`: mutation testing of the primary's supervisor core (see
+//!   [`mutants`]).
 //!
 //! Both measure optimized code: from a debug build they build in release and re-run
 //! themselves (see [`release`]).
 
 mod bench;
 mod ipc_bench;
+mod mutants;
 mod release;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +38,8 @@ enum Task {
     Bench(bench::Args),
     /// Measure one-way frames/s and fds/s of a cluster-ipc channel between two processes.
     IpcBench(ipc_bench::Args),
+    /// Mutation testing of the primary's supervisor core (installs cargo-mutants if needed).
+    Mutants(mutants::Args),
     /// The receiving end of `ipc-bench`, started by it; not for direct use.
     #[command(hide = true)]
     IpcBenchPeer,
@@ -49,6 +54,7 @@ fn main() -> anyhow::Result<()> {
     match task {
         Task::Bench(args) => bench::run(&args),
         Task::IpcBench(args) => ipc_bench::run(&args),
+        Task::Mutants(args) => mutants::run(&args),
         Task::IpcBenchPeer => ipc_bench::peer(),
     }
 }

@@ -205,6 +205,38 @@ pub struct ListenRefused {
 }
 
 impl ListenRefused {
+    fn with(errno: i32, message: impl Into<String>) -> ListenRefused {
+        ListenRefused {
+            errno,
+            message: message.into(),
+        }
+    }
+
+    /// `EADDRINUSE`: the address is taken (in another mode, or by this worker already).
+    pub fn address_in_use(message: impl Into<String>) -> ListenRefused {
+        ListenRefused::with(libc::EADDRINUSE, message)
+    }
+
+    /// `ESHUTDOWN`: the worker or the cluster is on its way out.
+    pub fn shutting_down(message: impl Into<String>) -> ListenRefused {
+        ListenRefused::with(libc::ESHUTDOWN, message)
+    }
+
+    /// `EAFNOSUPPORT`: an address family the primary does not serve.
+    pub fn family_not_supported(message: impl Into<String>) -> ListenRefused {
+        ListenRefused::with(libc::EAFNOSUPPORT, message)
+    }
+
+    /// `EOPNOTSUPP`: a listen mode the primary does not serve.
+    pub fn not_supported(message: impl Into<String>) -> ListenRefused {
+        ListenRefused::with(libc::EOPNOTSUPP, message)
+    }
+
+    /// `EINVAL`: the request names something that does not exist.
+    pub fn invalid(message: impl Into<String>) -> ListenRefused {
+        ListenRefused::with(libc::EINVAL, message)
+    }
+
     /// The refusal as the `io::Error` a plain `bind` would have returned.
     pub fn to_io_error(&self) -> std::io::Error {
         let os = std::io::Error::from_raw_os_error(self.errno);

@@ -1,0 +1,1782 @@
+//! A deterministic simulator: one [`Supervisor`], scripted workers and a fake clock.
+//!
+//! The simulator carries out the supervisor's actions the way the real shell does, with
+//! nothing real behind them: a spawn is answered with a made-up pid, a bind with an address
+//! at once, a grant opens a simulated handoff socket, a handoff puts connection ids in it, a
+//! SIGKILL ends the worker. Scripted workers say Hello, listen, ack, return, leave and die
+//! when the script (or a test) says so. Time moves only when a test lets it pass.
+//!
+//! Beside that, it keeps its own ledger of every connection and of every worker, built only
+//! from what it fed in and what the actions said, and checks the supervisor against it: as
+//! each action is carried out (nothing handed to a worker that is leaving, nothing released
+//! twice, no signal to a reaped worker, respawns no sooner than the backoff, events in
+//! order) and in [`Sim::check`] whenever the supervisor is idle (every connection in exactly
+//! one place, the policy's view included). What it finds goes to [`Sim::violations`].
+
+use core::net::{Ipv4Addr, SocketAddr};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use cluster_ipc::proto::{
+    Delivery, HandoffToPrimary, ListenAddr, ListenGranted, ListenMode, ListenRefused,
+    ListenRequest, PROTOCOL_VERSION, ToPrimary, ToWorker,
+};
+use cluster_ipc::{ConnId, ListenerId, SlotId, WorkerId};
+
+use crate::event::{Event, ExitStatus, WorkerState};
+use crate::signal::Signal;
+use crate::supervisor::{Action, Refusal, Settings, Supervisor};
+
+/// The address the default script listens on.
+pub(super) const PORT: u16 = 8000;
+
+/// A loopback TCP address.
+pub(super) fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// How long a slot that failed `failures` times in a row waits before its respawn, as the
+/// design says it (written here again rather than taken from the core): at once for the
+/// first failure, then 100 ms, doubling, capped at 5 s.
+pub(super) fn expected_backoff(failures: u32) -> Duration {
+    if failures <= 1 {
+        return Duration::ZERO;
+    }
+    let millis = 100u64.saturating_mul(1 << (failures - 2).min(20));
+    Duration::from_millis(millis.min(5_000))
+}
+
+/// A rule the supervisor must keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Property {
+    /// (a) Every accepted connection is in exactly one place: pending in its listener's
+    /// policy, in flight at one live worker that holds the listener, served by a worker after
+    /// its ack (the primary's copy released), or closed by a stop; none lost, none in two
+    /// places, none released twice, none released while un-acked.
+    Conservation,
+    /// (b) Nothing handed to a worker that is gone, leaving, unknown, or closing that
+    /// listener.
+    HandoffToLeaving,
+    /// More connections in flight at a worker than the window.
+    Window,
+    /// (c) More workers than slots, or a cluster that does not come back to its size.
+    Convergence,
+    /// (d) A timer left in the past after `handle_timeout`, or timers that never settle.
+    Timers,
+    /// A slot respawned sooner than its backoff allows, or refilled after the primary emptied
+    /// it.
+    Respawn,
+    /// A listener holds connections, or does not accept, while a worker that serves it has
+    /// credit (outside a stop and an fd backoff).
+    Liveness,
+    /// A signal to a reaped worker (its pid may be another process's now) or an unknown one.
+    Signals,
+    /// A worker's events out of order, a second `Ready`, a worker listed wrongly.
+    Events,
+    /// Accept toggled out of turn, on for an unbound listener, or on while stopping.
+    Accept,
+    /// `Finished` given while a worker lives, not given when due, or followed by actions.
+    Finish,
+    /// The core's queries disagree with its actions, or a malformed action.
+    Bookkeeping,
+}
+
+/// One broken rule.
+#[derive(Debug, Clone)]
+pub(super) struct Violation {
+    pub(super) property: Property,
+    /// Fake time since the start.
+    pub(super) at: Duration,
+    pub(super) detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} at {:?}: {}", self.property, self.at, self.detail)
+    }
+}
+
+/// What a scripted worker says when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Hello {
+    /// A correct Hello, at once.
+    Auto,
+    /// Nothing: the start timeout must deal with it.
+    Never,
+    /// A Hello with another protocol version.
+    WrongVersion,
+    /// A Hello claiming another worker id.
+    WrongId,
+}
+
+/// What a scripted worker does when told to disconnect (or sent SIGTERM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OnDisconnect {
+    /// Reads and acks what it was handed, then exits with code 0.
+    AckAndExit,
+    /// Exits with code 0 at once, leaving its handoff sockets unread.
+    Exit,
+    /// Ignores it: only a SIGKILL ends it.
+    Hang,
+}
+
+/// How one scripted worker behaves on its own. Tests and property ops make it do the rest
+/// (ack, return, die, ...).
+#[derive(Debug, Clone)]
+pub(super) struct Script {
+    /// The spawn fails: the process never exists.
+    pub(super) spawn_fails: bool,
+    pub(super) hello: Hello,
+    /// What it asks to listen on after its Welcome, in order.
+    pub(super) listen: Vec<(SocketAddr, Option<ListenMode>)>,
+    /// It says `Listening` as soon as a listener is granted.
+    pub(super) send_listening: bool,
+    /// It acks every batch as soon as it arrives.
+    pub(super) auto_ack: bool,
+    /// The shell fails to make the fds of its grants.
+    pub(super) grant_fails: bool,
+    pub(super) on_disconnect: OnDisconnect,
+}
+
+impl Default for Script {
+    fn default() -> Script {
+        Script {
+            spawn_fails: false,
+            hello: Hello::Auto,
+            listen: vec![(addr(PORT), None)],
+            send_listening: true,
+            auto_ack: false,
+            grant_fails: false,
+            on_disconnect: OnDisconnect::AckAndExit,
+        }
+    }
+}
+
+impl Script {
+    /// The default script, listening on these addresses instead.
+    pub(super) fn listening_on(addrs: &[SocketAddr]) -> Script {
+        Script {
+            listen: addrs.iter().map(|&a| (a, None)).collect(),
+            ..Script::default()
+        }
+    }
+}
+
+/// Where a connection is, as far as the simulator's own ledger says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Place {
+    /// Accepted (or returned) and held by the primary, waiting for a worker.
+    Pending,
+    /// Handed to this worker, not acked.
+    InFlight(WorkerId),
+    /// Acked by this worker, which serves it.
+    Served(WorkerId),
+    /// Closed by the primary without a worker (a stop).
+    Closed,
+    /// Must be released: the fds of a malformed return.
+    ToRelease,
+    /// Gone from the cluster: served to the end, returned under a new id, or lost with its
+    /// worker after the ack.
+    Gone,
+}
+
+/// One accepted connection in the ledger.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Conn {
+    pub(super) listener: ListenerId,
+    pub(super) place: Place,
+    /// The primary's copy of the fd is open.
+    pub(super) held: bool,
+}
+
+/// A scripted worker.
+#[derive(Debug)]
+pub(super) struct SimWorker {
+    pub(super) id: WorkerId,
+    pub(super) slot: SlotId,
+    pub(super) pid: u32,
+    pub(super) script: Script,
+    pub(super) spawned_at: Instant,
+    /// Its process runs.
+    pub(super) alive: bool,
+    /// `handle_exited` was called for it.
+    pub(super) reaped: bool,
+    /// Its end of the control channel is open: it can still send.
+    pub(super) control_open: bool,
+    /// It was welcomed.
+    pub(super) online: bool,
+    /// The supervisor knows it is on its way out: it was asked to go (Disconnect, SIGTERM,
+    /// SIGKILL, a closed channel), or said it leaves, or is gone.
+    pub(super) leaving: bool,
+    /// It sent `Listening` for a listener it was granted.
+    pub(super) listened: bool,
+    next_seq: u64,
+    port_zero: u32,
+    /// Listen requests without a reply yet, by seq.
+    pub(super) requests: BTreeMap<u64, SocketAddr>,
+    /// Everything it received on its control channel.
+    pub(super) inbox: Vec<(Option<u64>, ToWorker)>,
+    /// Listeners granted to it, with their address and delivery.
+    pub(super) granted: BTreeMap<ListenerId, (SocketAddr, Delivery)>,
+    /// Listen requests refused, with the refusal.
+    pub(super) refused: Vec<(SocketAddr, ListenRefused)>,
+    /// Its open handoff sockets (as the supervisor sees them): the connections handed and
+    /// not acked, oldest first.
+    pub(super) handoffs: BTreeMap<ListenerId, VecDeque<ConnId>>,
+    /// Listeners it said `CloseListener` for.
+    pub(super) closing: BTreeSet<ListenerId>,
+    pub(super) signals: Vec<Signal>,
+}
+
+impl SimWorker {
+    /// The seq of the reply-bearing message it sent last.
+    fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+}
+
+#[derive(Debug, Default)]
+struct SimSlot {
+    /// The worker spawned into it last, while it lives.
+    occupant: Option<WorkerId>,
+    /// Failed starts in a row (exit before listening or within a second, or spawn failure).
+    failures: u32,
+    /// When its last occupant ended, if it has none now.
+    vacated_at: Option<Instant>,
+    /// The primary asked its occupant to go: it must stay empty.
+    emptied: bool,
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub(super) struct SimListener {
+    pub(super) addr: SocketAddr,
+    pub(super) accepting: bool,
+    /// Clients waiting in the kernel's backlog.
+    pub(super) backlog: usize,
+}
+
+/// Something a worker (or the kernel) does in answer to an action, after the actions queued
+/// so far are carried out.
+#[derive(Debug, Clone, Copy)]
+enum Reaction {
+    Hello(WorkerId),
+    Listen(WorkerId),
+    Listening(WorkerId, ListenerId),
+    AckAll(WorkerId, ListenerId),
+    Disconnect(WorkerId),
+    Sigterm(WorkerId),
+    Die(WorkerId, ExitStatus),
+    Feed(ListenerId),
+}
+
+/// The simulator.
+pub(super) struct Sim {
+    pub(super) sup: Supervisor,
+    pub(super) start: Instant,
+    pub(super) now: Instant,
+    pub(super) workers: BTreeMap<WorkerId, SimWorker>,
+    pub(super) conns: BTreeMap<ConnId, Conn>,
+    pub(super) listeners: BTreeMap<ListenerId, SimListener>,
+    /// Scripts for the next spawns, in order; then `default_script`.
+    pub(super) scripts: VecDeque<Script>,
+    pub(super) default_script: Script,
+    /// Binds of these addresses fail with this.
+    pub(super) bind_errors: BTreeMap<SocketAddr, ListenRefused>,
+    /// Binds wait for [`Sim::answer_binds`] instead of being answered at once.
+    pub(super) defer_binds: bool,
+    deferred_binds: Vec<(ListenerId, SocketAddr)>,
+    /// Connections accepted per `handle_accepted` call at most.
+    pub(super) accept_batch: usize,
+    /// A dying worker's channels reach their end before its exit is seen (as when the
+    /// shell reads them first); otherwise `handle_exited` alone tells the supervisor.
+    pub(super) eof_first: bool,
+    /// Every action, with the fake time it came out.
+    pub(super) log: Vec<(Duration, Action)>,
+    pub(super) events: Vec<(Duration, Event)>,
+    /// Each worker's state (as `workers(now)` lists it) while its `Disconnect` event is
+    /// carried out.
+    pub(super) disconnect_states: Vec<(WorkerId, Option<WorkerState>)>,
+    pub(super) violations: Vec<Violation>,
+    pub(super) stopped: bool,
+    pub(super) finished: bool,
+    /// Respawns that had to wait for a backoff.
+    pub(super) delayed_respawns: usize,
+    reactions: VecDeque<Reaction>,
+    in_pump: bool,
+    /// When each listener may accept again after running out of fds.
+    fd_backoff_until: BTreeMap<ListenerId, Instant>,
+    slots: BTreeMap<SlotId, SimSlot>,
+    event_rank: BTreeMap<WorkerId, u8>,
+    ready: usize,
+    next_conn: u64,
+    next_port: u16,
+}
+
+impl Sim {
+    pub(super) fn new(settings: Settings) -> Sim {
+        let start = Instant::now();
+        Sim {
+            sup: Supervisor::new(settings),
+            start,
+            now: start,
+            workers: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+            scripts: VecDeque::new(),
+            default_script: Script::default(),
+            bind_errors: BTreeMap::new(),
+            defer_binds: false,
+            deferred_binds: Vec::new(),
+            accept_batch: 1,
+            eof_first: false,
+            log: Vec::new(),
+            events: Vec::new(),
+            disconnect_states: Vec::new(),
+            violations: Vec::new(),
+            stopped: false,
+            finished: false,
+            delayed_respawns: 0,
+            reactions: VecDeque::new(),
+            in_pump: false,
+            fd_backoff_until: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            event_rank: BTreeMap::new(),
+            ready: 0,
+            next_conn: 1,
+            next_port: 40_000,
+        }
+    }
+
+    /// A simulator whose workers all follow `script`.
+    pub(super) fn with_script(settings: Settings, script: Script) -> Sim {
+        let mut sim = Sim::new(settings);
+        sim.default_script = script;
+        sim
+    }
+
+    pub(super) fn settings(&self) -> &Settings {
+        self.sup.settings()
+    }
+
+    /// Fake time since the start.
+    pub(super) fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn violation(&mut self, property: Property, detail: String) {
+        let at = self.elapsed();
+        self.violations.push(Violation {
+            property,
+            at,
+            detail,
+        });
+    }
+
+    /// Panics with every violation found so far, if any.
+    #[track_caller]
+    pub(super) fn assert_clean(&mut self) {
+        self.check();
+        if !self.violations.is_empty() {
+            let list: Vec<String> = self.violations.iter().map(ToString::to_string).collect();
+            panic!("{} violations:\n{}", list.len(), list.join("\n"));
+        }
+    }
+
+    pub(super) fn broke(&self, property: Property) -> bool {
+        self.violations.iter().any(|v| v.property == property)
+    }
+
+    // ----- driving -----
+
+    /// Starts the cluster and carries out everything that follows at once.
+    pub(super) fn start(&mut self) {
+        self.sup.start(self.now);
+        self.pump();
+    }
+
+    /// Carries out the supervisor's actions, and the workers' answers to them, until
+    /// nothing is left to do without time passing. Called from inside a reaction (an input
+    /// a worker makes on its own), it only carries out the actions: the outer pump goes on
+    /// with the reactions, one at a time, in order.
+    pub(super) fn pump(&mut self) {
+        if self.in_pump {
+            return self.drain_actions();
+        }
+        self.in_pump = true;
+        let mut settled = false;
+        for _ in 0..100_000 {
+            self.drain_actions();
+            match self.reactions.pop_front() {
+                Some(reaction) => self.react(reaction),
+                None => {
+                    settled = true;
+                    break;
+                }
+            }
+        }
+        self.in_pump = false;
+        if !settled {
+            self.violation(Property::Bookkeeping, "the simulation never settles".into());
+        }
+    }
+
+    fn drain_actions(&mut self) {
+        while let Some(action) = self.sup.poll_action() {
+            self.carry_out(action);
+        }
+    }
+
+    /// Lets `by` pass, handling every timeout on the way at its time.
+    pub(super) fn advance(&mut self, by: Duration) {
+        let target = self.now + by;
+        for _ in 0..10_000 {
+            match self.sup.poll_timeout() {
+                Some(at) if at <= target && !self.finished => {
+                    self.now = self.now.max(at);
+                    self.fire();
+                }
+                _ => {
+                    self.now = target;
+                    return;
+                }
+            }
+        }
+        self.violation(Property::Timers, "timers never settle".into());
+        self.now = target;
+    }
+
+    /// Lets time pass to the next timeout and handles it; false if there is none.
+    /// Once `Finished`, the shell has returned: no more timeouts.
+    pub(super) fn next_timeout(&mut self) -> bool {
+        match self.sup.poll_timeout().filter(|_| !self.finished) {
+            Some(at) => {
+                self.now = self.now.max(at);
+                self.fire();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `handle_timeout` now, then (d): nothing it had to do may be left in the past.
+    fn fire(&mut self) {
+        self.sup.handle_timeout(self.now);
+        if let Some(next) = self.sup.poll_timeout() {
+            if next <= self.now {
+                let late = self.now - next;
+                self.violation(
+                    Property::Timers,
+                    format!("after handle_timeout the next timeout is {late:?} in the past"),
+                );
+            }
+        }
+        self.pump();
+    }
+
+    /// From now on nothing breaks: new workers are well behaved, binds succeed. Workers
+    /// already started keep their scripts.
+    pub(super) fn calm(&mut self) {
+        self.scripts.clear();
+        self.bind_errors.clear();
+        self.default_script.spawn_fails = false;
+        self.default_script.hello = Hello::Auto;
+        self.default_script.grant_fails = false;
+        self.default_script.send_listening = true;
+    }
+
+    /// Lets time pass through every timeout until none is left.
+    pub(super) fn settle(&mut self) {
+        for _ in 0..1_000 {
+            self.pump();
+            if !self.next_timeout() {
+                return;
+            }
+        }
+        self.violation(Property::Timers, "timers never settle".into());
+    }
+
+    // ----- what workers and clients do -----
+
+    /// The worker sends a control message; its seq.
+    pub(super) fn say(&mut self, worker: WorkerId, msg: ToPrimary) -> u64 {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return 0;
+        };
+        let seq = w.take_seq();
+        match &msg {
+            ToPrimary::Disconnecting | ToPrimary::Retire if w.online => w.leaving = true,
+            ToPrimary::CloseListener { listener } => {
+                w.closing.insert(*listener);
+            }
+            _ => {}
+        }
+        self.sup.handle_control(worker, seq, msg, self.now);
+        self.pump();
+        seq
+    }
+
+    /// The worker asks to listen on `addr` (counting its port-0 requests, as a worker
+    /// does); the seq of its request.
+    pub(super) fn listen(
+        &mut self,
+        worker: WorkerId,
+        addr: SocketAddr,
+        mode: Option<ListenMode>,
+    ) -> u64 {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return 0;
+        };
+        let index = if addr.port() == 0 {
+            w.port_zero += 1;
+            w.port_zero - 1
+        } else {
+            0
+        };
+        w.requests.insert(w.next_seq + 1, addr);
+        let request = ListenRequest {
+            addr: ListenAddr::Tcp(addr),
+            mode,
+            index,
+        };
+        self.say(worker, ToPrimary::Listen(request))
+    }
+
+    /// `count` clients connect to the listener: accepted now if it accepts, else they wait
+    /// in the backlog until it does.
+    pub(super) fn connect(&mut self, listener: ListenerId, count: usize) {
+        let Some(l) = self.listeners.get_mut(&listener) else {
+            return;
+        };
+        l.backlog += count;
+        self.reactions.push_back(Reaction::Feed(listener));
+        self.pump();
+    }
+
+    /// Accepting on the listener runs out of fds.
+    pub(super) fn fds_exhausted(&mut self, listener: ListenerId) {
+        self.fd_backoff_until
+            .insert(listener, self.now + Duration::from_millis(100));
+        self.sup.handle_fds_exhausted(listener, self.now);
+        self.pump();
+    }
+
+    /// The listener bound for `addr`'s port.
+    pub(super) fn listener_at(&self, addr: SocketAddr) -> ListenerId {
+        self.listeners
+            .iter()
+            .find(|(_, l)| l.addr == addr)
+            .map(|(&id, _)| id)
+            .unwrap_or_else(|| panic!("nothing bound at {addr}"))
+    }
+
+    /// The only listener.
+    pub(super) fn the_listener(&self) -> ListenerId {
+        assert_eq!(self.listeners.len(), 1, "{:?}", self.listeners);
+        *self.listeners.keys().next().unwrap()
+    }
+
+    /// What the worker was handed on the listener and did not ack yet, oldest first.
+    pub(super) fn in_flight(&self, worker: WorkerId, listener: ListenerId) -> Vec<ConnId> {
+        self.workers
+            .get(&worker)
+            .and_then(|w| w.handoffs.get(&listener))
+            .map(|q| q.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The worker acks its `count` oldest connections on the listener (over its handoff
+    /// socket).
+    pub(super) fn ack(&mut self, worker: WorkerId, listener: ListenerId, count: usize) {
+        let Some(queue) = self
+            .workers
+            .get_mut(&worker)
+            .and_then(|w| w.handoffs.get_mut(&listener))
+        else {
+            return;
+        };
+        let count = count.min(queue.len());
+        let acked: Vec<ConnId> = queue.drain(..count).collect();
+        for conn in acked {
+            if let Some(entry) = self.conns.get_mut(&conn) {
+                entry.place = Place::Served(worker);
+            }
+        }
+        let msg = HandoffToPrimary::ConnectionsAck {
+            count: count as u32,
+        };
+        self.sup
+            .handle_handoff(worker, listener, msg, Vec::new(), self.now);
+        self.pump();
+    }
+
+    /// The worker acks everything it was handed, on every listener.
+    pub(super) fn ack_all(&mut self, worker: WorkerId) {
+        let listeners: Vec<ListenerId> = self
+            .workers
+            .get(&worker)
+            .map(|w| w.handoffs.keys().copied().collect())
+            .unwrap_or_default();
+        for listener in listeners {
+            let count = self.in_flight(worker, listener).len();
+            if count > 0 {
+                self.ack(worker, listener, count);
+            }
+        }
+    }
+
+    /// An ack the worker sends whatever it holds (a late or stray one): the ledger does not
+    /// move.
+    pub(super) fn raw_ack(&mut self, worker: WorkerId, listener: ListenerId, count: u32) {
+        let msg = HandoffToPrimary::ConnectionsAck { count };
+        self.sup
+            .handle_handoff(worker, listener, msg, Vec::new(), self.now);
+        self.pump();
+    }
+
+    /// The worker gives back connections it had acked; the shell gives their fds new ids,
+    /// returned in the same order.
+    pub(super) fn give_back(
+        &mut self,
+        worker: WorkerId,
+        listener: ListenerId,
+        conns: &[ConnId],
+    ) -> Vec<ConnId> {
+        let mut fresh = Vec::new();
+        for conn in conns {
+            let entry = self.conns.get_mut(conn).unwrap();
+            assert_eq!(
+                entry.place,
+                Place::Served(worker),
+                "{conn} is not served by {worker}"
+            );
+            entry.place = Place::Gone;
+            fresh.push(self.new_conn(listener, Place::Pending));
+        }
+        let msg = HandoffToPrimary::ConnectionsReturned {
+            count: conns.len() as u32,
+        };
+        self.sup
+            .handle_handoff(worker, listener, msg, fresh.clone(), self.now);
+        self.pump();
+        fresh
+    }
+
+    /// The worker returns connections with a count that does not match the fds attached: a
+    /// protocol violation; the fds must be released.
+    pub(super) fn bad_return(&mut self, worker: WorkerId, listener: ListenerId) {
+        let fds = vec![self.new_conn(listener, Place::ToRelease)];
+        let msg = HandoffToPrimary::ConnectionsReturned { count: 2 };
+        self.sup
+            .handle_handoff(worker, listener, msg, fds, self.now);
+        self.pump();
+    }
+
+    fn new_conn(&mut self, listener: ListenerId, place: Place) -> ConnId {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.conns.insert(
+            conn,
+            Conn {
+                listener,
+                place,
+                held: true,
+            },
+        );
+        conn
+    }
+
+    /// The worker's handoff socket for the listener ends (after a `CloseListener`), or
+    /// breaks with `error`.
+    pub(super) fn close_handoff(
+        &mut self,
+        worker: WorkerId,
+        listener: ListenerId,
+        error: Option<&str>,
+    ) {
+        self.handoff_ended(worker, listener);
+        self.sup
+            .handle_handoff_closed(worker, listener, error, self.now);
+        self.pump();
+    }
+
+    /// The ledger side of a handoff socket's end: what was in flight there goes back to the
+    /// primary (which still holds the fds).
+    fn handoff_ended(&mut self, worker: WorkerId, listener: ListenerId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.handoffs.remove(&listener);
+        }
+        for conn in self.conns.values_mut() {
+            if conn.place == Place::InFlight(worker) && conn.listener == listener {
+                conn.place = Place::Pending;
+            }
+        }
+    }
+
+    /// The worker closes its control channel (or it breaks, with `error`) while its process
+    /// lingers.
+    pub(super) fn close_control(&mut self, worker: WorkerId, error: Option<&str>) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.control_open = false;
+            w.leaving = true;
+        }
+        self.sup.handle_control_closed(worker, error, self.now);
+        self.pump();
+    }
+
+    /// The worker's process ends with `status`; the shell reads what its channels held
+    /// (their ends too when `eof_first`), then reaps it.
+    pub(super) fn exit(&mut self, worker: WorkerId, status: ExitStatus) {
+        self.exit_and_then(worker, status, |_, _| {});
+    }
+
+    /// Like [`Sim::exit`], with `then` fed to the supervisor right after `handle_exited`,
+    /// before any action is carried out (a late input in the same loop turn).
+    pub(super) fn exit_and_then(
+        &mut self,
+        worker: WorkerId,
+        status: ExitStatus,
+        then: impl FnOnce(&mut Supervisor, Instant),
+    ) {
+        let Some(w) = self.workers.get_mut(&worker).filter(|w| w.alive) else {
+            return;
+        };
+        w.alive = false;
+        w.leaving = true;
+        let control_was_open = std::mem::replace(&mut w.control_open, false);
+        let handoffs: Vec<ListenerId> = w.handoffs.keys().copied().collect();
+        if self.eof_first {
+            if control_was_open {
+                self.sup.handle_control_closed(worker, None, self.now);
+                self.drain_actions();
+            }
+            for listener in handoffs {
+                self.handoff_ended(worker, listener);
+                self.sup
+                    .handle_handoff_closed(worker, listener, None, self.now);
+                self.drain_actions();
+            }
+        }
+        self.reap(worker, status);
+        then(&mut self.sup, self.now);
+        self.pump();
+    }
+
+    fn reap(&mut self, worker: WorkerId, status: ExitStatus) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        w.reaped = true;
+        w.handoffs.clear();
+        let (slot, stable) = (
+            w.slot,
+            w.listened && self.now - w.spawned_at >= Duration::from_secs(1),
+        );
+        for conn in self.conns.values_mut() {
+            if conn.place == Place::InFlight(worker) {
+                conn.place = Place::Pending;
+            } else if conn.place == Place::Served(worker) {
+                conn.place = Place::Gone;
+            }
+        }
+        let now = self.now;
+        let state = self.slots.entry(slot).or_default();
+        if state.occupant == Some(worker) {
+            state.occupant = None;
+            state.failures = if stable { 0 } else { state.failures + 1 };
+            state.vacated_at = Some(now);
+        }
+        self.sup.handle_exited(worker, status, self.now);
+    }
+
+    /// The worker dies (crashes) now.
+    pub(super) fn crash(&mut self, worker: WorkerId) {
+        self.exit(worker, ExitStatus::Signal(Signal::SIGSEGV));
+    }
+
+    /// Stops the cluster.
+    pub(super) fn stop(&mut self, graceful: bool) {
+        self.stopped = true;
+        self.sup.stop(graceful, self.now);
+        self.pump();
+    }
+
+    /// Asks one worker to disconnect (the application's `disconnect()`).
+    pub(super) fn disconnect(&mut self, worker: WorkerId) -> Result<(), Refusal> {
+        let result = self.sup.disconnect(worker, self.now);
+        let reaped = self.workers.get(&worker).is_none_or(|w| w.reaped);
+        if result.is_ok() == reaped {
+            self.violation(
+                Property::Bookkeeping,
+                format!("disconnect({worker}) answered {result:?} for a worker reaped={reaped}"),
+            );
+        }
+        if let (Ok(()), Some(w)) = (result, self.workers.get(&worker)) {
+            let state = self.slots.entry(w.slot).or_default();
+            if state.occupant == Some(worker) {
+                state.emptied = true;
+            }
+        }
+        self.pump();
+        result
+    }
+
+    // ----- queries -----
+
+    /// Every worker ever spawned (whose spawn did not fail), by id.
+    pub(super) fn spawned(&self) -> Vec<WorkerId> {
+        self.workers.keys().copied().collect()
+    }
+
+    /// The workers whose process runs.
+    pub(super) fn alive(&self) -> Vec<WorkerId> {
+        self.workers
+            .values()
+            .filter(|w| w.alive)
+            .map(|w| w.id)
+            .collect()
+    }
+
+    /// The workers whose process runs and that are not on their way out.
+    pub(super) fn serving(&self) -> Vec<WorkerId> {
+        self.workers
+            .values()
+            .filter(|w| w.alive && !w.leaving)
+            .map(|w| w.id)
+            .collect()
+    }
+
+    /// When each `Spawn` into the slot came out.
+    pub(super) fn spawn_times(&self, slot: SlotId) -> Vec<Duration> {
+        self.log
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::Spawn { slot: s, .. } if *s == slot))
+            .map(|(at, _)| *at)
+            .collect()
+    }
+
+    /// Every connection handed to the worker, in order.
+    pub(super) fn handed_to(&self, worker: WorkerId) -> Vec<ConnId> {
+        self.log
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::HandOff {
+                    worker: w, conns, ..
+                } if *w == worker => Some(conns.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Every connection released, in order (with repeats, if any).
+    pub(super) fn released(&self) -> Vec<ConnId> {
+        self.log
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Action::Release { conns } => Some(conns.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// The signals sent to the worker, in order.
+    pub(super) fn signals_to(&self, worker: WorkerId) -> Vec<Signal> {
+        self.workers
+            .get(&worker)
+            .map(|w| w.signals.clone())
+            .unwrap_or_default()
+    }
+
+    /// The events that concern the worker, in order.
+    pub(super) fn events_of(&self, worker: WorkerId) -> Vec<Event> {
+        self.events
+            .iter()
+            .filter(|(_, e)| event_worker(e) == Some(worker))
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// Where the ledger has each connection now.
+    pub(super) fn places(&self) -> BTreeMap<ConnId, Place> {
+        self.conns
+            .iter()
+            .map(|(&c, conn)| (c, conn.place))
+            .collect()
+    }
+
+    /// Every action so far, one line each, for comparing runs.
+    pub(super) fn transcript(&self) -> Vec<String> {
+        self.log
+            .iter()
+            .map(|(at, action)| format!("{at:?} {action:?}"))
+            .collect()
+    }
+
+    // ----- carrying out actions -----
+
+    fn carry_out(&mut self, action: Action) {
+        let at = self.elapsed();
+        self.log.push((at, action.clone()));
+        if self.finished {
+            self.violation(Property::Finish, format!("{action:?} after Finished"));
+        }
+        match action {
+            Action::Spawn { worker, slot } => self.on_spawn(worker, slot),
+            Action::Send { worker, ack, msg } => self.on_send(worker, ack, msg),
+            Action::Bind { listener, addr } => self.on_bind(listener, addr),
+            Action::Grant {
+                worker,
+                ack,
+                listener,
+                local_addr,
+                delivery,
+            } => self.on_grant(worker, ack, listener, local_addr, delivery),
+            Action::HandOff {
+                worker,
+                listener,
+                conns,
+            } => self.on_handoff(worker, listener, &conns),
+            Action::Release { conns } => {
+                for conn in conns {
+                    self.on_release(conn);
+                }
+            }
+            Action::Accept { listener, on } => self.on_accept(listener, on),
+            Action::CloseHandoff { worker, .. } | Action::CloseControl { worker } => {
+                if !self.workers.contains_key(&worker) {
+                    self.violation(Property::Bookkeeping, format!("{action:?}: unknown worker"));
+                }
+                if let (Action::CloseControl { .. }, Some(w)) =
+                    (&action, self.workers.get_mut(&worker))
+                {
+                    w.control_open = false;
+                    w.leaving = true;
+                }
+            }
+            Action::Signal {
+                worker,
+                signal,
+                group: _,
+            } => self.on_signal(worker, signal),
+            Action::Event(event) => self.on_event(event),
+            Action::Finished => self.on_finished(),
+        }
+    }
+
+    fn on_spawn(&mut self, worker: WorkerId, slot: SlotId) {
+        if self.workers.contains_key(&worker) {
+            self.violation(Property::Bookkeeping, format!("{worker} spawned twice"));
+            return;
+        }
+        if slot.0 as usize >= self.settings().workers {
+            self.violation(
+                Property::Bookkeeping,
+                format!("spawn into {slot}, no such slot"),
+            );
+        }
+        if self.stopped {
+            self.violation(
+                Property::Respawn,
+                format!("{worker} spawned while stopping"),
+            );
+        }
+        let now = self.now;
+        let state = self.slots.entry(slot).or_default();
+        let mut complaints = Vec::new();
+        if state.emptied {
+            complaints.push(format!(
+                "{worker} spawned into {slot}, which the primary emptied"
+            ));
+        }
+        let mut delayed = false;
+        if let Some(vacated) = state.vacated_at {
+            let due = vacated + expected_backoff(state.failures);
+            delayed = due > vacated;
+            if now < due {
+                complaints.push(format!(
+                    "{slot} respawned {:?} after its occupant ended; {} failures want {:?}",
+                    now - vacated,
+                    state.failures,
+                    expected_backoff(state.failures)
+                ));
+            }
+        }
+        state.vacated_at = None;
+        state.occupant = Some(worker);
+        self.delayed_respawns += usize::from(delayed);
+        for complaint in complaints {
+            self.violation(Property::Respawn, complaint);
+        }
+        let script = self
+            .scripts
+            .pop_front()
+            .unwrap_or_else(|| self.default_script.clone());
+        if script.spawn_fails {
+            let state = self.slots.entry(slot).or_default();
+            state.occupant = None;
+            state.failures += 1;
+            state.vacated_at = Some(now);
+            self.sup.handle_spawn_failed(worker, now);
+            return;
+        }
+        let pid = 10_000 + worker.0 as u32;
+        let hello = script.hello;
+        self.workers.insert(
+            worker,
+            SimWorker {
+                id: worker,
+                slot,
+                pid,
+                script,
+                spawned_at: now,
+                alive: true,
+                reaped: false,
+                control_open: true,
+                online: false,
+                leaving: false,
+                listened: false,
+                next_seq: 0,
+                port_zero: 0,
+                requests: BTreeMap::new(),
+                inbox: Vec::new(),
+                granted: BTreeMap::new(),
+                refused: Vec::new(),
+                handoffs: BTreeMap::new(),
+                closing: BTreeSet::new(),
+                signals: Vec::new(),
+            },
+        );
+        self.sup.handle_spawned(worker, pid);
+        if hello != Hello::Never {
+            self.reactions.push_back(Reaction::Hello(worker));
+        }
+    }
+
+    fn on_send(&mut self, worker: WorkerId, ack: Option<u64>, msg: ToWorker) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            self.violation(
+                Property::Bookkeeping,
+                format!("{msg:?} to unknown {worker}"),
+            );
+            return;
+        };
+        if matches!(msg, ToWorker::Disconnect) {
+            w.leaving = true;
+        }
+        if !w.alive || !w.control_open {
+            return; // Nobody reads it.
+        }
+        w.inbox.push((ack, msg.clone()));
+        match msg {
+            ToWorker::Welcome { .. } => {
+                w.online = true;
+                self.reactions.push_back(Reaction::Listen(worker));
+            }
+            ToWorker::ListenRefused(refused) => {
+                if let Some(addr) = ack.and_then(|seq| w.requests.remove(&seq)) {
+                    w.refused.push((addr, refused));
+                }
+            }
+            ToWorker::Disconnect => self.reactions.push_back(Reaction::Disconnect(worker)),
+            ToWorker::ListenGranted(_) => {
+                self.violation(
+                    Property::Bookkeeping,
+                    "ListenGranted sent without its fd (not as a Grant)".into(),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Answers the binds that [`Sim::defer_binds`] held back.
+    pub(super) fn answer_binds(&mut self) {
+        for (listener, addr) in std::mem::take(&mut self.deferred_binds) {
+            self.bind_now(listener, addr);
+        }
+        self.pump();
+    }
+
+    fn on_bind(&mut self, listener: ListenerId, addr: SocketAddr) {
+        if self.defer_binds {
+            self.deferred_binds.push((listener, addr));
+        } else {
+            self.bind_now(listener, addr);
+        }
+    }
+
+    fn bind_now(&mut self, listener: ListenerId, addr: SocketAddr) {
+        if self.listeners.contains_key(&listener) {
+            self.violation(Property::Bookkeeping, format!("{listener} bound twice"));
+        }
+        let result = match self.bind_errors.get(&addr) {
+            Some(refused) => Err(refused.clone()),
+            None => {
+                let mut bound = addr;
+                if addr.port() == 0 {
+                    bound.set_port(self.next_port);
+                    self.next_port += 1;
+                }
+                self.listeners.insert(
+                    listener,
+                    SimListener {
+                        addr: bound,
+                        accepting: false,
+                        backlog: 0,
+                    },
+                );
+                Ok(bound)
+            }
+        };
+        self.sup.handle_bound(listener, result);
+    }
+
+    fn on_grant(
+        &mut self,
+        worker: WorkerId,
+        ack: u64,
+        listener: ListenerId,
+        local_addr: SocketAddr,
+        delivery: Delivery,
+    ) {
+        let window = self.settings().window.get();
+        let bound = self.listeners.get(&listener).map(|l| l.addr);
+        let Some(w) = self.workers.get_mut(&worker) else {
+            self.violation(Property::Bookkeeping, format!("grant to unknown {worker}"));
+            return;
+        };
+        if w.script.grant_fails {
+            let refused = ListenRefused {
+                errno: ListenRefused::invalid("").errno,
+                message: "no fds".into(),
+            };
+            self.sup.handle_grant_failed(worker, ack, listener, refused);
+            return;
+        }
+        w.requests.remove(&ack);
+        w.granted.insert(listener, (local_addr, delivery));
+        w.closing.remove(&listener);
+        let mut complaints = Vec::new();
+        if let Delivery::Handoff { window: granted } = delivery {
+            w.handoffs.insert(listener, VecDeque::new());
+            if granted != window {
+                complaints.push(format!("granted window {granted}, configured {window}"));
+            }
+        }
+        let send_listening = w.script.send_listening;
+        if w.alive && w.control_open {
+            let granted = ListenGranted {
+                listener,
+                local_addr: ListenAddr::Tcp(local_addr),
+                delivery,
+            };
+            w.inbox.push((Some(ack), ToWorker::ListenGranted(granted)));
+            if send_listening {
+                self.reactions
+                    .push_back(Reaction::Listening(worker, listener));
+            }
+        }
+        if bound != Some(local_addr) {
+            complaints.push(format!(
+                "{listener} granted as {local_addr}, bound as {bound:?}"
+            ));
+        }
+        for detail in complaints {
+            self.violation(Property::Bookkeeping, detail);
+        }
+    }
+
+    fn on_handoff(&mut self, worker: WorkerId, listener: ListenerId, conns: &[ConnId]) {
+        let window = self.settings().window.get() as usize;
+        if conns.is_empty() {
+            self.violation(Property::Bookkeeping, format!("empty handoff to {worker}"));
+        }
+        let mut complaints = Vec::new();
+        match self.workers.get(&worker) {
+            None => complaints.push((Property::HandoffToLeaving, "an unknown worker".into())),
+            Some(w) => {
+                let why = if w.reaped {
+                    Some("reaped")
+                } else if w.leaving {
+                    Some("on its way out")
+                } else if w.closing.contains(&listener) {
+                    Some("closing that listener")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    complaints.push((Property::HandoffToLeaving, format!("{worker}, {why}")));
+                }
+                if !w.handoffs.contains_key(&listener) {
+                    complaints.push((
+                        Property::HandoffToLeaving,
+                        format!("{worker}, which has no handoff socket for {listener}"),
+                    ));
+                }
+            }
+        }
+        for &conn in conns {
+            match self.conns.get_mut(&conn) {
+                Some(entry)
+                    if entry.place == Place::Pending
+                        && entry.listener == listener
+                        && entry.held =>
+                {
+                    entry.place = Place::InFlight(worker);
+                }
+                other => complaints.push((
+                    Property::Conservation,
+                    format!("handed {conn} to {worker} on {listener}, but it was {other:?}"),
+                )),
+            }
+        }
+        let mut auto_ack = false;
+        if let Some(w) = self.workers.get_mut(&worker) {
+            if let Some(queue) = w.handoffs.get_mut(&listener) {
+                queue.extend(conns.iter().copied());
+                if queue.len() > window {
+                    complaints.push((
+                        Property::Window,
+                        format!("{worker} has {} in flight, window {window}", queue.len()),
+                    ));
+                }
+            }
+            auto_ack = w.script.auto_ack && w.alive;
+        }
+        for (property, detail) in complaints {
+            self.violation(property, format!("{conns:?} handed to {detail}"));
+        }
+        if auto_ack {
+            self.reactions.push_back(Reaction::AckAll(worker, listener));
+        }
+    }
+
+    fn on_release(&mut self, conn: ConnId) {
+        let stopped = self.stopped;
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            self.violation(Property::Conservation, format!("released unknown {conn}"));
+            return;
+        };
+        if !entry.held {
+            let detail = format!("{conn} released twice (it was {:?})", entry.place);
+            self.violation(Property::Conservation, detail);
+            return;
+        }
+        entry.held = false;
+        let complaint = match entry.place {
+            Place::Served(_) | Place::Gone | Place::Closed => None,
+            Place::ToRelease => {
+                entry.place = Place::Closed;
+                None
+            }
+            Place::Pending => {
+                entry.place = Place::Closed;
+                (!stopped).then(|| format!("pending {conn} closed while not stopping"))
+            }
+            Place::InFlight(worker) => Some(format!(
+                "{conn} released while in flight at {worker}, un-acked"
+            )),
+        };
+        if let Some(detail) = complaint {
+            self.violation(Property::Conservation, detail);
+        }
+    }
+
+    fn on_accept(&mut self, listener: ListenerId, on: bool) {
+        let stopped = self.stopped;
+        let Some(l) = self.listeners.get_mut(&listener) else {
+            self.violation(
+                Property::Accept,
+                format!("accept {on} on unbound {listener}"),
+            );
+            return;
+        };
+        let twice = l.accepting == on;
+        l.accepting = on;
+        let feed = on && l.backlog > 0;
+        if twice {
+            self.violation(Property::Accept, format!("accept {on} on {listener} twice"));
+        }
+        if on && stopped {
+            self.violation(
+                Property::Accept,
+                format!("accept on {listener} while stopping"),
+            );
+        }
+        if feed {
+            self.reactions.push_back(Reaction::Feed(listener));
+        }
+    }
+
+    fn on_signal(&mut self, worker: WorkerId, signal: Signal) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            self.violation(Property::Signals, format!("{signal} to unknown {worker}"));
+            return;
+        };
+        if w.reaped {
+            self.violation(
+                Property::Signals,
+                format!("{signal} to {worker} after it was reaped"),
+            );
+            return;
+        }
+        w.signals.push(signal);
+        w.leaving = true;
+        if !w.alive {
+            return;
+        }
+        if signal == Signal::SIGKILL {
+            self.reactions
+                .push_back(Reaction::Die(worker, ExitStatus::Signal(signal)));
+        } else if signal == Signal::SIGTERM {
+            self.reactions.push_back(Reaction::Sigterm(worker));
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let at = self.elapsed();
+        self.events.push((at, event.clone()));
+        let mut complaints = Vec::new();
+        if let Some((worker, rank, repeats)) = event_rank(&event) {
+            let last = self.event_rank.insert(worker, rank);
+            let in_order = match last {
+                None => rank == 0,
+                Some(last) => rank > last || (rank == last && repeats),
+            };
+            if !in_order {
+                complaints.push(format!("{event:?} after rank {last:?} for {worker}"));
+            }
+            if !self.workers.contains_key(&worker) {
+                complaints.push(format!("{event:?} about unknown {worker}"));
+            }
+        }
+        match &event {
+            Event::Fork { worker, pid, slot } => {
+                let known = self.workers.get(worker).map(|w| (w.pid, w.slot));
+                if known != Some((*pid, *slot)) {
+                    complaints.push(format!("{event:?}, but the sim has {known:?}"));
+                }
+            }
+            Event::Ready { addrs } => {
+                self.ready += 1;
+                if self.ready > 1 {
+                    complaints.push("a second Ready".into());
+                }
+                let listening = self.workers.values().filter(|w| w.listened).count();
+                if listening < self.settings().workers || addrs.is_empty() {
+                    complaints.push(format!(
+                        "Ready with {listening} workers listening, addrs {addrs:?}"
+                    ));
+                }
+            }
+            Event::Disconnect { worker } => {
+                // What an application's hook that asks `workers()` finds at this moment.
+                let state = (self.sup.workers(self.now).iter())
+                    .find(|info| info.id == *worker)
+                    .map(|info| info.state);
+                self.disconnect_states.push((*worker, state));
+                if state != Some(WorkerState::Disconnected) {
+                    complaints.push(format!("{worker} listed as {state:?} at its Disconnect"));
+                }
+            }
+            Event::Exit { worker, pid, .. } => {
+                // The shell delivers it (to the application) and tells the core.
+                self.sup.handle_exit_delivered(*worker);
+                if !self
+                    .workers
+                    .get(worker)
+                    .is_some_and(|w| w.reaped && w.pid == *pid)
+                {
+                    complaints.push(format!("{event:?} for a worker not reaped"));
+                }
+                if self.sup.worker(*worker, self.now).is_some() {
+                    complaints.push(format!("{worker} still listed once its Exit is taken"));
+                }
+            }
+            _ => {}
+        }
+        for detail in complaints {
+            self.violation(Property::Events, detail);
+        }
+    }
+
+    fn on_finished(&mut self) {
+        self.finished = true;
+        let alive = self.alive();
+        let unreaped: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| !w.reaped)
+            .map(|w| w.id)
+            .collect();
+        if !unreaped.is_empty() || !alive.is_empty() {
+            self.violation(
+                Property::Finish,
+                format!("Finished while {unreaped:?} are not reaped"),
+            );
+        }
+        if !self.sup.is_finished() {
+            self.violation(Property::Finish, "Finished but not is_finished()".into());
+        }
+    }
+
+    // ----- what workers do on their own -----
+
+    fn react(&mut self, reaction: Reaction) {
+        if self.finished {
+            return; // The shell has returned: nobody accepts or reads any more.
+        }
+        let worker = match reaction {
+            Reaction::Feed(listener) => return self.feed(listener),
+            Reaction::Hello(w)
+            | Reaction::Listen(w)
+            | Reaction::Listening(w, _)
+            | Reaction::AckAll(w, _)
+            | Reaction::Disconnect(w)
+            | Reaction::Sigterm(w)
+            | Reaction::Die(w, _) => w,
+        };
+        let Some(w) = self.workers.get(&worker).filter(|w| w.alive) else {
+            return;
+        };
+        let (script, pid, online, control_open) =
+            (w.script.clone(), w.pid, w.online, w.control_open);
+        match reaction {
+            Reaction::Feed(_) => {}
+            Reaction::Hello(_) if control_open => {
+                let (worker_id, protocol_version) = match script.hello {
+                    Hello::WrongVersion => (worker, PROTOCOL_VERSION + 1),
+                    Hello::WrongId => (WorkerId(worker.0 + 1000), PROTOCOL_VERSION),
+                    Hello::Auto | Hello::Never => (worker, PROTOCOL_VERSION),
+                };
+                let hello = ToPrimary::Hello {
+                    worker_id,
+                    pid,
+                    protocol_version,
+                };
+                self.say(worker, hello);
+            }
+            Reaction::Listen(_) if control_open => {
+                for (addr, mode) in script.listen {
+                    self.listen(worker, addr, mode);
+                }
+            }
+            Reaction::Listening(_, listener) if control_open => {
+                let w = self.workers.get_mut(&worker).unwrap();
+                if let Some(&(local_addr, _)) = w.granted.get(&listener) {
+                    w.listened = true;
+                    let msg = ToPrimary::Listening {
+                        listener,
+                        local_addr: ListenAddr::Tcp(local_addr),
+                    };
+                    self.say(worker, msg);
+                }
+            }
+            Reaction::AckAll(_, listener) => {
+                let count = self.in_flight(worker, listener).len();
+                if count > 0 {
+                    self.ack(worker, listener, count);
+                }
+            }
+            Reaction::Disconnect(_) => self.leave(worker, script.on_disconnect),
+            Reaction::Sigterm(_) => {
+                if online || script.on_disconnect == OnDisconnect::Hang {
+                    self.leave(worker, script.on_disconnect);
+                } else {
+                    // No handler yet: the default disposition ends it.
+                    self.exit(worker, ExitStatus::Signal(Signal::SIGTERM));
+                }
+            }
+            Reaction::Die(_, status) => self.exit(worker, status),
+            Reaction::Hello(_) | Reaction::Listen(_) | Reaction::Listening(..) => {}
+        }
+    }
+
+    fn leave(&mut self, worker: WorkerId, how: OnDisconnect) {
+        match how {
+            OnDisconnect::AckAndExit => {
+                self.ack_all(worker);
+                self.exit(worker, ExitStatus::Code(0));
+            }
+            OnDisconnect::Exit => self.exit(worker, ExitStatus::Code(0)),
+            OnDisconnect::Hang => {}
+        }
+    }
+
+    /// The shell's accept loop: while the listener accepts, take clients from the backlog in
+    /// batches, telling the supervisor after each.
+    fn feed(&mut self, listener: ListenerId) {
+        loop {
+            let batch = self.accept_batch.max(1);
+            let Some(l) = self
+                .listeners
+                .get_mut(&listener)
+                .filter(|l| l.accepting && l.backlog > 0)
+            else {
+                return;
+            };
+            let count = batch.min(l.backlog);
+            l.backlog -= count;
+            let conns: Vec<ConnId> = (0..count)
+                .map(|_| self.new_conn(listener, Place::Pending))
+                .collect();
+            self.sup.handle_accepted(listener, &conns);
+            self.drain_actions();
+        }
+    }
+
+    // ----- the invariants on an idle supervisor -----
+
+    /// Checks the state the last input left, once everything it caused was carried out:
+    /// (a) every connection where the ledger has it, in the core's policies too; the
+    /// core's queries; accepting off while stopping, and on (with nothing pending) while a
+    /// worker has credit otherwise; no more workers than slots.
+    pub(super) fn check(&mut self) {
+        let mut complaints: Vec<(Property, String)> = Vec::new();
+        self.check_conservation(&mut complaints);
+        self.check_bookkeeping(&mut complaints);
+        if self.stopped {
+            for (id, l) in &self.listeners {
+                if l.accepting {
+                    let detail = format!("{id} still accepts while stopping");
+                    complaints.push((Property::Accept, detail));
+                }
+            }
+        } else {
+            self.check_liveness(&mut complaints);
+        }
+        let slots = self.settings().workers;
+        let serving = self.serving().len();
+        if serving > slots || self.sup.live_or_starting() > slots {
+            complaints.push((
+                Property::Convergence,
+                format!(
+                    "{serving} workers serving ({} by the core) for {slots} slots",
+                    self.sup.live_or_starting()
+                ),
+            ));
+        }
+        for (property, detail) in complaints {
+            self.violation(property, detail);
+        }
+    }
+
+    /// (a): the ledger and the core's policies hold the same connections in the same places,
+    /// each once; a connection in flight is at a live worker that holds its listener; one
+    /// that was served or closed has had its fd released.
+    fn check_conservation(&self, complaints: &mut Vec<(Property, String)>) {
+        let mut pending: BTreeMap<ConnId, ListenerId> = BTreeMap::new();
+        let mut in_flight: BTreeMap<ConnId, (ListenerId, WorkerId)> = BTreeMap::new();
+        for (id, listener) in self.sup.listeners_for_tests().all() {
+            let Some(rr) = &listener.round_robin else {
+                continue;
+            };
+            for conn in rr.pending_conns() {
+                if pending.insert(conn, id).is_some() {
+                    complaints.push((Property::Conservation, format!("{conn} pending twice")));
+                }
+            }
+            for &worker in self.workers.keys() {
+                for conn in rr.in_flight_conns(worker) {
+                    let twice = pending.contains_key(&conn)
+                        || in_flight.insert(conn, (id, worker)).is_some();
+                    if twice {
+                        let detail = format!("{conn} in two places in the core");
+                        complaints.push((Property::Conservation, detail));
+                    }
+                }
+            }
+        }
+        for (&conn, entry) in &self.conns {
+            let core = match (pending.get(&conn), in_flight.get(&conn)) {
+                (Some(l), _) => format!("pending on {l}"),
+                (None, Some((l, w))) => format!("in flight on {l} at {w}"),
+                (None, None) => "nowhere".to_owned(),
+            };
+            let fine = match entry.place {
+                Place::Pending => entry.held && pending.get(&conn) == Some(&entry.listener),
+                Place::InFlight(worker) => {
+                    let holder = self.workers.get(&worker);
+                    let holds = holder
+                        .is_some_and(|w| !w.reaped && w.handoffs.contains_key(&entry.listener));
+                    entry.held && holds && in_flight.get(&conn) == Some(&(entry.listener, worker))
+                }
+                Place::Served(_) | Place::Gone | Place::Closed => {
+                    !entry.held && !pending.contains_key(&conn) && !in_flight.contains_key(&conn)
+                }
+                Place::ToRelease => false,
+            };
+            if !fine {
+                complaints.push((
+                    Property::Conservation,
+                    format!(
+                        "{conn} of {}: the sim has it {:?} (fd held: {}), the core {core}",
+                        entry.listener, entry.place, entry.held
+                    ),
+                ));
+            }
+        }
+        for conn in pending.keys().chain(in_flight.keys()) {
+            if !self.conns.contains_key(conn) {
+                complaints.push((
+                    Property::Conservation,
+                    format!("the core holds unknown {conn}"),
+                ));
+            }
+        }
+    }
+
+    /// What the core reports (status, worker list) agrees with the ledger.
+    fn check_bookkeeping(&self, complaints: &mut Vec<(Property, String)>) {
+        let status = self.sup.status(self.now);
+        let sim_pending = self
+            .conns
+            .values()
+            .filter(|c| c.place == Place::Pending)
+            .count();
+        if status.pending_connections != sim_pending {
+            complaints.push((
+                Property::Bookkeeping,
+                format!(
+                    "status says {} pending, the sim {sim_pending}",
+                    status.pending_connections
+                ),
+            ));
+        }
+        for info in &status.workers {
+            let sim_in_flight = self
+                .conns
+                .values()
+                .filter(|c| c.place == Place::InFlight(info.id))
+                .count();
+            if info.in_flight != sim_in_flight {
+                complaints.push((
+                    Property::Bookkeeping,
+                    format!(
+                        "{} listed with {} in flight, the sim has {sim_in_flight}",
+                        info.id, info.in_flight
+                    ),
+                ));
+            }
+        }
+        for (id, state, reaped, _) in self.sup.worker_states() {
+            let known = self.workers.get(&id);
+            let agrees = known.is_some_and(|w| {
+                w.reaped == reaped
+                    && (state != WorkerState::Starting || !w.online)
+                    && (!w.online
+                        || w.leaving
+                        || matches!(state, WorkerState::Online | WorkerState::Listening))
+            });
+            if !agrees {
+                complaints.push((
+                    Property::Bookkeeping,
+                    format!(
+                        "the core lists {id} as {state:?} (reaped: {reaped}), the sim has {:?}",
+                        known.map(|w| (w.online, w.leaving, w.reaped))
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// A worker that serves a listener and has credit leaves nothing pending there, and the
+    /// listener accepts (unless it ran out of fds a moment ago).
+    fn check_liveness(&self, complaints: &mut Vec<(Property, String)>) {
+        let window = self.settings().window.get() as usize;
+        for (&id, listener) in &self.listeners {
+            let with_credit = self.workers.values().find(|w| {
+                w.alive
+                    && !w.leaving
+                    && !w.closing.contains(&id)
+                    && w.handoffs
+                        .get(&id)
+                        .is_some_and(|queue| queue.len() < window)
+            });
+            let Some(worker) = with_credit else {
+                continue;
+            };
+            let pending = self
+                .conns
+                .values()
+                .filter(|c| c.listener == id && c.place == Place::Pending)
+                .count();
+            if pending > 0 {
+                complaints.push((
+                    Property::Liveness,
+                    format!("{pending} pending on {id} while {} has credit", worker.id),
+                ));
+            }
+            let backoff = self
+                .fd_backoff_until
+                .get(&id)
+                .is_some_and(|&until| self.now < until);
+            if !listener.accepting && !backoff {
+                complaints.push((
+                    Property::Liveness,
+                    format!("{id} does not accept while {} has credit", worker.id),
+                ));
+            }
+        }
+    }
+
+    /// (c) Once nothing breaks and time has passed through every timeout: the cluster has
+    /// its size again (less the slots the primary emptied), or it finished when it had to.
+    pub(super) fn check_converged(&mut self) {
+        let settings = self.settings().clone();
+        let emptied = self.slots.values().filter(|s| s.emptied).count();
+        let serving = self.serving();
+        let core = self.sup.live_or_starting();
+        let mut complaints = Vec::new();
+        if self.stopped {
+            if !self.finished || !self.alive().is_empty() {
+                complaints.push(format!(
+                    "stopped, but finished={} with {:?} alive",
+                    self.finished,
+                    self.alive()
+                ));
+            }
+            if let Some(conn) = self.conns.iter().find(|(_, c)| c.held) {
+                complaints.push(format!("stopped, but the primary still holds {conn:?}"));
+            }
+        } else if settings.respawn {
+            let target = settings.workers - emptied;
+            if serving.len() != target || core != target {
+                complaints.push(format!(
+                    "{} serving ({serving:?}), {core} by the core; want {target} \
+                     ({emptied} slots emptied)",
+                    serving.len()
+                ));
+            }
+        } else if serving.len() > settings.workers || (self.alive().is_empty() != self.finished) {
+            complaints.push(format!(
+                "respawn off: {serving:?} serving, finished={}",
+                self.finished
+            ));
+        }
+        for detail in complaints {
+            self.violation(Property::Convergence, detail);
+        }
+    }
+}
+
+/// The worker an event concerns.
+pub(super) fn event_worker(event: &Event) -> Option<WorkerId> {
+    event_rank(event).map(|(worker, _, _)| worker)
+}
+
+/// Where an event sits in a worker's life, and whether it may repeat: Fork, Online,
+/// Listening and Message (any number), Disconnect, Exit.
+fn event_rank(event: &Event) -> Option<(WorkerId, u8, bool)> {
+    match *event {
+        Event::Fork { worker, .. } => Some((worker, 0, false)),
+        Event::Online { worker } => Some((worker, 1, false)),
+        Event::Listening { worker, .. } | Event::Message { worker, .. } => Some((worker, 2, true)),
+        Event::Disconnect { worker } => Some((worker, 3, false)),
+        Event::Exit { worker, .. } => Some((worker, 4, false)),
+        _ => None,
+    }
+}
