@@ -16,7 +16,7 @@ mod workers;
 mod tests;
 
 use core::net::SocketAddr;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
@@ -206,6 +206,10 @@ pub(crate) struct Supervisor {
     ready_sent: bool,
     restarts: u64,
     actions: VecDeque<Action>,
+    /// Listeners whose policy has inputs it has not decided on yet.
+    dispatch_due: BTreeSet<ListenerId>,
+    /// Listeners whose accepting may have to change.
+    accept_due: BTreeSet<ListenerId>,
     #[cfg(test)]
     sabotage: Option<Sabotage>,
 }
@@ -225,6 +229,8 @@ impl Supervisor {
             ready_sent: false,
             restarts: 0,
             actions: VecDeque::new(),
+            dispatch_due: BTreeSet::new(),
+            accept_due: BTreeSet::new(),
             #[cfg(test)]
             sabotage: None,
         }
@@ -233,7 +239,14 @@ impl Supervisor {
     // ----- outputs -----
 
     /// The next thing to do.
+    ///
+    /// What the listeners' policies decide is worked out here, when everything else is taken:
+    /// the inputs that came since (every ack a read of a handoff socket found, every
+    /// connection a turn accepted) go into one decision, so handoffs go out in batches.
     pub(crate) fn poll_action(&mut self) -> Option<Action> {
+        if self.actions.is_empty() {
+            self.dispatch_due();
+        }
         self.actions.pop_front()
     }
 
@@ -453,8 +466,9 @@ impl Supervisor {
         listener: ListenerId,
         refused: ListenRefused,
     ) {
-        // Handoffs queued behind the grant would go down a socket that was never made: drop
+        // Handoffs decided behind the grant would go down a socket that was never made: drop
         // them; the policy takes their connections back as the worker leaves the listener.
+        self.apply_dispatch(listener);
         self.actions.retain(|action| {
             !matches!(action, Action::HandOff { worker: w, listener: l, .. }
                 if *w == worker && *l == listener)
@@ -477,7 +491,7 @@ impl Supervisor {
         for &conn in conns {
             rr.incoming(conn);
         }
-        self.apply_dispatch(listener);
+        self.dispatch_later(listener);
     }
 
     /// Accepting on the listener failed for want of fds: pause it for a moment.
@@ -507,7 +521,7 @@ impl Supervisor {
                 } else {
                     self.actions.push_back(Action::Release { conns: returned });
                 }
-                self.apply_dispatch(listener);
+                self.dispatch_later(listener);
                 Ok(())
             }
             HandoffToPrimary::ConnectionsReturned { count } => {
@@ -550,10 +564,7 @@ impl Supervisor {
             slot.respawn_at = None;
         }
         for listener in self.listeners.ids() {
-            if let Some(rr) = self.listeners.round_robin(listener) {
-                rr.shutdown();
-            }
-            self.apply_dispatch(listener);
+            self.change_policy(listener, RoundRobin::shutdown);
             // The policy says nothing about accepting once shut down: turn it off here.
             self.set_accepting(listener);
         }
@@ -775,7 +786,7 @@ impl Supervisor {
                     delivery,
                 });
                 self.set_accepting(listener);
-                self.apply_dispatch(listener);
+                self.dispatch_later(listener);
             }
             Err(refused) => self.refuse_listen(worker, ack, refused),
         }
@@ -842,12 +853,14 @@ impl Supervisor {
                 if let Some(record) = self.workers.get_mut(&worker) {
                     record.handoffs.insert(listener);
                 }
+                // What the policy decided before goes out now; what it decides for the new
+                // worker waits for the grant, which brings its handoff socket.
+                self.apply_dispatch(listener);
                 if let Some(rr) = self.listeners.round_robin(listener) {
                     if let Err(err) = rr.worker_joined(worker) {
                         tracing::error!(%worker, %err, "scheduler refused a worker");
                     }
                 }
-                // Dispatching to it waits for the grant: its handoff socket comes with it.
                 WireDelivery::Handoff {
                     window: self.settings.window.get(),
                 }
@@ -976,7 +989,7 @@ impl Supervisor {
                     tracing::debug!(%worker, %err, "load report for a worker the policy does not know");
                 }
             }
-            self.apply_dispatch(listener);
+            self.dispatch_later(listener);
         }
     }
 
@@ -999,7 +1012,7 @@ impl Supervisor {
             // The worker has its own copies now; ours can go.
             self.actions.push_back(Action::Release { conns: acked });
         }
-        self.apply_dispatch(listener);
+        self.dispatch_later(listener);
         Ok(())
     }
 
@@ -1050,6 +1063,32 @@ impl Supervisor {
 
     // ----- round-robin dispatch -----
 
+    /// Has the listener's policy decide at the next [`poll_action`](Self::poll_action).
+    fn dispatch_later(&mut self, listener: ListenerId) {
+        self.dispatch_due.insert(listener);
+    }
+
+    /// Takes the decisions of every policy that has new inputs, then settles accepting.
+    fn dispatch_due(&mut self) {
+        while let Some(listener) = self.dispatch_due.pop_first() {
+            self.apply_dispatch(listener);
+        }
+        while let Some(listener) = self.accept_due.pop_first() {
+            self.settle_accepting(listener);
+        }
+    }
+
+    /// Changes who the listener's policy may hand connections to: what it decided before the
+    /// change goes out first, what it decides because of it right after, so that no handoff
+    /// decided for a worker that has since left is carried out after its socket closed.
+    fn change_policy(&mut self, listener: ListenerId, change: impl FnOnce(&mut RoundRobin)) {
+        self.apply_dispatch(listener);
+        if let Some(rr) = self.listeners.round_robin(listener) {
+            change(rr);
+        }
+        self.apply_dispatch(listener);
+    }
+
     /// Carries out what the listener's policy decided.
     fn apply_dispatch(&mut self, listener: ListenerId) {
         let Some(rr) = self.listeners.round_robin(listener) else {
@@ -1073,9 +1112,16 @@ impl Supervisor {
         }
     }
 
+    /// Has the listener's accepting put where it should be at the next
+    /// [`poll_action`](Self::poll_action), once: a pause and a resume decided within one
+    /// batch of inputs cost no system call.
+    fn set_accepting(&mut self, listener: ListenerId) {
+        self.accept_due.insert(listener);
+    }
+
     /// Puts the listener's accepting where it should be: on while it is round-robin, the
     /// policy has not paused it, the process has fds and the cluster is not stopping.
-    fn set_accepting(&mut self, listener: ListenerId) {
+    fn settle_accepting(&mut self, listener: ListenerId) {
         let stopping = self.stopping;
         let Some(rr) = self.listeners.round_robin(listener) else {
             return;
@@ -1089,11 +1135,10 @@ impl Supervisor {
 
     /// Sends nothing more to this worker on this listener.
     fn drain_worker_in(&mut self, listener: ListenerId, worker: WorkerId) {
-        let sabotaged = sabotaged!(self, HandToDisconnecting);
-        if let Some(rr) = self.listeners.round_robin(listener).filter(|_| !sabotaged) {
-            rr.drain(worker);
+        if sabotaged!(self, HandToDisconnecting) {
+            return;
         }
-        self.apply_dispatch(listener);
+        self.change_policy(listener, |rr| rr.drain(worker));
     }
 
     /// Sends nothing more to this worker on any listener.
@@ -1110,17 +1155,19 @@ impl Supervisor {
         if !record.handoffs.remove(&listener) {
             return;
         }
+        // What the policy decided before (for this worker too) goes out before the socket
+        // closes; what it then decides has the worker gone.
+        self.apply_dispatch(listener);
         self.actions
             .push_back(Action::CloseHandoff { worker, listener });
         self.listeners.leave(listener, worker);
-        if let Some(rr) = self.listeners.round_robin(listener) {
-            if !sabotaged!(self, ForgetRedispatchOnDeath) {
+        if !sabotaged!(self, ForgetRedispatchOnDeath) {
+            self.change_policy(listener, |rr| {
                 if let Err(err) = rr.worker_left(worker) {
                     tracing::error!(%worker, %err, "scheduler did not know a leaving worker");
                 }
-            }
+            });
         }
-        self.apply_dispatch(listener);
     }
 
     fn handoffs_of(&self, worker: WorkerId) -> Vec<ListenerId> {
@@ -1276,6 +1323,8 @@ impl Supervisor {
             || (!self.settings.respawn && self.slots.iter().all(|slot| slot.respawn_at.is_none()));
         let none_left = self.workers.values().all(|worker| worker.reaped);
         if none_coming && none_left {
+            // What the policies still have to say (closing what a stop left) comes first.
+            self.dispatch_due();
             self.finished = true;
             self.actions.push_back(Action::Finished);
         }
