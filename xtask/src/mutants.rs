@@ -30,6 +30,10 @@ pub(crate) struct Args {
     /// not given).
     #[arg(long)]
     cases: Option<u32>,
+    /// Seconds a mutant's tests may run before it counts as caught by a timeout (a mutant
+    /// that loops for ever); cargo-mutants picks one from the unmutated run when not given.
+    #[arg(long)]
+    timeout: Option<u32>,
 }
 
 /// Runs cargo-mutants over the core; its report lands in `mutants.out/`.
@@ -44,6 +48,9 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         cargo.arg("--list");
     } else {
         cargo.args(["--jobs", &args.jobs.to_string()]);
+    }
+    if let Some(timeout) = args.timeout {
+        cargo.args(["--timeout", &timeout.to_string()]);
     }
     if let Some(cases) = args.cases {
         cargo.env("PROPTEST_CASES", cases.to_string());

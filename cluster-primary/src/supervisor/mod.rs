@@ -713,9 +713,8 @@ impl Supervisor {
         };
         self.send(worker, Some(seq), welcome);
         if let Some(record) = self.workers.get_mut(&worker) {
-            if record.pid.is_some_and(|known| known != pid) {
-                tracing::debug!(%worker, reported = pid, "worker reports another pid");
-            }
+            // A pid namespace can make the worker's own pid differ from the one we know.
+            tracing::debug!(%worker, known = ?record.pid, reported = pid, "worker online");
             record.state = WorkerState::Online;
         }
         self.emit(Event::Online { worker });
@@ -807,7 +806,9 @@ impl Supervisor {
             .workers
             .get(&worker)
             .is_none_or(|w| w.leaving.is_leaving());
-        if leaving || self.stopping {
+        // A stop asks every worker to leave (and any started while it stops), so this covers
+        // the stop too.
+        if leaving {
             return Err(ListenRefused::shutting_down("the worker is disconnecting"));
         }
         let addr = match &request.addr {
@@ -914,9 +915,7 @@ impl Supervisor {
             );
             return;
         };
-        if *local_addr != ListenAddr::Tcp(addr) {
-            tracing::debug!(%worker, ?local_addr, %addr, "worker reports another address");
-        }
+        tracing::debug!(%worker, reported = ?local_addr, %addr, "worker listening");
         if let Some(record) = self.workers.get_mut(&worker) {
             if record.state == WorkerState::Online {
                 record.state = WorkerState::Listening;

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod properties;
+mod queries;
 mod sabotage;
 mod scenarios;
 mod sim;
