@@ -332,12 +332,16 @@ impl Supervisor {
             return;
         };
         record.pid = Some(pid);
-        let slot = record.slot;
+        let (slot, asked) = (record.slot, record.leaving.asked);
         tracing::info!(%worker, pid, %slot, "worker started");
         self.emit(Event::Fork { worker, pid, slot });
-        if self.stopping {
-            // Stopped while it was being started: it goes at once.
-            self.ask_to_disconnect(worker, None);
+        if asked {
+            // Asked to go (a stop) before its process existed: it could not be told then.
+            self.actions.push_back(Action::Signal {
+                worker,
+                signal: Signal::SIGTERM,
+                group: false,
+            });
         }
     }
 
@@ -572,7 +576,7 @@ impl Supervisor {
         tracing::info!(graceful, workers = ids.len(), "stopping");
         for id in ids {
             if graceful {
-                self.ask_to_disconnect(id, Some(now));
+                self.ask_to_disconnect(id, now);
             } else if let Some(worker) = self.workers.get_mut(&id) {
                 worker.leaving.asked = true;
                 worker.kill_at = Some(now);
@@ -588,7 +592,7 @@ impl Supervisor {
         if self.workers.get(&worker).is_none_or(|w| w.reaped) {
             return Err(Refusal::NoSuchWorker);
         }
-        self.ask_to_disconnect(worker, Some(now));
+        self.ask_to_disconnect(worker, now);
         Ok(())
     }
 
@@ -1189,7 +1193,7 @@ impl Supervisor {
         self.actions.push_back(Action::Spawn { worker, slot });
     }
 
-    fn ask_to_disconnect(&mut self, worker: WorkerId, now: Option<Instant>) {
+    fn ask_to_disconnect(&mut self, worker: WorkerId, now: Instant) {
         let shutdown_timeout = self.settings.shutdown_timeout;
         let Some(record) = self.workers.get_mut(&worker).filter(|w| !w.reaped) else {
             return;
@@ -1198,11 +1202,7 @@ impl Supervisor {
             return;
         }
         record.leaving.asked = true;
-        if let Some(now) = now {
-            record.kill_no_later_than(now + shutdown_timeout);
-        } else {
-            record.kill_no_later_than(record.spawned_at + shutdown_timeout);
-        }
+        record.kill_no_later_than(now + shutdown_timeout);
         match record.state {
             WorkerState::Starting => {
                 // No Hello yet, so no one reads the channel: SIGTERM means the same thing.

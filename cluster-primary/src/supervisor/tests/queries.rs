@@ -177,3 +177,71 @@ fn a_worker_that_leaves_while_its_bind_is_answered_is_refused() {
     assert!(refused, "{:?}", sim.workers[&w(1)].inbox);
     assert!(sim.handed_to(w(1)).is_empty());
 }
+
+#[test]
+fn a_worker_asked_to_go_before_its_process_existed_is_told_once_it_does() {
+    let mut sup = Supervisor::new(settings(1));
+    let now = std::time::Instant::now();
+    sup.start(now);
+    // The stop comes between the Spawn action and its answer.
+    sup.stop(true, now);
+    let before: Vec<_> = std::iter::from_fn(|| sup.poll_action()).collect();
+    assert!(
+        !before
+            .iter()
+            .any(|a| matches!(a, crate::supervisor::Action::Signal { .. })),
+        "no pid to signal yet: {before:?}"
+    );
+    sup.handle_spawned(w(1), 77);
+    let after: Vec<_> = std::iter::from_fn(|| sup.poll_action()).collect();
+    assert!(
+        after.contains(&crate::supervisor::Action::Signal {
+            worker: w(1),
+            signal: crate::signal::Signal::SIGTERM,
+            group: false,
+        }),
+        "{after:?}"
+    );
+    // And it is killed only at the shutdown timeout.
+    assert_eq!(sup.poll_timeout(), Some(now + super::SHUTDOWN_TIMEOUT));
+}
+
+#[test]
+fn with_respawn_off_a_worker_that_cannot_be_started_is_not_tried_again() {
+    let mut sim = Sim::new(Settings {
+        respawn: false,
+        ..settings(1)
+    });
+    sim.scripts.push_back(Script {
+        spawn_fails: true,
+        ..Script::default()
+    });
+    sim.start();
+    sim.settle();
+    assert_eq!(sim.spawned(), Vec::<WorkerId>::new());
+    assert!(sim.sup.is_finished());
+}
+
+#[test]
+fn with_respawn_on_a_cluster_whose_last_worker_was_disconnected_keeps_running() {
+    let mut sim = Sim::new(settings(1));
+    sim.start();
+    sim.disconnect(w(1)).unwrap();
+    sim.settle();
+    assert!(sim.sup.has_no_workers());
+    assert!(
+        !sim.sup.is_finished(),
+        "only a stop (or respawn off) ends the cluster"
+    );
+}
+
+#[test]
+fn the_supervisor_shows_its_listeners_state_when_debugged() {
+    let mut sim = Sim::new(settings(1));
+    sim.start();
+    let shown = format!("{:?}", sim.sup);
+    assert!(
+        shown.contains("RoundRobin") && shown.contains("accepting: true"),
+        "{shown}"
+    );
+}
