@@ -96,12 +96,12 @@ fn run() -> Result<Never, BoxError> {
         }
         None if behaviour == "hold" => {
             if let Some(listener) = listeners.first() {
-                hold(listener, id, pid);
+                hold(listener, id, pid, false);
             }
         }
         None if behaviour == "hold-all" => {
             if let Some(listener) = listeners.first() {
-                hold_all(listener, id, pid);
+                hold(listener, id, pid, true);
             }
         }
         None if behaviour == "no-accept" => {
@@ -221,9 +221,10 @@ fn serve(listener: &Listener, id: u64, pid: u32) {
     }
 }
 
-/// One connection at a time, held until the client sends a byte or closes.
-/// Like `hold`, but every connection at once, each on a thread of its own.
-fn hold_all(listener: &Listener, id: u64, pid: u32) {
+/// Greets each connection and holds it until the client sends a byte or closes, then says
+/// `bye`: one connection at a time, or (`all`) every connection at once, each on a thread of
+/// its own.
+fn hold(listener: &Listener, id: u64, pid: u32, all: bool) {
     std::thread::scope(|scope| {
         for stream in listener.incoming() {
             let mut stream = match stream {
@@ -234,29 +235,18 @@ fn hold_all(listener: &Listener, id: u64, pid: u32) {
                 }
             };
             greet(&mut stream, id, pid, listener);
-            scope.spawn(move || {
+            let mut finish = move || {
                 let mut byte = [0u8; 1];
                 let _ = stream.read(&mut byte);
                 let _ = stream.write_all(b"bye\n");
-            });
+            };
+            if all {
+                scope.spawn(finish);
+            } else {
+                finish();
+            }
         }
     });
-}
-
-fn hold(listener: &Listener, id: u64, pid: u32) {
-    for stream in listener.incoming() {
-        let mut stream = match stream {
-            Ok(stream) => stream,
-            Err(err) => {
-                eprintln!("test-worker {id}: accept: {err}");
-                continue;
-            }
-        };
-        greet(&mut stream, id, pid, listener);
-        let mut byte = [0u8; 1];
-        let _ = stream.read(&mut byte);
-        let _ = stream.write_all(b"bye\n");
-    }
 }
 
 fn answer_messages(worker: &Worker, go: &mpsc::Sender<()>) {
