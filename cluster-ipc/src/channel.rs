@@ -505,25 +505,29 @@ impl<P> Channel<P> {
         }
         let seq = self.next_seq;
         let limits = *self.limits();
-        let frames: Vec<_> = fragments(kind, seq, ack, fds.len(), body, &limits)?
-            .map(|(header, part)| (header.to_bytes(), part))
-            .collect();
-        // Write at once what the socket takes, unless something waits before this message.
-        let (mut index, mut offset) = (0, 0);
+        let mut frames = fragments(kind, seq, ack, fds.len(), body, &limits)?
+            .map(|(header, part)| (header.to_bytes(), part));
+        // Write at once what the socket takes, unless something waits before this message;
+        // only frames the socket did not take are gathered, for the queue.
+        let (mut first, mut offset) = (true, 0);
+        let mut unsent = None;
         if self.outgoing.is_empty() {
-            while let Some((head, part)) = frames.get(index) {
-                let attached = if index == 0 { fds } else { &[] };
+            for (head, part) in frames.by_ref() {
+                let attached = if first { fds } else { &[] };
                 let written =
-                    self.write_frame(&[IoSlice::new(head), IoSlice::new(part)], attached)?;
+                    self.write_frame(&[IoSlice::new(&head), IoSlice::new(part)], attached)?;
                 if written < HEADER_LEN + part.len() {
-                    offset = written;
+                    (unsent, offset) = (Some((head, part)), written);
                     break;
                 }
-                index += 1;
+                first = false;
             }
+        } else {
+            unsent = frames.next();
         }
-        if index < frames.len() {
-            self.enqueue(&frames[index..], offset, (index == 0).then_some(fds))?;
+        if let Some(unsent) = unsent {
+            let rest: Vec<_> = std::iter::once(unsent).chain(frames).collect();
+            self.enqueue(&rest, offset, first.then_some(fds))?;
         }
         self.next_seq += 1;
         Ok(seq)

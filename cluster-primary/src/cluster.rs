@@ -29,8 +29,6 @@ pub struct Cluster {
     /// Events to hand to the application, in order.
     pub(crate) events: VecDeque<Event>,
     pub(crate) on_all_gone: Vec<AllGone>,
-    /// The core said there is nothing left to supervise.
-    pub(crate) finished: bool,
 }
 
 impl Cluster {
@@ -40,7 +38,6 @@ impl Cluster {
             shell: Shell::new(config, registry),
             events: VecDeque::new(),
             on_all_gone: Vec::new(),
-            finished: false,
         }
     }
 
@@ -51,9 +48,6 @@ impl Cluster {
             let now = Instant::now();
             if let Some(event) = self.shell.carry_out(action, &mut self.core, now) {
                 self.events.push_back(event);
-            }
-            if self.core.is_finished() {
-                self.finished = true;
             }
         }
     }
@@ -110,9 +104,7 @@ impl Cluster {
         &self,
         msg: &T,
     ) -> Result<Encoded<ToWorker>, Error> {
-        let limits = &self.shell.config.control_limits;
-        let user = UserMessage::encode(msg, limits)?;
-        Ok(Encoded::new(&ToWorker::User(user), limits)?)
+        encode_user(msg, &self.shell.config.control_limits)
     }
 
     /// Sends an encoded message to every worker that said Hello and is not disconnected.
@@ -190,6 +182,16 @@ impl Cluster {
     pub(crate) fn has_accepts_waiting(&self) -> bool {
         !self.shell.accept_ready.is_empty()
     }
+}
+
+/// Encodes a user message once, as the `User` control message a worker gets, under the
+/// control channels' limits: one over the message limit is refused before anything is queued.
+pub(crate) fn encode_user<T: Serialize + ?Sized>(
+    msg: &T,
+    limits: &cluster_ipc::Limits,
+) -> Result<Encoded<ToWorker>, Error> {
+    let user = UserMessage::encode(msg, limits)?;
+    Ok(Encoded::new(&ToWorker::User(user), limits)?)
 }
 
 fn refused(refusal: Refusal, worker: WorkerId) -> Error {

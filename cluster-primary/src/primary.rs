@@ -97,7 +97,7 @@ impl Primary {
         let mut events = Events::with_capacity(256);
         loop {
             self.dispatch_events(&mut on_event);
-            if self.cluster.finished && self.cluster.events.is_empty() {
+            if self.cluster.core.is_finished() && self.cluster.events.is_empty() {
                 break;
             }
             let timeout = self.poll_timeout();
@@ -293,8 +293,7 @@ impl Handle {
     }
 
     fn encode_user<T: Serialize + ?Sized>(&self, msg: &T) -> Result<Encoded<ToWorker>, Error> {
-        let user = cluster_ipc::UserMessage::encode(msg, &self.limits)?;
-        Ok(Encoded::new(&ToWorker::User(user), &self.limits)?)
+        crate::cluster::encode_user(msg, &self.limits)
     }
 
     /// Asks a worker to disconnect (see [`Cluster::disconnect`]).
