@@ -126,7 +126,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::bench::report::{Latency, Machine, Ratios, Run, Settings};
+    use crate::bench::report::{Latency, Run};
 
     fn run(target: &str, rps: f64) -> Run {
         Run {
@@ -165,28 +165,7 @@ mod tests {
         ];
         let mut cpu = Scenario::new("cpu", "CPU-bound");
         cpu.runs = vec![run("single", 600.0), run("rr 2w", 1_100.0)];
-        let report = Report {
-            finished_unix: 0,
-            machine: Machine {
-                cpus: 2,
-                cpu_model: None,
-                kernel: None,
-                node: None,
-            },
-            settings: Settings {
-                quick: true,
-                seconds_per_run: 1.0,
-                rounds: 1,
-                warmup_seconds: 0.0,
-                connections: 16,
-                workers: 2,
-                loadgen_threads: 1,
-                command: "test".into(),
-            },
-            ratios: Ratios::default(),
-            notes: Vec::new(),
-            scenarios: vec![dispatch, cpu],
-        };
+        let report = Report::for_tests(vec![dispatch, cpu]);
         let path = std::env::temp_dir().join(format!("xtask-chart-{}.svg", std::process::id()));
         write_svg(&report, &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();

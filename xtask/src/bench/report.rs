@@ -341,6 +341,33 @@ pub(crate) struct Report {
 }
 
 impl Report {
+    /// A report of these scenarios from a made-up quick run, for the tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(scenarios: Vec<Scenario>) -> Report {
+        Report {
+            finished_unix: 0,
+            machine: Machine {
+                cpus: 2,
+                cpu_model: None,
+                kernel: None,
+                node: None,
+            },
+            settings: Settings {
+                quick: true,
+                seconds_per_run: 2.0,
+                rounds: 1,
+                warmup_seconds: 0.0,
+                connections: 16,
+                workers: 2,
+                loadgen_threads: 1,
+                command: "test".into(),
+            },
+            ratios: Ratios::default(),
+            notes: Vec::new(),
+            scenarios,
+        }
+    }
+
     /// Writes `report.json`, `report.md` and `report.svg` into `dir`, and a copy of the JSON
     /// to `json_copy` if given.
     pub(crate) fn write(&self, dir: &Path, json_copy: Option<&Path>) -> Result<()> {
@@ -574,28 +601,7 @@ mod tests {
             run_of("rr 2w", &[round(20_000, Some(100))]),
             run_of("shared 2w", &[round(20_000, None)]),
         ];
-        let mut report = Report {
-            finished_unix: 0,
-            machine: Machine {
-                cpus: 2,
-                cpu_model: None,
-                kernel: None,
-                node: None,
-            },
-            settings: Settings {
-                quick: true,
-                seconds_per_run: 2.0,
-                rounds: 1,
-                warmup_seconds: 0.0,
-                connections: 16,
-                workers: 2,
-                loadgen_threads: 1,
-                command: "test".into(),
-            },
-            ratios: Ratios::default(),
-            notes: Vec::new(),
-            scenarios: vec![dispatch],
-        };
+        let mut report = Report::for_tests(vec![dispatch]);
         let table = report.table();
         let markdown = report.markdown();
         for text in [&table, &markdown] {
