@@ -28,6 +28,12 @@ pub const IPC_FD_ENV: &str = "CLUSTER_IPC_FD";
 pub const PRIMARY_PID_ENV: &str = "CLUSTER_PRIMARY_PID";
 /// The fd number the control channel gets in a worker.
 pub const IPC_FD: i32 = 3;
+/// The exit code of a worker that cannot boot (bad configuration, a missing resource: a
+/// failure that starting it again will not fix; Gunicorn's `WORKER_BOOT_ERROR`). A worker that
+/// exits with it before it listens is not started again: the primary stops the cluster and
+/// reports the boot failure (or, during a roll-out, aborts the roll-out and keeps the old
+/// workers).
+pub const BOOT_FAILURE_EXIT_CODE: i32 = 3;
 
 /// Every variable of the contract.
 pub const VARS: [&str; 4] = [WORKER_ID_ENV, WORKER_SLOT_ENV, IPC_FD_ENV, PRIMARY_PID_ENV];

@@ -65,6 +65,7 @@ pub(crate) struct Config {
     pub(crate) start_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) respawn: bool,
+    pub(crate) hang_timeout: Option<Duration>,
     pub(crate) parent_death_signal: Option<Signal>,
     pub(crate) handle_signals: bool,
     /// The limits of every worker's control channel (the message limit is announced to the
@@ -301,6 +302,7 @@ impl Builder {
             start_timeout: self.start_timeout,
             shutdown_timeout: self.shutdown_timeout,
             respawn: self.respawn,
+            hang_timeout: None,
             parent_death_signal: self.parent_death_signal,
             handle_signals: self.handle_signals,
             control_limits,

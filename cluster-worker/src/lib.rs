@@ -81,6 +81,7 @@
 //!         drain_timeout_ms: 5_000,
 //!         max_message_len: 16 << 20,
 //!         load_reports: false,
+//!         heartbeat_interval_ms: 0,
 //!     };
 //!     primary.send(Some(hello.seq), &welcome, &[])?;
 //!     let greeting = UserMessage::encode("hello, worker", &Limits::default())?;

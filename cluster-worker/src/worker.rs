@@ -465,6 +465,7 @@ fn handshake(
             drain_timeout_ms,
             max_message_len,
             load_reports,
+            heartbeat_interval_ms: _,
         } => Ok(Welcome {
             primary_pid,
             drain_timeout: Duration::from_millis(drain_timeout_ms),

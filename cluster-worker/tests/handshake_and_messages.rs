@@ -105,6 +105,7 @@ fn another_protocol_version_fails_the_handshake() {
             drain_timeout_ms: 1000,
             max_message_len: 1 << 20,
             load_reports: false,
+            heartbeat_interval_ms: 0,
         })
         .unwrap_err();
         assert!(
@@ -502,6 +503,7 @@ fn unexpected_messages_from_the_primary_are_ignored() {
             drain_timeout_ms: 1,
             max_message_len: 1,
             load_reports: false,
+            heartbeat_interval_ms: 0,
         };
         primary.channel.send(None, &welcome_again, &[]).unwrap();
         // A grant nobody asked for, with its fd: the worker must not keep it.

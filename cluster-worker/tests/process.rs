@@ -201,6 +201,7 @@ impl WorkerProcess {
             drain_timeout_ms,
             max_message_len: 1 << 20,
             load_reports: false,
+            heartbeat_interval_ms: 0,
         };
         self.primary()
             .channel

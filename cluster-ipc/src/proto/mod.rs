@@ -55,7 +55,12 @@ use crate::ids::{ListenerId, WorkerId};
 /// The version of the control protocol, exchanged in the handshake. A primary refuses a worker
 /// that speaks another version (postcard is not self-describing, so both ends must agree on
 /// every message's shape).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// The most bytes a connection handed back to the primary may carry that the worker read and
+/// did not answer ([`ToPrimary::HandBack`], [`HandoffToWorker::Resumed`]): a request head and a
+/// little more. A connection holding more is not handed back; its worker finishes it.
+pub const MAX_UNREAD_LEN: usize = 64 * 1024;
 
 /// An address a worker asks to listen on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -401,6 +406,9 @@ pub enum ToWorker {
         max_message_len: u32,
         /// Send [`ToPrimary::LoadReport`]s: the primary dispatches by open connections.
         load_reports: bool,
+        /// How often the worker's serving path should send [`ToPrimary::Heartbeat`], in
+        /// milliseconds; 0 when the primary does not watch for hung workers.
+        heartbeat_interval_ms: u64,
     },
     /// The reply to `Hello` when the worker cannot join; the primary closes the channel
     /// after it.
@@ -462,6 +470,22 @@ pub enum ToPrimary {
         /// Open connections.
         open_connections: u32,
     },
+    /// The worker's serving path is alive (sent from the path that accepts connections, at
+    /// the interval `Welcome` asked for, never from a helper thread): a worker that stops
+    /// sending it is hung.
+    Heartbeat {
+        /// Connections the worker accepted so far, on every listener.
+        connections: u64,
+    },
+    /// A connection the draining worker gives back between two requests, attached (one
+    /// fd), for the primary to hand to another worker with `unread` (bytes the worker read
+    /// from it and did not answer, at most [`MAX_UNREAD_LEN`]).
+    HandBack {
+        /// The round-robin listener the connection came from.
+        listener: ListenerId,
+        /// What was read and not answered, to be read first by the next worker.
+        unread: Vec<u8>,
+    },
     /// An application's message.
     User(UserMessage),
 }
@@ -476,6 +500,15 @@ pub enum HandoffToWorker {
         /// Their peers' addresses, in the same order, as `accept` reported them (so the worker
         /// need not ask the kernel again); empty when the primary does not know them.
         peers: Vec<PeerAddr>,
+    },
+    /// One connection another worker handed back between two requests, attached, with the
+    /// bytes it had read from it and not answered: the application reads those first.
+    /// Acked like a batch of one.
+    Resumed {
+        /// The peer's address, when the primary knows it.
+        peer: Option<PeerAddr>,
+        /// Bytes to read before the socket's own (at most [`MAX_UNREAD_LEN`]).
+        unread: Vec<u8>,
     },
 }
 
@@ -521,12 +554,16 @@ const CONNECTIONS_OVERHEAD: usize = 1 + 5 + 5;
 
 /// The limits of a handoff socket whose worker may hold `window` un-acked connections: a
 /// batch carries at most `min(window, 253)` fds (the kernel's limit per message), and a frame
-/// has room for that many peer addresses, IPv6 included. Both ends use the same.
+/// has room for that many peer addresses, IPv6 included, or for one `Resumed` connection
+/// with its unread bytes. Both ends use the same.
 pub fn handoff_limits(window: u32) -> Limits {
     let max_fds = usize::try_from(window)
         .unwrap_or(KERNEL_MAX_FDS)
         .clamp(1, KERNEL_MAX_FDS);
-    let max_frame_len = HEADER_LEN + CONNECTIONS_OVERHEAD + max_fds * MAX_PEER_WIRE_LEN;
+    let batch = CONNECTIONS_OVERHEAD + max_fds * MAX_PEER_WIRE_LEN;
+    // A `Resumed`: its tag, the peer (with its option tag) and the unread bytes' length.
+    let resumed = 1 + 1 + MAX_PEER_WIRE_LEN + 5 + MAX_UNREAD_LEN;
+    let max_frame_len = HEADER_LEN + batch.max(resumed);
     // Always valid: more than a header, far below u32::MAX, at most the kernel's fd limit.
     Limits::new(max_frame_len, max_fds).unwrap_or_default()
 }

@@ -76,6 +76,8 @@ pub(crate) struct Settings {
     pub(crate) respawn: bool,
     pub(crate) max_message_len: u32,
     pub(crate) primary_pid: u32,
+    /// A worker that holds un-acked connections, or sends no heartbeat, for this long is hung.
+    pub(crate) hang_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -93,7 +95,14 @@ impl Settings {
             max_message_len: u32::try_from(config.control_limits.max_message_len())
                 .unwrap_or(u32::MAX),
             primary_pid,
+            hang_timeout: config.hang_timeout,
         }
+    }
+
+    /// How often workers send heartbeats: four in each hang timeout, so that one late
+    /// heartbeat is not a hang.
+    pub(crate) fn heartbeat_interval(&self) -> Option<Duration> {
+        self.hang_timeout.map(|timeout| timeout / 4)
     }
 }
 
@@ -433,6 +442,18 @@ impl Supervisor {
             (_, ToPrimary::LoadReport { open_connections }) => {
                 self.on_load_report(worker, open_connections);
             }
+            (_, ToPrimary::Heartbeat { connections }) => {
+                self.on_heartbeat(worker, connections, now)
+            }
+            (_, ToPrimary::HandBack { listener, .. }) => {
+                // The shell takes a `HandBack` with its connection to `handle_handed_back`;
+                // one that reaches here came without it.
+                self.protocol_violation(
+                    worker,
+                    &format!("HandBack on {listener} without exactly one connection"),
+                    now,
+                );
+            }
             (_, other @ ToPrimary::Hello { .. }) => {
                 self.protocol_violation(worker, &format!("unexpected {other:?}"), now);
             }
@@ -554,6 +575,38 @@ impl Supervisor {
         }
         self.handoff_closed(worker, listener);
         self.check_finished();
+    }
+
+    /// A connection a draining worker handed back between two requests (`conn`, the id the
+    /// shell gave it, which keeps the bytes the worker had read), or `None` when the
+    /// `HandBack` came without exactly one fd. It goes to the front of the listener's queue,
+    /// for another worker; with no round-robin listener left to take it, it is closed.
+    #[expect(dead_code, reason = "the shell takes hand-backs in the next step")]
+    pub(crate) fn handle_handed_back(
+        &mut self,
+        worker: WorkerId,
+        listener: ListenerId,
+        conn: Option<ConnId>,
+        now: Instant,
+    ) {
+        let Some(conn) = conn else {
+            self.protocol_violation(
+                worker,
+                &format!("HandBack on {listener} without exactly one connection"),
+                now,
+            );
+            return;
+        };
+        let open = !self.stopping && self.listeners.get(listener).is_some();
+        match self.listeners.round_robin(listener).filter(|_| open) {
+            Some(rr) => {
+                rr.requeue_front(&[conn]);
+                self.dispatch_later(listener);
+            }
+            None => self
+                .actions
+                .push_back(Action::Release { conns: vec![conn] }),
+        }
     }
 
     // ----- inputs: commands from the application -----
@@ -714,6 +767,9 @@ impl Supervisor {
             .unwrap_or(u64::MAX),
             max_message_len: self.settings.max_message_len,
             load_reports: self.settings.policy == Policy::LeastConnections,
+            heartbeat_interval_ms: self.settings.heartbeat_interval().map_or(0, |every| {
+                u64::try_from(every.as_millis()).unwrap_or(u64::MAX)
+            }),
         };
         self.send(worker, Some(seq), welcome);
         if let Some(record) = self.workers.get_mut(&worker) {
@@ -993,6 +1049,13 @@ impl Supervisor {
                 }
             }
             self.dispatch_later(listener);
+        }
+    }
+
+    fn on_heartbeat(&mut self, worker: WorkerId, connections: u64, now: Instant) {
+        if let Some(record) = self.workers.get_mut(&worker) {
+            record.heartbeat_at = Some(now);
+            record.reported_connections = record.reported_connections.max(connections);
         }
     }
 

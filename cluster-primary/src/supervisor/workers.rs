@@ -52,6 +52,10 @@ pub(crate) struct Worker {
     pub(crate) reported_open: Option<u32>,
     /// The `Disconnect` event was given.
     pub(crate) disconnect_reported: bool,
+    /// When its serving path last said it was alive (`None` until it first did).
+    pub(crate) heartbeat_at: Option<Instant>,
+    /// The connections it said it accepted, in its last heartbeat.
+    pub(crate) reported_connections: u64,
 }
 
 impl Worker {
@@ -73,6 +77,8 @@ impl Worker {
             connections_handed: 0,
             reported_open: None,
             disconnect_reported: false,
+            heartbeat_at: None,
+            reported_connections: 0,
         }
     }
 

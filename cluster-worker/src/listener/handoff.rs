@@ -242,7 +242,12 @@ impl Handoff {
 /// with it.
 fn check_batch(batch: &Envelope<HandoffToWorker>) -> Result<(u32, Vec<PeerAddr>), Error> {
     const CONTEXT: &str = "receiving connections";
-    let HandoffToWorker::Connections { count, peers } = &batch.msg;
+    let HandoffToWorker::Connections { count, peers } = &batch.msg else {
+        return Err(Error::protocol(
+            CONTEXT,
+            "resumed connections are not served yet",
+        ));
+    };
     if usize::try_from(*count).ok() != Some(batch.fds.len()) {
         return Err(Error::protocol(
             CONTEXT,

@@ -99,6 +99,7 @@ impl FakePrimary {
             drain_timeout_ms: DRAIN_MS,
             max_message_len: u32::try_from(max_message_len).unwrap(),
             load_reports: false,
+            heartbeat_interval_ms: 0,
         };
         self.channel
             .send(Some(envelope.seq), &welcome, &[])

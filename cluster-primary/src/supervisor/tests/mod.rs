@@ -35,5 +35,6 @@ fn settings(workers: usize) -> Settings {
         respawn: true,
         max_message_len: 1 << 20,
         primary_pid: 4242,
+        hang_timeout: None,
     }
 }

@@ -114,6 +114,7 @@ fn start_spawns_every_slot_and_is_ready_once_every_worker_listens() {
                     drain_timeout_ms: 9_000,
                     max_message_len: 1 << 20,
                     load_reports: false,
+                    heartbeat_interval_ms: 0,
                 }
             )
         );
