@@ -150,6 +150,9 @@ impl ControlLoop {
         self.receive();
         // Flush first: commands held back by a full channel go as soon as it drains.
         self.flush();
+        // Before the commands, which may stop at a full channel: a due heartbeat does not
+        // wait behind them.
+        self.send_heartbeat();
         self.run_commands();
         self.report_load();
         self.requests.on_time(Instant::now());
@@ -184,6 +187,15 @@ impl ControlLoop {
                 open_connections: open,
             },
         );
+    }
+
+    /// Sends the heartbeat the serving path asked for, if it did (see
+    /// [`WorkerState::heartbeat`]): this thread never sends one on its own account.
+    fn send_heartbeat(&mut self) {
+        let Some(connections) = self.worker.take_heartbeat() else {
+            return;
+        };
+        self.send_control(None, &ToPrimary::Heartbeat { connections });
     }
 
     fn next_timeout(&self) -> Option<Duration> {

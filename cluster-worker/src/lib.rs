@@ -17,6 +17,9 @@
 //!   the one listening socket, one waiter woken per connection). Either gives [`Stream`]s,
 //!   blocking ([`Listener::accept`], [`Listener::incoming`]) or not
 //!   ([`Listener::try_accept`], and the listener is a `mio` event source).
+//! - Heartbeats: when the primary watches for hung workers, every accept and
+//!   [`Worker::heartbeat`] (which an event loop calls once per turn) tell it, at most once per
+//!   interval, that the *serving path* is alive; the worker's own control thread never does.
 //! - [`Worker::send`] and [`Worker::recv_message`] / [`Worker::on_message`] carry the
 //!   application's own messages ([`Message`]) to and from the primary, in order, up to the
 //!   message limit the primary announced, and never drop one: a full queue in either

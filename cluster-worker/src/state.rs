@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
@@ -172,6 +173,88 @@ pub(crate) struct Identity {
     pub(crate) send_limits: Limits,
     /// Tell the primary the open-connection count when it changes.
     pub(crate) load_reports: bool,
+    /// How often the serving path says it is alive; `None`: the primary wants no heartbeats.
+    pub(crate) heartbeat_interval: Option<Duration>,
+}
+
+/// The serving path's heartbeat, checked on every accept without a lock or a system call.
+///
+/// The application's threads ([`beat`](Heartbeat::beat)) decide that one is due and raise
+/// `requested`; the control thread, woken for it, sends it (the way load reports go). The
+/// control thread never decides one is due by itself: a worker whose serving path stopped
+/// sends none, however alive its control thread is.
+pub(crate) struct Heartbeat {
+    /// The interval in milliseconds; 0 when the primary wants no heartbeats.
+    interval_ms: u64,
+    /// What `next_due_ms` counts from.
+    epoch: Instant,
+    /// When the next heartbeat is due, in milliseconds since `epoch`. 0 at first: the first
+    /// accept says at once that the serving path is alive.
+    next_due_ms: AtomicU64,
+    /// A heartbeat is due and the control thread has not sent it yet.
+    requested: AtomicBool,
+    /// Connections accepted so far, on every listener.
+    accepted: AtomicU64,
+}
+
+impl Heartbeat {
+    fn new(interval: Option<Duration>) -> Heartbeat {
+        let interval_ms = interval.map_or(0, |interval| {
+            // A sub-millisecond interval still means "wanted": at most once per millisecond.
+            u64::try_from(interval.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1)
+        });
+        Heartbeat {
+            interval_ms,
+            epoch: Instant::now(),
+            next_due_ms: AtomicU64::new(0),
+            requested: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
+        }
+    }
+
+    /// Milliseconds since `epoch`. `Instant::now` reads the monotonic clock through the vDSO
+    /// on Linux: no system call.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Raises `requested` if a heartbeat is due, at most once per interval whatever the
+    /// number of threads; true if this call raised it (the control thread must be woken).
+    fn beat(&self) -> bool {
+        if self.interval_ms == 0 {
+            return false;
+        }
+        let due = self.next_due_ms.load(Ordering::Relaxed);
+        let now = self.now_ms();
+        if now < due {
+            return false;
+        }
+        // One of the threads that found it due wins; the others have nothing to do.
+        if self
+            .next_due_ms
+            .compare_exchange(
+                due,
+                now.saturating_add(self.interval_ms),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        !self.requested.swap(true, Ordering::AcqRel)
+    }
+
+    /// How long until the next heartbeat is due; `None` when none are wanted.
+    fn due_in(&self) -> Option<Duration> {
+        if self.interval_ms == 0 {
+            return None;
+        }
+        let due = self.next_due_ms.load(Ordering::Relaxed);
+        Some(Duration::from_millis(due.saturating_sub(self.now_ms())))
+    }
 }
 
 /// The state of one worker, shared by its handles, listeners, streams and control thread.
@@ -183,6 +266,7 @@ pub(crate) struct WorkerState {
     pub(crate) send_limits: Limits,
     pub(crate) load_reports: bool,
     pub(crate) options: WorkerOptions,
+    heartbeat: Heartbeat,
     shared: Mutex<Shared>,
     /// The one condition application threads wait on: notified on every change they may be
     /// waiting for.
@@ -223,6 +307,7 @@ impl WorkerState {
             send_limits: identity.send_limits,
             load_reports: identity.load_reports,
             options,
+            heartbeat: Heartbeat::new(identity.heartbeat_interval),
             shared: Mutex::new(Shared {
                 phase: Phase::Running,
                 channel_open: true,
@@ -502,9 +587,38 @@ impl WorkerState {
         self.lock().channel_error.clone()
     }
 
+    // ----- the serving path's heartbeat -----
+
+    /// Called from the serving path (every accept, [`Worker::heartbeat`]): if a heartbeat is
+    /// due, has the control thread send one. Costs an atomic load and a clock read (vDSO)
+    /// when none is due.
+    ///
+    /// [`Worker::heartbeat`]: crate::Worker::heartbeat
+    pub(crate) fn heartbeat(&self) {
+        if self.heartbeat.beat() {
+            self.wake();
+        }
+    }
+
+    /// How long a serving path that waits for a connection may sleep before it must beat;
+    /// `None` when the primary wants no heartbeats.
+    pub(crate) fn heartbeat_due_in(&self) -> Option<Duration> {
+        self.heartbeat.due_in()
+    }
+
+    /// For the control thread: the `connections` of the heartbeat to send, if one was
+    /// requested since it last looked.
+    pub(crate) fn take_heartbeat(&self) -> Option<u64> {
+        self.heartbeat
+            .requested
+            .swap(false, Ordering::AcqRel)
+            .then(|| self.heartbeat.accepted.load(Ordering::Relaxed))
+    }
+
     // ----- open connections -----
 
     pub(crate) fn connection_opened(&self) {
+        self.heartbeat.accepted.fetch_add(1, Ordering::Relaxed);
         let mut shared = self.lock();
         shared.open_connections += 1;
         let report = self.load_changed(&mut shared);

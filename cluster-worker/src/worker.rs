@@ -210,6 +210,7 @@ impl Worker {
             drain_timeout: welcome.drain_timeout,
             send_limits: *channel.limits(),
             load_reports: welcome.load_reports,
+            heartbeat_interval: welcome.heartbeat_interval,
         };
         let handle_sigterm = options.handle_sigterm.unwrap_or(false);
         let state = Arc::new(WorkerState::new(identity, options, waker));
@@ -399,6 +400,24 @@ impl Worker {
         self.state.wait_disconnecting(deadline_after(timeout))
     }
 
+    /// Tells the primary that this worker's serving path is alive, if a heartbeat is due: call
+    /// it once per turn of an event loop, from the thread that serves.
+    ///
+    /// When the primary watches for hung workers (its `Welcome` asked for heartbeats), the
+    /// worker sends one at most once per interval, and only when its serving path asks: every
+    /// accept on a cluster listener does (a blocking accept that waits for a connection wakes
+    /// once per interval for it), and so does this call. The worker's own control thread never
+    /// sends one by itself, since its being alive says nothing of the server. So a server
+    /// that neither accepts nor calls this while it is busy (a loop serving its open
+    /// connections, a long request) is declared hung by the primary after the hang timeout,
+    /// and killed and replaced.
+    ///
+    /// Cheap enough for every turn: an atomic load and a clock read (no system call) while
+    /// no heartbeat is due, and never a wait: the control thread sends it.
+    pub fn heartbeat(&self) {
+        self.state.heartbeat();
+    }
+
     /// How many accepted [`Stream`](crate::Stream)s are open.
     pub fn open_connections(&self) -> usize {
         self.state.open_connections()
@@ -438,6 +457,7 @@ struct Welcome {
     drain_timeout: Duration,
     max_message_len: u32,
     load_reports: bool,
+    heartbeat_interval: Option<Duration>,
 }
 
 /// Says `Hello` and waits for `Welcome`.
@@ -465,12 +485,14 @@ fn handshake(
             drain_timeout_ms,
             max_message_len,
             load_reports,
-            heartbeat_interval_ms: _,
+            heartbeat_interval_ms,
         } => Ok(Welcome {
             primary_pid,
             drain_timeout: Duration::from_millis(drain_timeout_ms),
             max_message_len,
             load_reports,
+            heartbeat_interval: (heartbeat_interval_ms > 0)
+                .then(|| Duration::from_millis(heartbeat_interval_ms)),
         }),
         ToWorker::Welcome {
             protocol_version, ..

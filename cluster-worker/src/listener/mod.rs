@@ -109,8 +109,10 @@ impl ListenerCore {
     }
 
     /// One connection with its peer's address if one is ready. A connection whose peer is
-    /// already gone (no address to report) is dropped and the next one taken.
+    /// already gone (no address to report) is dropped and the next one taken. Every call
+    /// is the serving path at work: it beats the worker's heartbeat when one is due.
     fn take_with_addr(&self, nonblocking: bool) -> Result<Option<(Stream, SocketAddr)>, Error> {
+        self.worker.heartbeat();
         loop {
             let Some((tcp, open, peer)) = self.take(nonblocking)? else {
                 return Ok(None);
@@ -131,12 +133,19 @@ impl ListenerCore {
         }
     }
 
+    /// Waits for a connection until `deadline` (for ever with `None`), waking at least once
+    /// per heartbeat interval so that an idle worker still says it is alive.
     fn accept_until(&self, deadline: Option<Instant>) -> Result<(Stream, SocketAddr), Error> {
         loop {
             if let Some(accepted) = self.take_with_addr(false)? {
                 return Ok(accepted);
             }
-            self.wait(poll_timeout(deadline)?)?;
+            let timeout = poll_timeout(deadline)?;
+            let timeout = match self.worker.heartbeat_due_in() {
+                Some(due_in) => shorter(timeout, rounded_up(due_in)),
+                None => timeout,
+            };
+            self.wait(timeout)?;
         }
     }
 }
@@ -169,7 +178,24 @@ fn poll_timeout(deadline: Option<Instant>) -> Result<PollTimeout, Error> {
             io::Error::new(io::ErrorKind::TimedOut, "no connection before the deadline"),
         )
     })?;
-    Ok(PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX))
+    Ok(rounded_up(left))
+}
+
+/// `duration` as a poll timeout in whole milliseconds, rounded up (poll's own conversion
+/// rounds down, and a 0 ms poll would spin until the time comes).
+fn rounded_up(duration: Duration) -> PollTimeout {
+    let millis = duration.as_nanos().div_ceil(1_000_000);
+    PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)
+}
+
+/// The shorter of two poll timeouts (`NONE` is for ever).
+fn shorter(a: PollTimeout, b: PollTimeout) -> PollTimeout {
+    match (a.as_millis(), b.as_millis()) {
+        (None, _) => b,
+        (_, None) => a,
+        (Some(x), Some(y)) if x <= y => a,
+        _ => b,
+    }
 }
 
 /// A listener granted by the primary: round-robin or shared, used like a `TcpListener`.
@@ -258,6 +284,11 @@ impl Listener {
     }
 
     /// Waits for a connection. The stream is in blocking mode.
+    ///
+    /// Every accept (this one, [`accept_timeout`](Listener::accept_timeout),
+    /// [`try_accept`](Listener::try_accept), [`incoming`](Listener::incoming)) also sends the
+    /// worker's heartbeat when one is due (see [`Worker::heartbeat`](crate::Worker::heartbeat)),
+    /// and a blocking one wakes for it while it waits.
     pub fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
         Ok(self.core.accept_until(None)?)
     }

@@ -92,6 +92,16 @@ impl FakePrimary {
 
     /// Answers `Hello` with `Welcome`, announcing `max_message_len`.
     pub fn welcome_with_limit(&mut self, max_message_len: usize) -> ToPrimary {
+        self.welcome_with(max_message_len, 0)
+    }
+
+    /// Answers `Hello` with `Welcome`, announcing `max_message_len` and asking for heartbeats
+    /// every `heartbeat_interval_ms` (0: none).
+    pub fn welcome_with(
+        &mut self,
+        max_message_len: usize,
+        heartbeat_interval_ms: u64,
+    ) -> ToPrimary {
         let (envelope, hello) = self.recv_control();
         let welcome = ToWorker::Welcome {
             primary_pid: 4242,
@@ -99,7 +109,7 @@ impl FakePrimary {
             drain_timeout_ms: DRAIN_MS,
             max_message_len: u32::try_from(max_message_len).unwrap(),
             load_reports: false,
-            heartbeat_interval_ms: 0,
+            heartbeat_interval_ms,
         };
         self.channel
             .send(Some(envelope.seq), &welcome, &[])
@@ -176,10 +186,31 @@ pub fn connect_worker_with_limit(
     options: WorkerOptions,
     max_message_len: usize,
 ) -> (Worker, FakePrimary) {
+    connect_worker_with(options, max_message_len, 0)
+}
+
+/// A worker connected to a stand-in primary that asked for heartbeats every
+/// `heartbeat_interval_ms` (0: none).
+pub fn connect_worker_with_heartbeats(
+    options: WorkerOptions,
+    heartbeat_interval_ms: u64,
+) -> (Worker, FakePrimary) {
+    connect_worker_with(
+        options,
+        Limits::DEFAULT_MAX_MESSAGE_LEN,
+        heartbeat_interval_ms,
+    )
+}
+
+fn connect_worker_with(
+    options: WorkerOptions,
+    max_message_len: usize,
+    heartbeat_interval_ms: u64,
+) -> (Worker, FakePrimary) {
     let (primary, worker_end) = Channel::pair().unwrap();
     let primary = std::thread::spawn(move || {
         let mut primary = FakePrimary::new(primary.into_protocol());
-        primary.welcome_with_limit(max_message_len);
+        primary.welcome_with(max_message_len, heartbeat_interval_ms);
         primary
     });
     let worker =
