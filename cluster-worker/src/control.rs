@@ -384,8 +384,27 @@ impl ControlLoop {
                 self.listeners.remove(&listener);
                 self.send_control(None, &ToPrimary::CloseListener { listener });
             }
+            Command::HandBack { message, fd } => return self.send_hand_back(message, fd),
         }
         Ok(())
+    }
+
+    /// Sends a connection back to the primary; gives the command back if the channel has no
+    /// room for it now. Once the channel is closed or broken nobody can take the connection:
+    /// it is closed here (its client sees the end of the stream and may try again).
+    fn send_hand_back(&mut self, message: Encoded<ToPrimary>, fd: OwnedFd) -> Result<(), Command> {
+        if !self.channel_open {
+            return Ok(());
+        }
+        match self.channel.send_encoded(None, &message, &[fd.as_fd()]) {
+            // Sent, or queued with a duplicate of the fd: this copy closes here.
+            Ok(_) => Ok(()),
+            Err(cluster_ipc::Error::SendQueueFull { .. }) => Err(Command::HandBack { message, fd }),
+            Err(err) => {
+                self.on_send_error(err, "a handed-back connection");
+                Ok(())
+            }
+        }
     }
 
     fn send_user(&mut self, message: Encoded<ToPrimary>) -> Result<(), Command> {

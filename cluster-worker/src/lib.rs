@@ -20,6 +20,9 @@
 //! - Heartbeats: when the primary watches for hung workers, every accept and
 //!   [`Worker::heartbeat`] (which an event loop calls once per turn) tell it, at most once per
 //!   interval, that the *serving path* is alive; the worker's own control thread never does.
+//! - Keep-alive hand-back: a draining worker gives an idle connection back to the primary
+//!   between two requests ([`Stream::hand_back`]), with the bytes it read of the next one; the
+//!   primary gives it to another worker, whose [`Stream`] reads those bytes first.
 //! - [`Worker::send`] and [`Worker::recv_message`] / [`Worker::on_message`] carry the
 //!   application's own messages ([`Message`]) to and from the primary, in order, up to the
 //!   message limit the primary announced, and never drop one: a full queue in either

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{JoinHandle, ThreadId};
@@ -93,6 +94,11 @@ pub(crate) enum Command {
     Disconnect,
     /// The application closed a listener; tell the primary.
     CloseListener(ListenerId),
+    /// Give a connection back to the primary: `HandBack`, encoded, with `fd` attached.
+    HandBack {
+        message: Encoded<ToPrimary>,
+        fd: OwnedFd,
+    },
 }
 
 impl Command {
@@ -108,7 +114,10 @@ impl Command {
     fn ticket(&self) -> Option<Ticket> {
         match self {
             Command::Listen { ticket, .. } | Command::Retire { ticket } => Some(*ticket),
-            Command::Send(_) | Command::Disconnect | Command::CloseListener(_) => None,
+            Command::Send(_)
+            | Command::Disconnect
+            | Command::CloseListener(_)
+            | Command::HandBack { .. } => None,
         }
     }
 }
@@ -443,6 +452,23 @@ impl WorkerState {
         if was_empty {
             self.wake();
         }
+    }
+
+    /// Queues a `HandBack` with its connection for the control thread, if the channel is open
+    /// (and, with `draining`, if the worker is disconnecting); gives the fd back if not. It
+    /// never waits: the control thread sends it as soon as the channel has room.
+    pub(crate) fn push_hand_back(
+        &self,
+        message: Encoded<ToPrimary>,
+        fd: OwnedFd,
+        draining: bool,
+    ) -> Result<(), OwnedFd> {
+        let shared = self.lock();
+        if !shared.channel_open || (draining && shared.phase == Phase::Running) {
+            return Err(fd);
+        }
+        self.push_locked(shared, Command::HandBack { message, fd });
+        Ok(())
     }
 
     /// Queues a user message, waiting until `deadline` for room while too much waits

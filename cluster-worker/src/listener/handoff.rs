@@ -5,9 +5,14 @@
 //! with `count` sockets attached; the worker answers `ConnectionsAck { count }` as soon as
 //! `recvmsg` returned them, before any reaches the application, keeps them in a local FIFO and
 //! hands them out one by one. It reads the next batch only once the FIFO is empty, so the
-//! primary's credit window bounds what waits in this worker. To close, the worker sends the
-//! connections still in its FIFO back (`ConnectionsReturned`, fds attached) and shuts the
-//! socket down, so that the primary reads to the end before it re-dispatches anything.
+//! primary's credit window bounds what waits in this worker. A connection another worker
+//! handed back comes alone, as `Resumed` with the bytes that worker read and did not answer;
+//! it is acked like a batch of one (`ConnectionsAck { count: 1 }`, in turn with the batches:
+//! the primary matches acks to what it sent in order) and its stream reads those bytes first.
+//! To close, the worker sends the connections still in its FIFO back (`ConnectionsReturned`,
+//! fds attached) and shuts the socket down, so that the primary reads to the end before it
+//! re-dispatches anything. A resumed connection is never among them: it arrives alone and is
+//! handed out by the `take` that read it (`ConnectionsReturned` could not carry its bytes).
 //!
 //! The socket is a typed channel ([`WorkerHandoff`]) with the limits both ends derive from
 //! the window ([`handoff_limits`]). A frame that does not belong on it (a control-channel
@@ -22,7 +27,7 @@ use std::time::Duration;
 
 use cluster_ipc::Channel;
 use cluster_ipc::proto::{
-    Envelope, HandoffToPrimary, HandoffToWorker, PeerAddr, WorkerHandoff, handoff_limits,
+    Envelope, HandoffToPrimary, HandoffToWorker, MAX_UNREAD_LEN, WorkerHandoff, handoff_limits,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
@@ -32,10 +37,18 @@ use crate::error::error_chain;
 use crate::state::{WorkerState, deadline_after, lock};
 use crate::stream::OpenConnection;
 
+/// An acked connection not yet handed out.
+struct Queued {
+    fd: OwnedFd,
+    /// The peer's address, when the primary said.
+    peer: Option<SocketAddr>,
+    /// What another worker read from it and did not answer (a `Resumed` connection).
+    unread: Vec<u8>,
+}
+
 struct State {
     channel: Channel<WorkerHandoff>,
-    /// Acked connections not yet handed out, with their peers' addresses when known.
-    fifo: VecDeque<(OwnedFd, Option<SocketAddr>)>,
+    fifo: VecDeque<Queued>,
     closed: bool,
 }
 
@@ -91,7 +104,7 @@ impl Handoff {
             if state.closed {
                 return Err(Error::ListenerClosed);
             }
-            if let Some((fd, peer)) = state.fifo.pop_front() {
+            if let Some(Queued { fd, peer, unread }) = state.fifo.pop_front() {
                 let open = OpenConnection::new(Arc::clone(worker));
                 drop(state);
                 let tcp = TcpStream::from(fd);
@@ -102,7 +115,12 @@ impl Handoff {
                     tcp.set_nonblocking(false)
                         .map_err(|err| Error::io("fcntl(F_SETFL)", err))?;
                 }
-                return Ok(Some((tcp, open, peer)));
+                return Ok(Some(Taken {
+                    tcp,
+                    open,
+                    peer,
+                    unread,
+                }));
             }
             match state.channel.try_recv() {
                 Ok(None) => return Ok(None),
@@ -126,39 +144,37 @@ impl Handoff {
         }
     }
 
-    /// Checks a batch, acks it, and queues its connections. A malformed batch closes the
-    /// listener: its fds were not acked, so the primary still owns them.
+    /// Checks a batch (or a resumed connection, a batch of one), acks it, and queues its
+    /// connections. A malformed batch closes the listener: its fds were not acked, so the
+    /// primary still owns them.
     fn accept_batch(
         &self,
         state: &mut State,
         batch: Envelope<HandoffToWorker>,
     ) -> Result<(), Error> {
-        let (count, peers) = match check_batch(&batch) {
-            Ok(checked) => checked,
+        let queued = match check_batch(batch) {
+            Ok(queued) => queued,
             Err(err) => {
                 tracing::error!(error = %err, "bad batch on the handoff socket: closing the listener");
-                drop(batch);
                 self.close_locked(state);
                 return Err(err);
             }
         };
-        if count == 0 {
+        if queued.is_empty() {
             return Ok(());
         }
+        // At most the kernel's fd limit per frame: fits.
+        let count = u32::try_from(queued.len()).unwrap_or(u32::MAX);
         let ack = HandoffToPrimary::ConnectionsAck { count };
         let deadline = Some(deadline_after(self.send_timeout));
         if let Err(err) = state.channel.send_blocking(None, &ack, &[], deadline) {
             tracing::warn!(error = %err, "cannot ack a batch: closing the listener");
-            drop(batch);
+            drop(queued);
             self.close_locked(state);
             return Err(Error::protocol("acking connections", error_chain(&err)));
         }
         tracing::trace!(count, "acked a batch of connections");
-        // Peer addresses come with the batch, or not at all (the worker then asks the kernel).
-        let mut peers = peers.into_iter().map(|peer| Some(peer.0));
-        state
-            .fifo
-            .extend(batch.fds.into_iter().map(|fd| (fd, peers.next().flatten())));
+        state.fifo.extend(queued);
         Ok(())
     }
 
@@ -186,7 +202,19 @@ impl Handoff {
             return;
         }
         state.closed = true;
-        let unserved: Vec<OwnedFd> = state.fifo.drain(..).map(|(fd, _)| fd).collect();
+        let unserved: Vec<OwnedFd> = state
+            .fifo
+            .drain(..)
+            .map(|queued| {
+                // Resumed connections are handed out as soon as they are read (see the module
+                // docs): returned, their bytes would be lost.
+                debug_assert!(
+                    queued.unread.is_empty(),
+                    "a resumed connection was left unserved"
+                );
+                queued.fd
+            })
+            .collect();
         if !state.channel.is_closed() {
             self.return_connections(&mut state.channel, &unserved);
         }
@@ -238,30 +266,61 @@ impl Handoff {
     }
 }
 
-/// The `count` of a `Connections` batch and its peers, checked against the fds that came
-/// with it.
-fn check_batch(batch: &Envelope<HandoffToWorker>) -> Result<(u32, Vec<PeerAddr>), Error> {
+/// The connections of a `Connections` batch or a `Resumed` one, checked against the fds
+/// that came with it.
+fn check_batch(batch: Envelope<HandoffToWorker>) -> Result<Vec<Queued>, Error> {
     const CONTEXT: &str = "receiving connections";
-    let HandoffToWorker::Connections { count, peers } = &batch.msg else {
-        return Err(Error::protocol(
-            CONTEXT,
-            "resumed connections are not served yet",
-        ));
-    };
-    if usize::try_from(*count).ok() != Some(batch.fds.len()) {
-        return Err(Error::protocol(
-            CONTEXT,
-            format!(
-                "a batch announced {count} connections but carried {} fds",
-                batch.fds.len()
-            ),
-        ));
+    let fds = batch.fds;
+    match batch.msg {
+        HandoffToWorker::Connections { count, peers } => {
+            if usize::try_from(count).ok() != Some(fds.len()) {
+                return Err(Error::protocol(
+                    CONTEXT,
+                    format!(
+                        "a batch announced {count} connections but carried {} fds",
+                        fds.len()
+                    ),
+                ));
+            }
+            if !peers.is_empty() && peers.len() != fds.len() {
+                return Err(Error::protocol(
+                    CONTEXT,
+                    format!("a batch of {count} connections named {} peers", peers.len()),
+                ));
+            }
+            // Peer addresses come with the batch, or not at all (the worker then asks the
+            // kernel).
+            let mut peers = peers.into_iter().map(|peer| Some(peer.0));
+            Ok(fds
+                .into_iter()
+                .map(|fd| Queued {
+                    fd,
+                    peer: peers.next().flatten(),
+                    unread: Vec::new(),
+                })
+                .collect())
+        }
+        HandoffToWorker::Resumed { peer, unread } => {
+            let Ok([fd]) = <[OwnedFd; 1]>::try_from(fds) else {
+                return Err(Error::protocol(
+                    CONTEXT,
+                    "a resumed connection must carry exactly one fd",
+                ));
+            };
+            if unread.len() > MAX_UNREAD_LEN {
+                return Err(Error::protocol(
+                    CONTEXT,
+                    format!(
+                        "a resumed connection carried {} unread bytes (at most {MAX_UNREAD_LEN})",
+                        unread.len()
+                    ),
+                ));
+            }
+            Ok(vec![Queued {
+                fd,
+                peer: peer.map(|peer| peer.0),
+                unread,
+            }])
+        }
     }
-    if !peers.is_empty() && peers.len() != batch.fds.len() {
-        return Err(Error::protocol(
-            CONTEXT,
-            format!("a batch of {count} connections named {} peers", peers.len()),
-        ));
-    }
-    Ok((*count, peers.clone()))
 }

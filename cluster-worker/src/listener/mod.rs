@@ -47,11 +47,17 @@ pub(crate) struct ListenerCore {
     close_announced: AtomicBool,
 }
 
-/// A connection taken from a listener, not yet wrapped: the socket, its place in the
-/// open-connection count (taken while the listener could not close, so that a disconnecting
-/// worker never exits between the two), and its peer's address when the listener already
-/// knows it.
-pub(crate) type Taken = (TcpStream, OpenConnection, Option<SocketAddr>);
+/// A connection taken from a listener, not yet wrapped.
+pub(crate) struct Taken {
+    pub(crate) tcp: TcpStream,
+    /// Its place in the open-connection count, taken while the listener could not close, so
+    /// that a disconnecting worker never exits between the two.
+    pub(crate) open: OpenConnection,
+    /// Its peer's address, when the listener already knows it.
+    pub(crate) peer: Option<SocketAddr>,
+    /// Bytes to read before the socket's (a connection another worker handed back).
+    pub(crate) unread: Vec<u8>,
+}
 
 impl ListenerCore {
     pub(crate) fn local_addr(&self) -> SocketAddr {
@@ -113,15 +119,22 @@ impl ListenerCore {
     /// is the serving path at work: it beats the worker's heartbeat when one is due.
     fn take_with_addr(&self, nonblocking: bool) -> Result<Option<(Stream, SocketAddr)>, Error> {
         self.worker.heartbeat();
+        // Only a round-robin listener's connections can be handed back: the primary holds
+        // nothing of a shared listener's.
+        let origin = matches!(self.kind, Kind::Handoff(_)).then_some(self.id);
         loop {
-            let Some((tcp, open, peer)) = self.take(nonblocking)? else {
+            let Some(taken) = self.take(nonblocking)? else {
                 return Ok(None);
             };
-            if let Some(addr) = peer {
-                return Ok(Some((Stream::new(tcp, open), addr)));
-            }
-            match tcp.peer_addr() {
-                Ok(addr) => return Ok(Some((Stream::new(tcp, open), addr))),
+            let addr = match taken.peer {
+                Some(addr) => Ok(addr),
+                None => taken.tcp.peer_addr(),
+            };
+            match addr {
+                Ok(addr) => {
+                    let stream = Stream::new(taken.tcp, taken.open, origin, taken.unread);
+                    return Ok(Some((stream, addr)));
+                }
                 Err(err) => {
                     tracing::debug!(
                         listener = self.id.0,

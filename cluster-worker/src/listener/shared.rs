@@ -102,7 +102,12 @@ impl SharedSocket {
                 Ok(fd) => {
                     let open = OpenConnection::new(Arc::clone(worker));
                     drop(closed);
-                    return Ok(Some((TcpStream::from(fd), open, None)));
+                    return Ok(Some(Taken {
+                        tcp: TcpStream::from(fd),
+                        open,
+                        peer: None,
+                        unread: Vec::new(),
+                    }));
                 }
                 Err(Errno::EAGAIN) => return Ok(None),
                 Err(Errno::EINTR) => continue,

@@ -317,6 +317,22 @@ pub fn send_batch_with_peers(
         .unwrap();
 }
 
+/// Sends a connection another worker handed back: `Resumed` with `fds` attached (one, unless
+/// a test breaks the protocol on purpose).
+pub fn send_resumed(
+    handoff: &mut Channel<PrimaryHandoff>,
+    fds: &[&OwnedFd],
+    peer: Option<SocketAddr>,
+    unread: &[u8],
+) {
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|fd| fd.as_fd()).collect();
+    let message = HandoffToWorker::Resumed {
+        peer: peer.map(PeerAddr),
+        unread: unread.to_vec(),
+    };
+    handoff.send(None, &message, &borrowed).unwrap();
+}
+
 /// Waits until thread `tid` of this process is asleep in the kernel (blocked in a system
 /// call), so that a test can act while another thread is known to be blocked.
 pub fn wait_until_blocked(tid: i32) {
