@@ -333,6 +333,17 @@ impl Worker {
             .is_some_and(cluster_worker::Worker::is_disconnecting)
     }
 
+    /// Tells the primary that this worker's serving path is alive, if a heartbeat is due; a
+    /// no-op when running alone. An event-loop server calls it once per turn of its loop.
+    /// Accepting on a cluster listener does the same; a server that neither accepts nor
+    /// calls this while it is busy is declared hung by the primary after the hang timeout
+    /// (and replaced). See [`cluster_worker::Worker::heartbeat`].
+    pub fn heartbeat(&self) {
+        if let Some(worker) = &self.inner {
+            worker.heartbeat();
+        }
+    }
+
     /// Stops taking connections, finishes the open ones, exits.
     pub fn disconnect(&self) {
         if let Some(worker) = &self.inner {

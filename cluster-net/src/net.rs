@@ -157,6 +157,15 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<()
 /// A TCP connection from a [`TcpListener`]. It dereferences to a `std::net::TcpStream` and
 /// reads and writes like one; in a worker it also counts as open until dropped, which a
 /// disconnecting worker waits for before it exits.
+///
+/// In a worker a connection may also move: a draining worker gives an idle keep-alive
+/// connection back ([`hand_back`](TcpStream::hand_back)) and the primary gives it to another
+/// worker, where it arrives with the bytes the first one read and did not answer. The
+/// [`Read`] impls (on `TcpStream` and `&TcpStream`) return those first;
+/// [`take_unread`](TcpStream::take_unread) takes them out instead (an event loop must, or
+/// read, before it waits for the socket to become readable: no readiness announces them).
+/// Read through this type, not through the `std::net::TcpStream` it dereferences to.
+/// See [`cluster_worker::Stream`].
 #[derive(Debug)]
 pub struct TcpStream {
     inner: StreamInner,
@@ -182,11 +191,46 @@ impl TcpStream {
     }
 
     /// The plain `std::net::TcpStream`. In a worker the connection stops counting as open, so
-    /// a disconnecting worker may exit while it is still in use.
+    /// a disconnecting worker may exit while it is still in use. Bytes the connection brought
+    /// along and not yet read are dropped (and logged): [`take_unread`](TcpStream::take_unread)
+    /// first.
     pub fn into_std(self) -> std::net::TcpStream {
         match self.inner {
             StreamInner::Plain(stream) => stream,
             StreamInner::Cluster(stream) => stream.into_tcp(),
+        }
+    }
+
+    /// Takes the bytes this connection brought along and not yet read: what another worker
+    /// read and did not answer before it handed the connection back. Empty for every other
+    /// connection (and always outside a cluster).
+    pub fn take_unread(&mut self) -> Vec<u8> {
+        match &mut self.inner {
+            StreamInner::Plain(_) => Vec::new(),
+            StreamInner::Cluster(stream) => stream.take_unread(),
+        }
+    }
+
+    /// True when [`hand_back`](TcpStream::hand_back) would take this connection now, given
+    /// unread bytes that fit (see [`cluster_worker::Stream::can_hand_back`]); always false
+    /// outside a cluster.
+    pub fn can_hand_back(&self) -> bool {
+        match &self.inner {
+            StreamInner::Plain(_) => false,
+            StreamInner::Cluster(stream) => stream.can_hand_back(),
+        }
+    }
+
+    /// Gives this connection back to the primary for another worker to serve, when this
+    /// worker is draining: call it when the connection is idle between two requests, with the
+    /// bytes read of the next request and not answered. See
+    /// [`cluster_worker::Stream::hand_back`] for when it is taken; otherwise (always outside a
+    /// cluster, or for a shared listener's connection) the stream comes back untouched, and
+    /// the caller typically closes it.
+    pub fn hand_back(self, unread: &[u8]) -> Result<(), TcpStream> {
+        match self.inner {
+            StreamInner::Plain(_) => Err(self),
+            StreamInner::Cluster(stream) => stream.hand_back(unread).map_err(TcpStream::cluster),
         }
     }
 }
@@ -210,25 +254,60 @@ impl AsFd for TcpStream {
 
 impl Read for TcpStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&**self).read(buf)
+        (&*self).read(buf)
     }
 
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        (&**self).read_vectored(bufs)
+        (&*self).read_vectored(bufs)
+    }
+}
+
+// Through the worker's stream, which returns a handed-back connection's unread bytes first.
+impl Read for &TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &self.inner {
+            StreamInner::Plain(stream) => (&*stream).read(buf),
+            StreamInner::Cluster(stream) => (&*stream).read(buf),
+        }
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        match &self.inner {
+            StreamInner::Plain(stream) => (&*stream).read_vectored(bufs),
+            StreamInner::Cluster(stream) => (&*stream).read_vectored(bufs),
+        }
     }
 }
 
 impl Write for TcpStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&**self).write(buf)
+        (&*self).write(buf)
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        (&**self).write_vectored(bufs)
+        (&*self).write_vectored(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        (&**self).flush()
+        (&*self).flush()
+    }
+}
+
+// Writes need nothing of the worker's stream: straight to the socket.
+impl Write for &TcpStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let socket: &std::net::TcpStream = self;
+        (&*socket).write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let socket: &std::net::TcpStream = self;
+        (&*socket).write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let socket: &std::net::TcpStream = self;
+        (&*socket).flush()
     }
 }
 
