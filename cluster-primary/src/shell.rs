@@ -9,8 +9,9 @@ use std::process::Child;
 use std::time::Instant;
 
 use cluster_ipc::proto::{
-    Delivery as WireDelivery, Encoded, HandoffToWorker, ListenAddr, ListenGranted, ListenRefused,
-    PeerAddr, PrimaryControl, PrimaryHandoff, ToWorker, handoff_limits,
+    Delivery as WireDelivery, Encoded, Envelope, HandoffToWorker, ListenAddr, ListenGranted,
+    ListenRefused, MAX_UNREAD_LEN, PeerAddr, PrimaryControl, PrimaryHandoff, ToPrimary, ToWorker,
+    handoff_limits,
 };
 use cluster_ipc::{Channel, ConnId, ListenerId, Transport, WorkerId};
 use mio::unix::SourceFd;
@@ -112,11 +113,13 @@ struct ListenerIo {
     accepting: bool,
 }
 
-/// A connection the primary holds: its copy of the socket, and the peer's address when
-/// `accept` reported it.
+/// A connection the primary holds: its copy of the socket, the peer's address when `accept`
+/// reported it, and, for a connection a worker handed back, the bytes it had read and not
+/// answered (empty otherwise), which go with it to the next worker.
 struct Held {
     fd: OwnedFd,
     peer: Option<SocketAddr>,
+    unread: Vec<u8>,
 }
 
 /// Everything the primary holds that the core names by id.
@@ -173,10 +176,10 @@ impl Shell {
         self.tokens.remove(&token);
     }
 
-    fn hold(&mut self, fd: OwnedFd, peer: Option<SocketAddr>) -> ConnId {
+    fn hold(&mut self, fd: OwnedFd, peer: Option<SocketAddr>, unread: Vec<u8>) -> ConnId {
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
-        self.conns.insert(id, Held { fd, peer });
+        self.conns.insert(id, Held { fd, peer, unread });
         id
     }
 
@@ -417,9 +420,12 @@ impl Shell {
         })
     }
 
-    /// Sends connections down a worker's handoff socket, in frames of at most the socket's fd
-    /// limit. The copies stay held until the core releases them; if the worker can no longer
-    /// be reached they come back when its handoff socket reaches its end.
+    /// Sends connections down a worker's handoff socket, in the order given: runs of plain
+    /// connections in `Connections` frames of at most the socket's fd limit, and each
+    /// connection that carries unread bytes (one a worker handed back) alone, as `Resumed`.
+    /// The worker acks in the same order, which is how the core matches acks to connections.
+    /// The copies stay held until the core releases them; if the worker can no longer be
+    /// reached they come back when its handoff socket reaches its end.
     fn hand_off(&mut self, worker: WorkerId, listener: ListenerId, conns: &[ConnId]) {
         let Some(handoff) = self
             .workers
@@ -430,21 +436,34 @@ impl Shell {
             return;
         };
         let max_fds = handoff.channel.limits().max_fds().max(1);
-        for batch in conns.chunks(max_fds) {
-            let held: Vec<&Held> = batch.iter().filter_map(|id| self.conns.get(id)).collect();
-            let fds: Vec<BorrowedFd<'_>> = held.iter().map(|held| held.fd.as_fd()).collect();
-            // The peers' addresses save each worker a getpeername per connection; all or
-            // none, so that they line up with the fds.
-            let peers: Vec<PeerAddr> = held
-                .iter()
-                .map(|held| held.peer.map(PeerAddr))
-                .collect::<Option<_>>()
-                .unwrap_or_default();
-            let message = HandoffToWorker::Connections {
-                count: fds.len() as u32,
-                peers,
+        let held: Vec<&Held> = conns.iter().filter_map(|id| self.conns.get(id)).collect();
+        for frame in frames(&held, max_fds) {
+            let sent = match frame {
+                Frame::Batch(batch) => {
+                    let fds: Vec<BorrowedFd<'_>> =
+                        batch.iter().map(|held| held.fd.as_fd()).collect();
+                    // The peers' addresses save each worker a getpeername per connection; all
+                    // or none, so that they line up with the fds.
+                    let peers: Vec<PeerAddr> = batch
+                        .iter()
+                        .map(|held| held.peer.map(PeerAddr))
+                        .collect::<Option<_>>()
+                        .unwrap_or_default();
+                    let message = HandoffToWorker::Connections {
+                        count: fds.len() as u32,
+                        peers,
+                    };
+                    handoff.channel.send(None, &message, &fds)
+                }
+                Frame::Resumed(held) => {
+                    let message = HandoffToWorker::Resumed {
+                        peer: held.peer.map(PeerAddr),
+                        unread: held.unread.clone(),
+                    };
+                    handoff.channel.send(None, &message, &[held.fd.as_fd()])
+                }
             };
-            if let Err(err) = handoff.channel.send(None, &message, &fds) {
+            if let Err(err) = sent {
                 tracing::debug!(%worker, %err, "handoff failed; the batch waits for the socket's end");
                 break;
             }
@@ -543,9 +562,7 @@ impl Shell {
                 return;
             };
             match control.channel.try_recv() {
-                Ok(Some(envelope)) => {
-                    core.handle_control(worker, envelope.seq, envelope.msg, Instant::now());
-                }
+                Ok(Some(envelope)) => self.on_control(worker, envelope, core),
                 Ok(None) => break,
                 Err(err) => {
                     let error =
@@ -557,6 +574,34 @@ impl Shell {
             }
         }
         self.flush_control(worker);
+    }
+
+    /// Feeds one control message to the core. A `HandBack`'s connection is held, with its
+    /// unread bytes, and given to the core by id; a `HandBack` with other than exactly one fd,
+    /// or with more unread bytes than the protocol allows (the next worker would refuse its
+    /// `Resumed`), goes to the core without one, which takes that for the protocol violation
+    /// it is. The fds of every other message are closed: none is meant to carry any.
+    fn on_control(
+        &mut self,
+        worker: WorkerId,
+        envelope: Envelope<ToPrimary>,
+        core: &mut Supervisor,
+    ) {
+        let Envelope { seq, msg, fds, .. } = envelope;
+        match msg {
+            ToPrimary::HandBack { listener, unread } => {
+                let conn = match <[OwnedFd; 1]>::try_from(fds) {
+                    Ok([fd]) if unread.len() <= MAX_UNREAD_LEN => Some(self.hold(fd, None, unread)),
+                    // Dropping them closes them.
+                    _ => None,
+                };
+                core.handle_handed_back(worker, listener, conn, Instant::now());
+            }
+            msg => {
+                drop(fds);
+                core.handle_control(worker, seq, msg, Instant::now());
+            }
+        }
     }
 
     /// Sends what waits in the worker's control channel.
@@ -586,7 +631,7 @@ impl Shell {
                     let returned = envelope
                         .fds
                         .into_iter()
-                        .map(|fd| self.hold(fd, None))
+                        .map(|fd| self.hold(fd, None, Vec::new()))
                         .collect();
                     core.handle_handoff(worker, listener, envelope.msg, returned, Instant::now());
                 }
@@ -689,7 +734,7 @@ impl Shell {
         }
         let ids: Vec<ConnId> = accepted
             .into_iter()
-            .map(|(fd, peer)| self.hold(fd, Some(peer)))
+            .map(|(fd, peer)| self.hold(fd, Some(peer), Vec::new()))
             .collect();
         if !ids.is_empty() {
             core.handle_accepted(listener, &ids);
@@ -698,6 +743,30 @@ impl Shell {
             core.handle_fds_exhausted(listener, Instant::now());
         }
     }
+}
+
+/// One frame of a hand-off: a batch of plain connections, or one with unread bytes.
+enum Frame<'a> {
+    Batch(&'a [&'a Held]),
+    Resumed(&'a Held),
+}
+
+/// Splits connections into the frames that carry them, keeping their order: each run of
+/// plain connections in batches of at most `max_fds`, each connection with unread bytes in a
+/// frame of its own.
+fn frames<'a>(held: &'a [&'a Held], max_fds: usize) -> impl Iterator<Item = Frame<'a>> + 'a {
+    held.split_inclusive(|held| !held.unread.is_empty())
+        .flat_map(move |run| {
+            // Each run ends with the one connection with unread bytes, if it has one.
+            let (plain, resumed) = match run.split_last() {
+                Some((last, rest)) if !last.unread.is_empty() => (rest, Some(*last)),
+                _ => (run, None),
+            };
+            plain
+                .chunks(max_fds)
+                .map(Frame::Batch)
+                .chain(resumed.map(Frame::Resumed))
+        })
 }
 
 fn control_of(
@@ -711,5 +780,50 @@ fn refused(errno: i32, message: &str) -> ListenRefused {
     ListenRefused {
         errno,
         message: message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(unread: &[u8]) -> Held {
+        let fd = OwnedFd::from(std::fs::File::open("/dev/null").expect("/dev/null"));
+        Held {
+            fd,
+            peer: None,
+            unread: unread.to_vec(),
+        }
+    }
+
+    /// The frames of a hand-off as text: `B` and the unread bytes of each connection in a
+    /// batch, `R` and those of a resumed one.
+    fn shape(conns: &[Held], max_fds: usize) -> Vec<String> {
+        let refs: Vec<&Held> = conns.iter().collect();
+        frames(&refs, max_fds)
+            .map(|frame| match frame {
+                Frame::Batch(batch) => format!("B{}", batch.len()),
+                Frame::Resumed(held) => format!("R{}", String::from_utf8_lossy(&held.unread)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn connections_with_unread_bytes_go_alone_in_their_place() {
+        let conns = [
+            held(b""),
+            held(b""),
+            held(b"x"),
+            held(b""),
+            held(b"y"),
+            held(b"z"),
+            held(b""),
+            held(b""),
+            held(b""),
+        ];
+        assert_eq!(shape(&conns, 2), ["B2", "Rx", "B1", "Ry", "Rz", "B2", "B1"]);
+        assert_eq!(shape(&conns[..2], 8), ["B2"]);
+        assert_eq!(shape(&conns[2..3], 8), ["Rx"]);
+        assert!(shape(&[], 8).is_empty());
     }
 }
