@@ -3,6 +3,11 @@
 //!
 //! Requests are parsed with `httparse`; bodies announced by `Content-Length` are read and
 //! ignored. Every response is `200 OK` with the body the [`Handler`] gives.
+//!
+//! While its worker drains, the server gives each idle keep-alive connection back to the
+//! primary (with what it read of the next request), which gives it to another worker: the
+//! client keeps its connection and never sees it close. Where that cannot be done (a shared
+//! listener, no cluster) the idle connection is closed instead, as servers do.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -18,10 +23,16 @@ pub trait Handler {
 
     /// False when connections should close after their current request (for example while
     /// the worker is disconnecting); keep-alive connections that wait for their next request
-    /// are then closed too.
+    /// are then handed back to the primary, or closed where that cannot be done.
     fn keep_alive_allowed(&self) -> bool {
         true
     }
+
+    /// Called once per turn of the server's loop (at least every 200 ms), on the thread that
+    /// serves: a cluster worker sends its heartbeat from here
+    /// ([`cluster_net::Worker::heartbeat`]), so that a server whose loop stops turning is
+    /// seen as hung while one that merely has nothing to accept is not.
+    fn heartbeat(&mut self) {}
 }
 
 const LISTENER: Token = Token(usize::MAX);
@@ -51,11 +62,12 @@ pub fn serve(mut listener: TcpListener, handler: &mut impl Handler) -> io::Resul
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
             Err(err) => return Err(err),
         }
+        handler.heartbeat();
         for event in events.iter() {
             if event.token() == LISTENER {
-                let open = listener
-                    .as_ref()
-                    .is_some_and(|l| accept_all(l, &poll, &mut conns, &mut next_token));
+                let open = listener.as_ref().is_some_and(|l| {
+                    accept_all(l, &poll, &mut conns, &mut next_token, &mut *handler)
+                });
                 if !open {
                     listener = None;
                 }
@@ -67,9 +79,50 @@ pub fn serve(mut listener: TcpListener, handler: &mut impl Handler) -> io::Resul
         }
         if !handler.keep_alive_allowed() {
             // Disconnecting: keep-alive connections waiting for their next request would hold
-            // the worker up for nothing. (A new connection whose first request is still on
-            // its way is not idle: it gets its answer.)
+            // the worker up for nothing.
+            let idle: Vec<Token> = conns
+                .iter()
+                .filter(|(_, conn)| {
+                    conn.at_request_boundary()
+                        && !conn.hand_back_refused
+                        && conn.stream.can_hand_back()
+                })
+                .map(|(token, _)| *token)
+                .collect();
+            for token in idle {
+                if let Some(conn) = conns.remove(&token) {
+                    if let Some(kept) = hand_back(conn, &poll, token) {
+                        conns.insert(token, kept);
+                    }
+                }
+            }
+            // Where the primary cannot take them, idle ones are closed. (A new connection
+            // whose first request is still on its way is not idle: it gets its answer.)
             conns.retain(|_, conn| !conn.is_idle_keep_alive());
+        }
+    }
+}
+
+/// Gives an idle connection back to the primary, with what it read of the next request;
+/// returns it, registered again and marked, if the primary cannot take it.
+fn hand_back(mut conn: Connection, poll: &Poll, token: Token) -> Option<Connection> {
+    // Out of this loop's epoll first: once handed back the socket belongs to another worker,
+    // and an fd this process no longer has cannot be deregistered.
+    if let Err(err) = poll.registry().deregister(&mut conn.stream) {
+        tracing::debug!(%err, "could not deregister a connection to hand back");
+    }
+    match conn.stream.hand_back(&conn.input) {
+        Ok(()) => None,
+        Err(mut stream) => {
+            conn.hand_back_refused = true;
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            if let Err(err) = poll.registry().register(&mut stream, token, interest) {
+                // Unwatched it would never be served: close it.
+                tracing::warn!(%err, "could not register a connection again");
+                return None;
+            }
+            conn.stream = stream;
+            Some(conn)
         }
     }
 }
@@ -80,6 +133,7 @@ fn accept_all(
     poll: &Poll,
     conns: &mut HashMap<Token, Connection>,
     next_token: &mut usize,
+    handler: &mut impl Handler,
 ) -> bool {
     loop {
         match listener.try_accept() {
@@ -92,7 +146,16 @@ fn accept_all(
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                conns.insert(token, Connection::new(stream));
+                // A connection another worker handed back brings what it read of the next
+                // request; no readiness announces those bytes, so serve them now.
+                let unread = stream.take_unread();
+                let resumed = !unread.is_empty();
+                let mut conn = Connection::new(stream);
+                conn.input = unread;
+                if resumed && (conn.on_ready(handler).is_err() || conn.done) {
+                    continue;
+                }
+                conns.insert(token, conn);
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return true,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -116,6 +179,9 @@ struct Connection {
     written: usize,
     /// Bytes of a request body still to skip.
     body_left: usize,
+    /// The primary would not take it back although it looked as if it could (its control
+    /// channel closed, or the unread bytes are too many): do not ask again.
+    hand_back_refused: bool,
     /// Close once the output is written.
     closing: bool,
     done: bool,
@@ -131,6 +197,7 @@ impl Connection {
             output: Vec::with_capacity(256),
             written: 0,
             body_left: 0,
+            hand_back_refused: false,
             closing: false,
             done: false,
             answered: 0,
@@ -140,6 +207,13 @@ impl Connection {
     /// Answered at least one request, and nothing of the next one has arrived.
     fn is_idle_keep_alive(&self) -> bool {
         self.answered > 0 && self.input.is_empty() && self.written == self.output.len()
+    }
+
+    /// Between two requests: the last response fully written, no body left to skip, not
+    /// closing. What `input` holds is the start of the next request (whole ones are answered
+    /// as soon as they are read), so another server can take over from here with it.
+    fn at_request_boundary(&self) -> bool {
+        !self.closing && !self.done && self.body_left == 0 && self.written == self.output.len()
     }
 
     /// Reads what is there, answers every whole request, writes what it can.

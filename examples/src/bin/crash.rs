@@ -37,6 +37,10 @@ impl Handler for OneRequest<'_> {
         // One request per connection: the worker leaves right after it.
         false
     }
+
+    fn heartbeat(&mut self) {
+        self.worker.heartbeat();
+    }
 }
 
 fn main() -> ExitCode {

@@ -26,6 +26,10 @@ impl Handler for Hello<'_> {
     fn keep_alive_allowed(&self) -> bool {
         !self.worker.is_disconnecting()
     }
+
+    fn heartbeat(&mut self) {
+        self.worker.heartbeat();
+    }
 }
 
 fn main() -> ExitCode {

@@ -50,6 +50,10 @@ impl Handler for Counting<'_> {
     fn keep_alive_allowed(&self) -> bool {
         !self.worker.is_disconnecting()
     }
+
+    fn heartbeat(&mut self) {
+        self.worker.heartbeat();
+    }
 }
 
 fn main() -> ExitCode {

@@ -11,6 +11,7 @@ mod support;
 
 mod death;
 mod examples;
+mod handback;
 mod handoff;
 mod issue9;
 mod lifecycle;
