@@ -88,6 +88,7 @@ mod config;
 mod error;
 mod event;
 mod listen;
+mod memory;
 mod primary;
 mod shell;
 mod signal;
@@ -96,14 +97,18 @@ mod supervisor;
 mod sys;
 
 pub use cluster::Cluster;
+pub use cluster_ipc::env::BOOT_FAILURE_EXIT_CODE;
 pub use cluster_ipc::env::{IPC_FD, IPC_FD_ENV, PRIMARY_PID_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV};
 pub use cluster_ipc::proto::ListenMode;
 pub use cluster_ipc::{ListenerId, SlotId, WorkerId};
 pub use config::{
-    Builder, DEFAULT_BACKLOG, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_START_TIMEOUT, DEFAULT_WINDOW,
-    MAX_WINDOW, Policy,
+    Builder, DEFAULT_BACKLOG, DEFAULT_CRASH_LOOP_FAILURES, DEFAULT_CRASH_LOOP_WITHIN,
+    DEFAULT_HANG_TIMEOUT, DEFAULT_READINESS_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_START_TIMEOUT, DEFAULT_WINDOW, MAX_WINDOW, Policy, Recycle, Respawn, Rollout,
 };
 pub use error::Error;
-pub use event::{Event, ExitStatus, Message, Status, WorkerInfo, WorkerState};
+pub use event::{
+    Event, ExitStatus, Memory, Message, RolloutProgress, Status, WorkerInfo, WorkerState,
+};
 pub use primary::{Handle, Primary};
 pub use signal::Signal;

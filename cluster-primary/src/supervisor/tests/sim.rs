@@ -24,6 +24,7 @@ use cluster_ipc::proto::{
 };
 use cluster_ipc::{ConnId, ListenerId, SlotId, WorkerId};
 
+use crate::config::Respawn;
 use crate::event::{Event, ExitStatus, WorkerState};
 use crate::signal::Signal;
 use crate::supervisor::{Action, Refusal, Settings, Supervisor};
@@ -925,7 +926,8 @@ impl Sim {
             self.violation(Property::Finish, format!("{action:?} after Finished"));
         }
         match action {
-            Action::Spawn { worker, slot } => self.on_spawn(worker, slot),
+            Action::Spawn { worker, slot, .. } => self.on_spawn(worker, slot),
+            Action::MeasureMemory { .. } => {}
             Action::Send { worker, ack, msg } => self.on_send(worker, ack, msg),
             Action::Bind { listener, addr } => self.on_bind(listener, addr),
             Action::Grant {
@@ -1742,7 +1744,7 @@ impl Sim {
             if let Some(conn) = self.conns.iter().find(|(_, c)| c.held) {
                 complaints.push(format!("stopped, but the primary still holds {conn:?}"));
             }
-        } else if settings.respawn {
+        } else if settings.respawn == Respawn::Always {
             let target = settings.workers - emptied;
             if serving.len() != target || core != target {
                 complaints.push(format!(
