@@ -12,10 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use cluster_primary::Signal;
+use cluster_primary::{Event, Signal, WorkerId, WorkerState};
+use cluster_test_support::ProcStat;
 use nix::sys::wait::WaitStatus;
 
-use crate::support::{Guard, Lines, Slot, WAIT, init, is_alive, signal, wait_until};
+use crate::support::{
+    Guard, Harness, Lines, Slot, WAIT, builder, greet, init, is_alive, signal, wait_until,
+};
 
 const HELLO: &str = env!("CARGO_BIN_EXE_hello");
 
@@ -318,8 +321,15 @@ fn a_hung_worker_is_replaced_and_what_was_queued_for_it_is_served_by_another() {
     let first = hello.wait_workers(2, &BTreeSet::new());
     let addr = hello.addr;
     let hang = std::thread::spawn(move || get_once(addr, "/hang"));
-    // Sequential requests keep coming: some are handed to the hung worker before it is found
-    // out, and must be answered by the other one.
+    // Once its server loop spins in the handler (its main thread always running), the
+    // requests that follow are handed to it and never taken: they wait, queued for it, until
+    // it is found out, and must then be answered by the other worker. (Connections a worker
+    // took before it hung are lost with it, as with any crash; none is open here.)
+    wait_until("a worker spins in GET /hang", || {
+        first
+            .iter()
+            .any(|&pid| ProcStat::of_process(pid).is_some_and(|stat| stat.state == 'R'))
+    });
     let load = Load::start(hello.addr, 2, false);
     wait_until("the hung worker is replaced", || {
         let workers = hello.workers();
@@ -381,4 +391,106 @@ fn workers_that_cannot_boot_stop_hello_with_a_message_and_a_non_zero_exit() {
         stderr.contains("hello: worker boot failed"),
         "the message names the cause: {stderr}"
     );
+}
+
+// ----- the same operations through the `Handle` -----
+
+/// The workers serving (listening, not leaving), by id.
+fn serving(cluster: &Harness) -> BTreeSet<WorkerId> {
+    cluster
+        .status()
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Listening)
+        .map(|w| w.id)
+        .collect()
+}
+
+#[test]
+fn handle_reload_returns_once_every_worker_was_replaced() {
+    let mut cluster = Harness::start(builder(2));
+    let addr = cluster.wait_ready()[0];
+    let old = serving(&cluster);
+    cluster.handle.reload().expect("the roll-out finishes");
+    let new = serving(&cluster);
+    assert_eq!(new.len(), 2);
+    assert!(new.is_disjoint(&old), "{old:?} replaced by {new:?}");
+    assert!(new.contains(&WorkerId(greet(addr).worker)));
+    let events = cluster.stop();
+    let steps: Vec<(WorkerId, WorkerId)> = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::RolloutStep { old, new, .. } => Some((*old, *new)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps.len(), 2, "one step per worker: {events:#?}");
+    assert!(matches!(
+        events
+            .iter()
+            .find(|e| matches!(e, Event::RolloutFinished { .. })),
+        Some(Event::RolloutFinished { rollout: 1 })
+    ));
+}
+
+#[test]
+fn a_reload_whose_replacements_cannot_boot_is_aborted_and_the_old_workers_keep_serving() {
+    let flag = std::env::temp_dir().join(format!("cluster-boot-fail-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let behaviour = format!("boot-fail-if:{}", flag.display());
+    let mut cluster = Harness::start(builder(2).env("TW_BEHAVIOUR", behaviour));
+    let addr = cluster.wait_ready()[0];
+    let old = serving(&cluster);
+    std::fs::write(&flag, b"").unwrap();
+    let outcome = cluster.handle.reload();
+    std::fs::remove_file(&flag).unwrap();
+    match outcome {
+        Err(cluster_primary::Error::RolloutAborted { reason }) => {
+            assert!(reason.contains("boot failed"), "{reason}");
+        }
+        other => panic!("expected an aborted roll-out, got {other:?}"),
+    }
+    assert_eq!(serving(&cluster), old, "the old workers keep serving");
+    for _ in 0..10 {
+        assert!(old.contains(&WorkerId(greet(addr).worker)));
+    }
+    assert!(
+        !cluster.status().stopping,
+        "a failed roll-out does not stop the cluster"
+    );
+    cluster.stop();
+}
+
+#[test]
+fn fork_with_env_starts_one_more_worker_that_sees_it() {
+    let mut cluster = Harness::start(builder(1).env("TW_REPORT_ENV", "CLUSTER_TEST_EXTRA"));
+    cluster.wait_ready();
+    let forked = cluster
+        .handle
+        .fork([("CLUSTER_TEST_EXTRA", "for this worker")])
+        .expect("fork");
+    let (_, fields) = cluster.wait_message(Some(forked), "report");
+    assert!(
+        fields.contains(&"env.CLUSTER_TEST_EXTRA=for this worker".to_owned()),
+        "{fields:?}"
+    );
+    let status = cluster.status();
+    assert_eq!(status.target_workers, 2);
+    cluster.stop();
+}
+
+#[test]
+fn set_workers_grows_and_shrinks_the_cluster_and_refuses_zero() {
+    let mut cluster = Harness::start(builder(1));
+    cluster.wait_ready();
+    cluster.handle.set_workers(3).expect("scale up");
+    wait_until("3 workers serving", || serving(&cluster).len() == 3);
+    assert!(matches!(
+        cluster.handle.set_workers(0),
+        Err(cluster_primary::Error::InvalidConfig { .. })
+    ));
+    cluster.handle.set_workers(1).expect("scale down");
+    wait_until("1 worker left", || cluster.status().workers.len() == 1);
+    assert_eq!(cluster.status().target_workers, 1);
+    cluster.stop();
 }
