@@ -378,8 +378,9 @@ impl Builder {
     }
 
     /// Whether the primary handles SIGTERM and SIGINT (graceful stop; a second one stops at
-    /// once) and SIGQUIT (stop at once). Default true; turn it off when the application
-    /// handles signals itself and stops the primary through its [`Handle`](crate::Handle).
+    /// once), SIGQUIT (stop at once), SIGHUP (rolling restart), SIGTTIN and SIGTTOU (one
+    /// worker more or fewer). Default true; turn it off when the application handles signals
+    /// itself and steers the primary through its [`Handle`](crate::Handle).
     pub fn handle_signals(mut self, handle: bool) -> Builder {
         self.handle_signals = handle;
         self

@@ -61,8 +61,20 @@
 //!   saturated the primary stops accepting and the kernel's backlog holds new clients. Shared
 //!   listeners: the listening socket itself goes to every worker.
 //! - A worker that exits unexpectedly is replaced at once, then with a capped backoff if its
-//!   slot keeps failing. SIGTERM or SIGINT stop the cluster gracefully (a second one, or
-//!   SIGQUIT, at once); workers get the shutdown timeout to finish, then SIGKILL.
+//!   slot keeps failing ([`Respawn`] says which exits are replaced). A worker that exits with
+//!   [`BOOT_FAILURE_EXIT_CODE`] before it listens stops the cluster, and so do too many
+//!   failures in a row ([`Builder::crash_loop`]): [`Primary::run`] returns an error naming the
+//!   cause instead of respawning forever.
+//! - Zero-downtime operations, decided by the core and driven by signals, the [`Handle`] or
+//!   the [`Cluster`]: rolling restarts ([`Handle::reload`], SIGHUP; a replacement starts, and
+//!   its predecessor drains once it listens on the same addresses; [`Rollout`]), scaling
+//!   ([`Handle::set_workers`], SIGTTIN, SIGTTOU; [`Handle::fork`]), recycling after a number of
+//!   connections or past a memory limit ([`Recycle`]), and hung workers
+//!   ([`Builder::hang_timeout`]: un-acknowledged connections go to others, then SIGABRT,
+//!   SIGKILL and a replacement).
+//! - SIGTERM or SIGINT stop the cluster gracefully (a second one, or SIGQUIT, at once);
+//!   workers get the shutdown timeout to finish, then SIGKILL. `run` returns `Ok` only for a
+//!   clean stop.
 //!
 //! # Example
 //!
