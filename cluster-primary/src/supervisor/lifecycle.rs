@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cluster_ipc::{ListenerId, SlotId, WorkerId};
 
-use super::workers::Slot;
+use super::workers::{Slot, Worker};
 use super::{Action, Refusal, Supervisor};
 use crate::config::Respawn;
 use crate::event::{Event, ExitStatus, Memory, RolloutProgress};
@@ -124,6 +124,13 @@ pub(crate) fn jitter_for(worker: WorkerId, jitter: u64) -> u64 {
     z % (jitter + 1)
 }
 
+/// Whether the worker's heartbeats should still come: it serves, and its channel (which
+/// carries them) is open. One that leaves may be too busy draining; one whose channel
+/// closed cannot send them, and is killed after the shutdown timeout anyway.
+fn sends_heartbeats(worker: &Worker) -> bool {
+    !worker.leaving.is_leaving() && worker.control_open
+}
+
 /// What about an exit counts as the worker's own failure: `None` for a clean exit, an exit
 /// the primary asked for, or a kill from outside.
 pub(crate) fn failure_of(fault: Option<&str>, asked: bool, status: ExitStatus) -> Option<String> {
@@ -195,19 +202,30 @@ impl Supervisor {
     }
 
     /// Starts as many steps as the roll-out's limits allow; ends it when nothing is left.
+    ///
+    /// The limits count every roll-out replacement not ready yet, the ones an aborted
+    /// roll-out left to finish on their own too: the roll-out queued behind it starts at
+    /// once, and must not surge beside them.
     fn advance_rollout(&mut self, now: Instant) {
         let limits = self.settings.rollout;
         loop {
-            let Some(rollout) = self.rollouts.current.as_mut() else {
+            let Some(rollout) = self.rollouts.current.as_ref() else {
                 return;
             };
-            let active = rollout.active.len();
-            if active >= (limits.surge + limits.unavailable) as usize {
+            let (id, own) = (rollout.id, rollout.active.len());
+            let stepping =
+                || (self.rollouts.replacements.values()).filter(|r| r.purpose != Purpose::Recycle);
+            if stepping().count() >= (limits.surge + limits.unavailable) as usize {
                 return;
             }
-            let id = rollout.id;
-            let Some(old) = rollout.queue.pop_front() else {
-                if active == 0 {
+            let surging = stepping().filter(|r| !r.old_first).count();
+            let Some(old) = self
+                .rollouts
+                .current
+                .as_mut()
+                .and_then(|r| r.queue.pop_front())
+            else {
+                if own == 0 {
                     self.finish_rollout(None, now);
                 }
                 return;
@@ -219,12 +237,6 @@ impl Supervisor {
                 }
                 continue;
             }
-            let surging = self
-                .rollouts
-                .replacements
-                .values()
-                .filter(|r| r.purpose == Purpose::Rollout(id) && !r.old_first)
-                .count();
             let old_first = surging >= limits.surge as usize;
             if let Some(new) = self.start_replacement(old, Purpose::Rollout(id), old_first, now) {
                 if let Some(rollout) = self.rollouts.current.as_mut() {
@@ -582,36 +594,32 @@ impl Supervisor {
     // ----- hung workers -----
 
     /// Declares hung the workers that held un-acked connections, or sent no heartbeat, for
-    /// the hang timeout; starts the clock for workers that were just handed connections.
+    /// the hang timeout.
     pub(crate) fn check_hung(&mut self, now: Instant) {
         let Some(timeout) = self.settings.hang_timeout else {
             return;
         };
-        let stamp = std::mem::take(&mut self.stamp_stalls);
         let mut hung = Vec::new();
         for worker in self.workers.values_mut() {
             if worker.reaped || worker.fault.is_some() || worker.killed {
                 continue;
             }
-            if stamp
-                && worker.stalled_since.is_none()
-                && !worker.handoffs.is_empty()
-                && self.listeners.in_flight(worker.id) > 0
-            {
-                worker.stalled_since = Some(now);
+            let held = self.listeners.in_flight(worker.id);
+            if held == 0 {
+                // What it held went elsewhere (a listener it closed): nothing to wait for.
+                worker.stalled_since = None;
             }
             if worker
                 .stalled_since
                 .is_some_and(|since| since + timeout <= now)
             {
-                let held = self.listeners.in_flight(worker.id);
                 hung.push((
                     worker.id,
                     format!(
                         "held {held} handed connections without acknowledging any for {timeout:?}"
                     ),
                 ));
-            } else if !worker.leaving.is_leaving()
+            } else if sends_heartbeats(worker)
                 && worker.heartbeat_at.is_some_and(|at| at + timeout <= now)
             {
                 hung.push((worker.id, format!("sent no heartbeat for {timeout:?}")));
@@ -622,6 +630,33 @@ impl Supervisor {
         }
     }
 
+    /// Starts the hang clock of the workers handed connections since it last looked (once
+    /// every decision of the turn is taken, hung workers' redispatched connections too).
+    pub(crate) fn stamp_stalls(&mut self, now: Instant) {
+        if !std::mem::take(&mut self.stamp_stalls) || self.settings.hang_timeout.is_none() {
+            return;
+        }
+        for worker in self.workers.values_mut() {
+            if !worker.reaped
+                && worker.fault.is_none()
+                && !worker.killed
+                && worker.stalled_since.is_none()
+                && self.listeners.in_flight(worker.id) > 0
+            {
+                worker.stalled_since = Some(now);
+            }
+        }
+    }
+
+    /// When the hang clock must look at once: connections were handed out since it last
+    /// did (`started_at`, in the past, means at once). A shell that runs
+    /// [`handle_timeout`](Self::handle_timeout) only when it is due would otherwise never
+    /// start the clock of a worker that takes connections and never acks them.
+    pub(crate) fn stamp_due(&self) -> Option<Instant> {
+        self.started_at
+            .filter(|_| self.stamp_stalls && self.settings.hang_timeout.is_some())
+    }
+
     /// The next time [`check_hung`](Self::check_hung) may find a hung worker.
     pub(crate) fn hang_deadlines(&self) -> impl Iterator<Item = Instant> + '_ {
         let timeout = self.settings.hang_timeout;
@@ -629,9 +664,7 @@ impl Supervisor {
             .values()
             .filter(move |w| timeout.is_some() && !w.reaped && w.fault.is_none() && !w.killed)
             .flat_map(move |w| {
-                let heartbeat = (!w.leaving.is_leaving())
-                    .then_some(w.heartbeat_at)
-                    .flatten();
+                let heartbeat = sends_heartbeats(w).then_some(w.heartbeat_at).flatten();
                 [w.stalled_since, heartbeat]
                     .into_iter()
                     .flatten()

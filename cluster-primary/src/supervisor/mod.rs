@@ -247,6 +247,8 @@ pub(crate) struct Supervisor {
     forced_kills: usize,
     /// Connections were handed out since the hang clock last looked.
     stamp_stalls: bool,
+    /// When [`start`](Self::start) was called: an instant surely past.
+    started_at: Option<Instant>,
     /// When to measure the workers' memory next.
     memory_due: Option<Instant>,
     /// Listeners whose policy has inputs it has not decided on yet.
@@ -277,6 +279,7 @@ impl Supervisor {
             fatal: None,
             forced_kills: 0,
             stamp_stalls: false,
+            started_at: None,
             memory_due: None,
             dispatch_due: BTreeSet::new(),
             accept_due: BTreeSet::new(),
@@ -323,6 +326,7 @@ impl Supervisor {
             .rollouts
             .deadlines()
             .chain(self.hang_deadlines())
+            .chain(self.stamp_due())
             .chain(self.memory_due.filter(|_| !self.stopping))
             .map(Some);
         workers
@@ -342,6 +346,7 @@ impl Supervisor {
 
     /// Starts the configured number of workers, one per slot.
     pub(crate) fn start(&mut self, now: Instant) {
+        self.started_at = Some(now);
         for slot in 0..self.slots.len() {
             self.spawn_into(SlotId(slot as u32), now);
         }
@@ -388,6 +393,7 @@ impl Supervisor {
                 self.spawn_into(slot, now);
             }
         }
+        self.stamp_stalls(now);
         self.check_finished();
     }
 
@@ -668,7 +674,10 @@ impl Supervisor {
     /// shell gave it, which keeps the bytes the worker had read), or `None` when the
     /// `HandBack` came without exactly one fd. It goes to the front of the listener's queue,
     /// for another worker; with no round-robin listener left to take it, it is closed.
-    #[expect(dead_code, reason = "the shell takes hand-backs in the next step")]
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the shell takes hand-backs in the next step")
+    )]
     pub(crate) fn handle_handed_back(
         &mut self,
         worker: WorkerId,
@@ -1127,6 +1136,7 @@ impl Supervisor {
 
     fn on_worker_leaving(&mut self, worker: WorkerId, retiring: bool, now: Instant) {
         let shutdown_timeout = self.settings.shutdown_timeout;
+        let on_trial = self.rollouts.replacements.contains_key(&worker);
         let Some(record) = self.workers.get_mut(&worker) else {
             return;
         };
@@ -1137,8 +1147,15 @@ impl Supervisor {
         // A worker that leaves by itself gets the same time to finish as one that was asked.
         record.kill_no_later_than(now + shutdown_timeout);
         let slot = record.slot;
-        // Asked to go by the primary, it is not replaced, even if it also asks to retire.
-        let replace = retiring && !record.leaving.replaced && !record.leaving.asked;
+        // Asked to go by the primary, it is not replaced, even if it also asks to retire. Nor
+        // is one whose replacement (a roll-out's, a recycling's) is on its way already, or one
+        // that is itself a replacement not ready yet: it failed, and the worker it was to
+        // replace keeps the slot. Either way a second worker in the slot would stay for good.
+        let replace = retiring
+            && !record.leaving.replaced
+            && !record.leaving.asked
+            && record.replaced_by.is_none()
+            && !on_trial;
         if replace {
             record.leaving.replaced = true;
         }
@@ -1578,10 +1595,12 @@ impl Supervisor {
         &self.listeners
     }
 
+    /// The workers that serve or will: not gone, not leaving, not being killed for a fault
+    /// (a hung worker waits for its SIGKILL).
     pub(crate) fn live_or_starting(&self) -> usize {
         self.workers
             .values()
-            .filter(|w| !w.reaped && !w.leaving.is_leaving())
+            .filter(|w| !w.reaped && !w.leaving.is_leaving() && w.fault.is_none())
             .count()
     }
 
