@@ -4,6 +4,7 @@
 //! those checks must catch ([`sabotage`]).
 #![allow(clippy::unwrap_used)]
 
+mod lifecycle;
 mod properties;
 mod queries;
 mod sabotage;
