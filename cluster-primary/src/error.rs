@@ -59,8 +59,13 @@ pub enum Error {
         last: String,
     },
     /// The cluster stopped, but not cleanly: workers were still running when the stop's
-    /// time ran out (or the stop was immediate) and were killed.
-    #[error("the stop was not clean: {killed} workers were killed")]
+    /// time ran out (or the stop was immediate) and were killed, or gave up at their drain
+    /// timeout with connections still open
+    /// ([`DRAIN_TIMEOUT_EXIT_CODE`](crate::DRAIN_TIMEOUT_EXIT_CODE)).
+    #[error(
+        "the stop was not clean: {killed} workers were killed or cut connections off at the \
+         shutdown timeout"
+    )]
     StopNotClean {
         /// How many.
         killed: usize,

@@ -109,7 +109,7 @@ mod supervisor;
 mod sys;
 
 pub use cluster::Cluster;
-pub use cluster_ipc::env::BOOT_FAILURE_EXIT_CODE;
+pub use cluster_ipc::env::{BOOT_FAILURE_EXIT_CODE, DRAIN_TIMEOUT_EXIT_CODE};
 pub use cluster_ipc::env::{IPC_FD, IPC_FD_ENV, PRIMARY_PID_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV};
 pub use cluster_ipc::proto::ListenMode;
 pub use cluster_ipc::{ListenerId, SlotId, WorkerId};

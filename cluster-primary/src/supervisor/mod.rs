@@ -449,6 +449,10 @@ impl Supervisor {
         let after_disconnect = record.leaving.is_leaving();
         let pid = record.pid.unwrap_or(0);
         let failure = failure_of(record.fault.as_deref(), record.leaving.asked, status);
+        if self.stopping && status == ExitStatus::Code(cluster_ipc::env::DRAIN_TIMEOUT_EXIT_CODE) {
+            // It gave up at its drain timeout and cut its clients off: not a clean stop.
+            self.forced_kills += 1;
+        }
         let boot_failed = status == ExitStatus::Code(cluster_ipc::env::BOOT_FAILURE_EXIT_CODE)
             && !record.reached_listening
             && !record.leaving.asked;
@@ -945,7 +949,7 @@ impl Supervisor {
         if self
             .workers
             .get(&worker)
-            .is_none_or(|w| w.leaving.is_leaving() || !w.control_open)
+            .is_none_or(|w| w.leaving.is_leaving() || !w.control_open || w.fault.is_some())
         {
             return self.refuse_listen(
                 worker,
@@ -980,10 +984,12 @@ impl Supervisor {
         worker: WorkerId,
         request: &ListenRequest,
     ) -> Result<(ListenKey, ListenMode), ListenRefused> {
+        // A worker being killed for a fault (hung) is on its way out too, though nobody asked
+        // it to disconnect: its new listeners would only hold connections until it dies.
         let leaving = self
             .workers
             .get(&worker)
-            .is_none_or(|w| w.leaving.is_leaving());
+            .is_none_or(|w| w.leaving.is_leaving() || w.fault.is_some());
         // A stop asks every worker to leave (and any started while it stops), so this covers
         // the stop too.
         if leaving {

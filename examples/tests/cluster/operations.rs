@@ -13,7 +13,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cluster_primary::{Event, Signal, WorkerId, WorkerState};
-use cluster_test_support::ProcStat;
 use nix::sys::wait::WaitStatus;
 
 use crate::support::{
@@ -27,23 +26,34 @@ struct Hello {
     guard: Guard,
     addr: SocketAddr,
     _lines: Lines,
+    /// Its log (the primary's at `info`), when asked for.
+    log: Option<Lines>,
     _slot: Slot,
 }
 
 impl Hello {
     /// Starts `hello --port 0` with `args` and waits for its ready line.
     fn start(args: &[&str]) -> Hello {
+        Hello::start_with_log(args, false)
+    }
+
+    /// The same, keeping the primary's log lines (at `info`) when `log` is set.
+    fn start_with_log(args: &[&str], log: bool) -> Hello {
         init();
         let slot = Slot::take();
         let mut child = Command::new(HELLO)
             .args(["--port", "0"])
             .args(args)
-            .env("RUST_LOG", "error")
+            .env(
+                "RUST_LOG",
+                if log { "cluster_primary=info" } else { "error" },
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(if log { Stdio::piped() } else { Stdio::null() })
             .spawn()
             .unwrap();
+        let log = child.stderr.take().map(Lines::new);
         let mut lines = Lines::new(child.stdout.take().unwrap());
         let guard = Guard::new(child);
         let line = lines.next().expect("a ready line");
@@ -57,8 +67,20 @@ impl Hello {
             guard,
             addr,
             _lines: lines,
+            log,
             _slot: slot,
         }
+    }
+
+    /// Waits for a log line that contains `text`.
+    fn wait_log(&mut self, text: &str) {
+        let log = self.log.as_mut().expect("started with its log");
+        while let Some(line) = log.next() {
+            if line.contains(text) {
+                return;
+            }
+        }
+        panic!("the log ended without {text:?}");
     }
 
     fn pid(&self) -> u32 {
@@ -325,11 +347,7 @@ fn a_hung_worker_is_replaced_and_what_was_queued_for_it_is_served_by_another() {
     // requests that follow are handed to it and never taken: they wait, queued for it, until
     // it is found out, and must then be answered by the other worker. (Connections a worker
     // took before it hung are lost with it, as with any crash; none is open here.)
-    wait_until("a worker spins in GET /hang", || {
-        first
-            .iter()
-            .any(|&pid| ProcStat::of_process(pid).is_some_and(|stat| stat.state == 'R'))
-    });
+    wait_until_spinning(&first);
     let load = Load::start(hello.addr, 2, false);
     wait_until("the hung worker is replaced", || {
         let workers = hello.workers();
@@ -493,4 +511,107 @@ fn set_workers_grows_and_shrinks_the_cluster_and_refuses_zero() {
     wait_until("1 worker left", || cluster.status().workers.len() == 1);
     assert_eq!(cluster.status().target_workers, 1);
     cluster.stop();
+}
+
+// ----- stopping -----
+
+/// Starts `hello` with one worker spinning forever in `GET /hang` (hang detection off), so
+/// that only a kill ends it.
+fn hello_with_a_stuck_worker(shutdown_timeout: &str) -> Hello {
+    let mut hello = Hello::start_with_log(
+        &[
+            "--workers",
+            "1",
+            "--faults",
+            "--hang-timeout",
+            "0",
+            "--shutdown-timeout",
+            shutdown_timeout,
+        ],
+        true,
+    );
+    let workers = hello.wait_workers(1, &BTreeSet::new());
+    let addr = hello.addr;
+    std::thread::spawn(move || get_once(addr, "/hang"));
+    wait_until_spinning(&workers);
+    hello.wait_log("listening");
+    hello
+}
+
+/// CPU time a process used, in clock ticks (user + system, from `/proc/PID/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let field = |at: usize| {
+        fields
+            .get(at)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// Waits until one of `workers` has spun for a quarter of a second of CPU: it is in the
+/// handler that never returns (an idle or starting worker uses a tick or two).
+fn wait_until_spinning(workers: &BTreeSet<u32>) {
+    wait_until("a worker spins in GET /hang", || {
+        workers.iter().any(|&pid| cpu_ticks(pid) >= 25)
+    });
+}
+
+/// Sends `signals` to the primary, one after the other, each once the primary logged that it
+/// took the one before (signals of one kind sent together are one), and waits (at most
+/// `within`) for it to exit; returns its exit code.
+fn stop_with(mut hello: Hello, signals: &[Signal], within: Duration) -> Option<i32> {
+    let primary = hello.pid();
+    for (at, &sent) in signals.iter().enumerate() {
+        if at > 0 {
+            hello.wait_log("requested");
+        }
+        signal(primary, sent);
+    }
+    let status = cluster_test_support::reap(primary, within);
+    hello.guard.child = None;
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_stop_that_has_to_kill_a_worker_exits_non_zero_after_the_shutdown_timeout() {
+    let hello = hello_with_a_stuck_worker("1");
+    assert_eq!(
+        stop_with(hello, &[Signal::SIGTERM], Duration::from_secs(15)),
+        Some(1),
+        "killed at the shutdown timeout: not a clean stop"
+    );
+}
+
+#[test]
+fn a_second_sigterm_stops_at_once() {
+    // A shutdown timeout far beyond the test's wait: only the second signal can end it.
+    let hello = hello_with_a_stuck_worker("3600");
+    assert_eq!(
+        stop_with(
+            hello,
+            &[Signal::SIGTERM, Signal::SIGTERM],
+            Duration::from_secs(15)
+        ),
+        Some(1)
+    );
+}
+
+#[test]
+fn sigquit_stops_at_once() {
+    let hello = hello_with_a_stuck_worker("3600");
+    assert_eq!(
+        stop_with(hello, &[Signal::SIGQUIT], Duration::from_secs(15)),
+        Some(1)
+    );
 }
