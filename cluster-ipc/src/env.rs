@@ -34,6 +34,10 @@ pub const IPC_FD: i32 = 3;
 /// reports the boot failure (or, during a roll-out, aborts the roll-out and keeps the old
 /// workers).
 pub const BOOT_FAILURE_EXIT_CODE: i32 = 3;
+/// The exit code of a disconnecting worker that gave up at its drain timeout with
+/// connections still open (their clients were cut off): the primary does not count a stop
+/// with such an exit as clean.
+pub const DRAIN_TIMEOUT_EXIT_CODE: i32 = 4;
 
 /// Every variable of the contract.
 pub const VARS: [&str; 4] = [WORKER_ID_ENV, WORKER_SLOT_ENV, IPC_FD_ENV, PRIMARY_PID_ENV];

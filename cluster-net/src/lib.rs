@@ -51,8 +51,8 @@ use serde::Serialize;
 pub use cluster_ipc as ipc;
 pub use cluster_primary as primary;
 pub use cluster_primary::{
-    Cluster as PrimaryCluster, Event, ExitStatus, ListenMode, Policy, Signal, SlotId, Status,
-    WorkerId,
+    BOOT_FAILURE_EXIT_CODE, Cluster as PrimaryCluster, Event, ExitStatus, ListenMode, Policy,
+    Recycle, Respawn, Rollout, Signal, SlotId, Status, WorkerId,
 };
 pub use cluster_sched as sched;
 pub use cluster_worker as worker;
@@ -189,6 +189,19 @@ impl Builder {
         self
     }
 
+    /// The hang timeout (see [`primary::Builder::hang_timeout`]; `None` turns hang detection
+    /// off).
+    pub fn hang_timeout(mut self, timeout: Option<Duration>) -> Builder {
+        self.primary = self.primary.hang_timeout(timeout);
+        self
+    }
+
+    /// When workers are replaced to keep them fresh (see [`Recycle`]).
+    pub fn recycle(mut self, recycle: Recycle) -> Builder {
+        self.primary = self.primary.recycle(recycle);
+        self
+    }
+
     /// Any other primary setting (program, arguments, environment, respawn, signals, ...).
     pub fn primary(
         mut self,
@@ -212,10 +225,10 @@ impl Builder {
     }
 
     /// Runs the program in whatever role this process has (see the crate docs). In a worker,
-    /// an error from the closure is logged, the worker disconnects (its open connections
-    /// finish) and the process exits with code 1, which the primary reports as a failure
-    /// (its `Exit` event) and replaces; if the worker's own exit does not come first, the
-    /// error is returned.
+    /// an error from the closure, or a panic, is logged, the worker disconnects (its open
+    /// connections finish) and the process exits with [`WORKER_FAILED_EXIT_CODE`], which the
+    /// primary counts as a failure (for its backoff and crash-loop guard) and replaces; if
+    /// the worker's own exit does not come first, the error is returned.
     pub fn run<F>(self, worker_main: F) -> Result<(), Error>
     where
         F: FnOnce(&Worker) -> Result<(), Error>,
@@ -249,7 +262,16 @@ where
     let context = Worker {
         inner: Some(worker.clone()),
     };
-    let mut result = worker_main(&context);
+    let mut result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker_main(&context)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                Err(Error::app(format!("the worker's code panicked: {what}")))
+            });
     if let Err(err) = &result {
         if worker.is_disconnecting() {
             // The disconnect came first (a bind refused because the worker is leaving, an
@@ -355,6 +377,16 @@ impl Worker {
     /// pattern, with no gap in capacity).
     pub fn retire(&self) -> Result<(), Error> {
         Ok(self.clustered("retire")?.retire()?)
+    }
+
+    /// This worker is broken (a request handler panicked, a resource went bad) but can
+    /// finish what it has: it retires (its replacement starts first), finishes its open
+    /// connections, and exits with [`WORKER_FAILED_EXIT_CODE`], which the primary counts as
+    /// a failure for its backoff and crash-loop guard.
+    pub fn fail(&self) -> Result<(), Error> {
+        let worker = self.clustered("fail")?;
+        worker.set_exit_code(WORKER_FAILED_EXIT_CODE);
+        Ok(worker.retire()?)
     }
 
     fn clustered(&self, what: &'static str) -> Result<&cluster_worker::Worker, Error> {

@@ -2,6 +2,7 @@
 //! it: the fds, processes and channels behind the supervisor core's ids.
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::time::Instant;
 
 use cluster_ipc::proto::{Encoded, ToWorker};
@@ -56,17 +57,23 @@ impl Cluster {
     /// gone but whose `Exit` is still to come is listed as
     /// [`WorkerState::Disconnected`](crate::WorkerState::Disconnected)).
     pub fn workers(&self) -> Vec<WorkerInfo> {
-        self.core.workers(Instant::now())
+        let mut workers = self.core.workers(Instant::now());
+        measure_memory(&mut workers);
+        workers
     }
 
     /// One worker whose `Exit` event has not been delivered yet.
     pub fn worker(&self, id: WorkerId) -> Option<WorkerInfo> {
-        self.core.worker(id, Instant::now())
+        let mut info = self.core.worker(id, Instant::now())?;
+        measure_memory(std::slice::from_mut(&mut info));
+        Some(info)
     }
 
     /// A snapshot of the whole cluster.
     pub fn status(&self) -> Status {
-        self.core.status(Instant::now())
+        let mut status = self.core.status(Instant::now());
+        measure_memory(&mut status.workers);
+        status
     }
 
     /// Sends a user message to one worker. A message longer than the message limit
@@ -157,6 +164,40 @@ impl Cluster {
         self.pump();
     }
 
+    /// Starts a rolling restart: every worker running now is replaced, by default one at a
+    /// time (see [`Builder::rollout`](crate::Builder::rollout)): its replacement starts,
+    /// and once it listens on every address the old one did, the old one drains and leaves.
+    /// A replacement that fails aborts the roll-out and the old workers keep serving.
+    /// Returns the roll-out's number, which the `Rollout*` events carry; a roll-out asked
+    /// for while one is in progress starts when that one ends (several are one).
+    pub fn reload(&mut self) -> Result<u64, Error> {
+        let result = self.core.reload(Instant::now());
+        self.pump();
+        result.map_err(|refusal| refused(refusal, WorkerId(0)))
+    }
+
+    /// Sets the number of workers (at least one): new slots get a worker at once, the
+    /// workers of removed slots (the highest) drain and leave.
+    pub fn set_workers(&mut self, count: usize) -> Result<(), Error> {
+        let result = self.core.set_workers(count, Instant::now());
+        self.pump();
+        result.map_err(|refusal| refused(refusal, WorkerId(0)))
+    }
+
+    /// Starts one more worker (Node's `cluster.fork(env)`): the cluster grows by one slot,
+    /// and this worker, and any that replaces it, gets `env` added to its environment.
+    pub fn fork<I, K, V>(&mut self, env: I) -> Result<WorkerId, Error>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<OsString>,
+        V: Into<OsString>,
+    {
+        let env = env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        let result = self.core.fork(env, Instant::now());
+        self.pump();
+        result.map_err(|refusal| refused(refusal, WorkerId(0)))
+    }
+
     /// True once the cluster is stopping.
     pub fn is_stopping(&self) -> bool {
         self.core.is_stopping()
@@ -194,8 +235,22 @@ pub(crate) fn encode_user<T: Serialize + ?Sized>(
     Ok(Encoded::new(&ToWorker::User(user), limits)?)
 }
 
+/// Fills in the workers' memory, measured now (a snapshot is rare; reading a small `/proc`
+/// file per worker is cheap next to it).
+fn measure_memory(workers: &mut [WorkerInfo]) {
+    for worker in workers.iter_mut().filter(|w| w.pid != 0) {
+        if let Some(memory) = crate::memory::of_process(worker.pid) {
+            worker.memory = Some(memory);
+        }
+    }
+}
+
 fn refused(refusal: Refusal, worker: WorkerId) -> Error {
     match refusal {
         Refusal::NoSuchWorker => Error::NoSuchWorker { worker },
+        Refusal::Stopping => Error::Stopping,
+        Refusal::NoWorkers => Error::InvalidConfig {
+            reason: "a cluster needs at least one worker".into(),
+        },
     }
 }

@@ -22,6 +22,17 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// misconfiguration cannot make the primary hold an unbounded number of connections per
 /// worker.
 pub const MAX_WINDOW: u32 = 65_536;
+/// The default time a replacement started by a roll-out or a recycling has to listen on
+/// every address of the worker it replaces.
+pub const DEFAULT_READINESS_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default hang timeout: a worker that holds handed connections without acknowledging
+/// any, or whose serving path sends no heartbeat, for this long is hung (Gunicorn's
+/// `timeout`).
+pub const DEFAULT_HANG_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default crash-loop guard: this many worker failures ...
+pub const DEFAULT_CRASH_LOOP_FAILURES: u32 = 5;
+/// ... within this long stop the cluster.
+pub const DEFAULT_CRASH_LOOP_WITHIN: Duration = Duration::from_secs(10);
 /// The default listen backlog of the primary's sockets. While every worker is saturated the
 /// primary stops accepting and this backlog holds new clients.
 pub const DEFAULT_BACKLOG: u32 = 1024;
@@ -39,6 +50,57 @@ pub enum Policy {
     /// count (the primary asks for it in the handshake), so long-lived connections do not pile
     /// up on one worker.
     LeastConnections,
+}
+
+/// Whether a worker that exits without the primary asking it to is replaced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Respawn {
+    /// Always (the default): a crash, a kill from outside, or a worker that disconnected by
+    /// itself.
+    #[default]
+    Always,
+    /// Only when it failed: a non-zero exit code, a crash signal (SIGSEGV, SIGABRT, ...), or
+    /// the primary killed it for a fault (hung, no Hello in time, a protocol violation). A
+    /// worker that exits with code 0 by itself leaves its slot empty.
+    OnFailure,
+    /// Never: the cluster shrinks as workers exit, and stops when the last one has.
+    Never,
+}
+
+/// How a rolling restart replaces workers: `surge` replacements may start before the workers
+/// they replace leave, and `unavailable` workers may leave before their replacements are
+/// ready (Kubernetes' `maxSurge` and `maxUnavailable`). The default, one surge and none
+/// unavailable, replaces one worker at a time and never serves with fewer workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rollout {
+    /// Replacements started ahead of the workers they replace, at once.
+    pub surge: u32,
+    /// Workers asked to leave before their replacements are ready, at once.
+    pub unavailable: u32,
+}
+
+impl Default for Rollout {
+    fn default() -> Rollout {
+        Rollout {
+            surge: 1,
+            unavailable: 0,
+        }
+    }
+}
+
+/// When a worker is replaced to keep it fresh: after a number of connections (with a jitter,
+/// so workers do not all go at once) or past a memory limit. The replacement starts first;
+/// the old worker drains once it is ready.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recycle {
+    /// Replace a worker after it took this many connections (plus its jitter).
+    pub after_connections: Option<u64>,
+    /// Up to this many more connections, different for each worker.
+    pub jitter: u64,
+    /// Replace a worker whose unique memory (USS: private pages, so that pages shared
+    /// copy-on-write with other processes do not count) passes this many bytes.
+    pub max_memory: Option<u64>,
 }
 
 /// Which program a worker runs.
@@ -64,8 +126,12 @@ pub(crate) struct Config {
     pub(crate) backlog: u32,
     pub(crate) start_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
-    pub(crate) respawn: bool,
+    pub(crate) respawn: Respawn,
+    pub(crate) crash_loop: (u32, Duration),
+    pub(crate) readiness_timeout: Duration,
     pub(crate) hang_timeout: Option<Duration>,
+    pub(crate) rollout: Rollout,
+    pub(crate) recycle: Recycle,
     pub(crate) parent_death_signal: Option<Signal>,
     pub(crate) handle_signals: bool,
     /// The limits of every worker's control channel (the message limit is announced to the
@@ -102,7 +168,12 @@ pub struct Builder {
     backlog: u32,
     start_timeout: Duration,
     shutdown_timeout: Duration,
-    respawn: bool,
+    respawn: Respawn,
+    crash_loop: (u32, Duration),
+    readiness_timeout: Duration,
+    hang_timeout: Option<Duration>,
+    rollout: Rollout,
+    recycle: Recycle,
     parent_death_signal: Option<Signal>,
     handle_signals: bool,
     max_message_len: usize,
@@ -122,7 +193,12 @@ impl Default for Builder {
             backlog: DEFAULT_BACKLOG,
             start_timeout: DEFAULT_START_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-            respawn: true,
+            respawn: Respawn::Always,
+            crash_loop: (DEFAULT_CRASH_LOOP_FAILURES, DEFAULT_CRASH_LOOP_WITHIN),
+            readiness_timeout: DEFAULT_READINESS_TIMEOUT,
+            hang_timeout: Some(DEFAULT_HANG_TIMEOUT),
+            rollout: Rollout::default(),
+            recycle: Recycle::default(),
             parent_death_signal: Some(Signal::SIGTERM),
             handle_signals: true,
             max_message_len: Limits::DEFAULT_MAX_MESSAGE_LEN,
@@ -223,8 +299,64 @@ impl Builder {
     /// Whether a worker that exits without the primary asking it to is replaced (default
     /// true): a crash, a kill, or a worker that disconnected by itself (its own `disconnect`,
     /// or a SIGTERM from outside). A retiring worker's replacement starts before it leaves.
+    ///
+    /// `true` is [`Respawn::Always`], `false` [`Respawn::Never`]; see
+    /// [`respawn_policy`](Builder::respawn_policy) for the choice in between.
     pub fn respawn(mut self, respawn: bool) -> Builder {
+        self.respawn = if respawn {
+            Respawn::Always
+        } else {
+            Respawn::Never
+        };
+        self
+    }
+
+    /// Which workers that exit by themselves are replaced (default [`Respawn::Always`]).
+    /// Replacements after failures in a row wait longer each time (100 ms doubling up to
+    /// 5 s; a worker that stayed up reset the count).
+    pub fn respawn_policy(mut self, respawn: Respawn) -> Builder {
         self.respawn = respawn;
+        self
+    }
+
+    /// The crash-loop guard: `failures` worker failures within `within` stop the cluster,
+    /// and [`Primary::run`](crate::Primary::run) returns [`Error::CrashLoop`] naming the last
+    /// cause (default 5 within 10 s). A failure is an exit the primary did not ask for with a
+    /// non-zero code or a crash signal, or a worker the primary killed for a fault (hung, no
+    /// Hello in time, a protocol violation); a kill from outside (SIGKILL, SIGTERM) is not.
+    pub fn crash_loop(mut self, failures: u32, within: Duration) -> Builder {
+        self.crash_loop = (failures, within);
+        self
+    }
+
+    /// How long a replacement started by a roll-out or a recycling has to listen on every
+    /// address its predecessor listened on (default 30 s); one that takes longer is stopped
+    /// and the roll-out aborted, the old worker keeps serving.
+    pub fn readiness_timeout(mut self, timeout: Duration) -> Builder {
+        self.readiness_timeout = timeout;
+        self
+    }
+
+    /// The hang timeout (default 30 s; `None` turns hang detection off): a worker that holds
+    /// handed connections and acknowledges none of them for this long, or whose serving path
+    /// sent heartbeats and then stopped, is hung. Its un-acknowledged connections go to
+    /// other workers at once; it gets SIGABRT (for a core dump or a backtrace), SIGKILL a
+    /// moment later, and a replacement. Workers send heartbeats when they accept, and when
+    /// the server calls `Worker::heartbeat`.
+    pub fn hang_timeout(mut self, timeout: Option<Duration>) -> Builder {
+        self.hang_timeout = timeout;
+        self
+    }
+
+    /// How a rolling restart replaces workers (default one at a time, replacement first).
+    pub fn rollout(mut self, rollout: Rollout) -> Builder {
+        self.rollout = rollout;
+        self
+    }
+
+    /// When workers are replaced to keep them fresh (default never).
+    pub fn recycle(mut self, recycle: Recycle) -> Builder {
+        self.recycle = recycle;
         self
     }
 
@@ -246,8 +378,9 @@ impl Builder {
     }
 
     /// Whether the primary handles SIGTERM and SIGINT (graceful stop; a second one stops at
-    /// once) and SIGQUIT (stop at once). Default true; turn it off when the application
-    /// handles signals itself and stops the primary through its [`Handle`](crate::Handle).
+    /// once), SIGQUIT (stop at once), SIGHUP (rolling restart), SIGTTIN and SIGTTOU (one
+    /// worker more or fewer). Default true; turn it off when the application handles signals
+    /// itself and steers the primary through its [`Handle`](crate::Handle).
     pub fn handle_signals(mut self, handle: bool) -> Builder {
         self.handle_signals = handle;
         self
@@ -266,6 +399,27 @@ impl Builder {
         if self.mode == ListenMode::ReusePort {
             return Err(invalid(
                 "the reuse-port listen mode is not served yet; use round-robin or shared",
+            ));
+        }
+        if self.crash_loop.0 == 0 || self.crash_loop.1.is_zero() {
+            return Err(invalid(
+                "the crash-loop guard needs at least one failure within a non-zero time",
+            ));
+        }
+        if self.rollout.surge == 0 && self.rollout.unavailable == 0 {
+            return Err(invalid(
+                "a roll-out needs a surge or an unavailable count of at least one",
+            ));
+        }
+        if self
+            .hang_timeout
+            .is_some_and(|t| t < Duration::from_millis(100))
+        {
+            return Err(invalid("the hang timeout must be at least 100 ms"));
+        }
+        if self.recycle.after_connections == Some(0) || self.recycle.max_memory == Some(0) {
+            return Err(invalid(
+                "recycling after 0 connections or 0 bytes would replace workers forever",
             ));
         }
         let control_limits = Limits::default()
@@ -302,7 +456,11 @@ impl Builder {
             start_timeout: self.start_timeout,
             shutdown_timeout: self.shutdown_timeout,
             respawn: self.respawn,
-            hang_timeout: None,
+            crash_loop: self.crash_loop,
+            readiness_timeout: self.readiness_timeout,
+            hang_timeout: self.hang_timeout,
+            rollout: self.rollout,
+            recycle: self.recycle,
             parent_death_signal: self.parent_death_signal,
             handle_signals: self.handle_signals,
             control_limits,

@@ -32,9 +32,50 @@ pub enum Error {
         /// The id asked for.
         worker: WorkerId,
     },
+    /// The cluster is stopping: it starts nothing new.
+    #[error("the cluster is stopping")]
+    Stopping,
     /// The primary is no longer running (a handle outlived it).
     #[error("the primary is not running")]
     NotRunning,
+    /// A worker exited with [`BOOT_FAILURE_EXIT_CODE`](crate::BOOT_FAILURE_EXIT_CODE) before it
+    /// listened: it cannot start, and starting it again would not help. The cluster stopped.
+    #[error("worker boot failed: {worker} exited with code {exit_code} before it listened")]
+    BootFailed {
+        /// The worker that said so.
+        worker: WorkerId,
+        /// Its exit code.
+        exit_code: i32,
+    },
+    /// Workers failed too often (the crash-loop guard, see
+    /// [`Builder::crash_loop`](crate::Builder::crash_loop)). The cluster stopped.
+    #[error("workers keep failing: {failures} failures within {within:?}, the last: {last}")]
+    CrashLoop {
+        /// Failures counted within the window.
+        failures: usize,
+        /// The window.
+        within: std::time::Duration,
+        /// What the last failure was (`exit code 1`, `killed by SIGSEGV`, `hung: ...`).
+        last: String,
+    },
+    /// The cluster stopped, but not cleanly: workers were still running when the stop's
+    /// time ran out (or the stop was immediate) and were killed, or gave up at their drain
+    /// timeout with connections still open
+    /// ([`DRAIN_TIMEOUT_EXIT_CODE`](crate::DRAIN_TIMEOUT_EXIT_CODE)).
+    #[error(
+        "the stop was not clean: {killed} workers were killed or cut connections off at the \
+         shutdown timeout"
+    )]
+    StopNotClean {
+        /// How many.
+        killed: usize,
+    },
+    /// A rolling restart was aborted; the workers it had not replaced yet keep serving.
+    #[error("the roll-out was aborted: {reason}")]
+    RolloutAborted {
+        /// Why.
+        reason: String,
+    },
     /// The primary's loop did not answer in time.
     #[error("the primary did not answer {op} within {timeout:?}")]
     TimedOut {

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cluster_ipc::{SlotId, WorkerId};
+use serde::{Serialize, Serializer};
 
 use crate::Signal;
 
@@ -69,6 +70,60 @@ pub enum Event {
         /// accord, before it exited (Node's `exitedAfterDisconnect`).
         after_disconnect: bool,
     },
+    /// A worker was declared hung: its un-acknowledged connections went to other workers,
+    /// it gets SIGABRT then SIGKILL, and a replacement.
+    Hung {
+        /// Which worker.
+        worker: WorkerId,
+        /// What gave it away.
+        reason: String,
+    },
+    /// A rolling restart began.
+    RolloutStarted {
+        /// The roll-out's number (from 1).
+        rollout: u64,
+        /// How many workers it replaces.
+        workers: usize,
+    },
+    /// A replacement of the roll-out is ready and the worker it replaces was asked to leave.
+    RolloutStep {
+        /// The roll-out's number.
+        rollout: u64,
+        /// The worker replaced (draining now).
+        old: WorkerId,
+        /// Its replacement.
+        new: WorkerId,
+        /// Workers replaced so far.
+        done: usize,
+        /// Workers to replace in all.
+        total: usize,
+    },
+    /// Every worker of the roll-out was replaced.
+    RolloutFinished {
+        /// The roll-out's number.
+        rollout: u64,
+    },
+    /// The roll-out stopped before the end; the workers it had not replaced keep serving.
+    RolloutAborted {
+        /// The roll-out's number.
+        rollout: u64,
+        /// Why (a replacement that did not become ready, a stop, ...).
+        reason: String,
+    },
+    /// The number of workers changed.
+    Scaled {
+        /// The number before.
+        from: usize,
+        /// The number now.
+        to: usize,
+    },
+    /// A worker is being replaced to keep it fresh: its replacement starts, then it drains.
+    Recycling {
+        /// Which worker.
+        worker: WorkerId,
+        /// Why (connections taken, memory).
+        reason: String,
+    },
 }
 
 /// How a worker process ended.
@@ -109,7 +164,8 @@ impl From<std::process::ExitStatus> for ExitStatus {
 }
 
 /// Where a worker is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum WorkerState {
     /// Spawned, no Hello yet.
     Starting,
@@ -124,8 +180,42 @@ pub enum WorkerState {
     Disconnected,
 }
 
-/// A snapshot of one worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How much memory a worker uses, from `/proc/PID/smaps_rollup`, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Memory {
+    /// Proportional set size: private pages, plus each shared page divided by the number of
+    /// processes that share it.
+    pub pss: u64,
+    /// Unique set size: private pages only (what the process would give back if it ended).
+    pub uss: u64,
+}
+
+impl Memory {
+    /// Memory of these sizes.
+    pub fn new(pss: u64, uss: u64) -> Memory {
+        Memory { pss, uss }
+    }
+}
+
+fn as_millis<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn as_optional_millis<S: Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => as_millis(duration, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// A snapshot of one worker. Serialized (for the control socket, logs, dashboards) with its
+/// durations in milliseconds, as `uptime_ms` and `heartbeat_age_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct WorkerInfo {
     /// Its id.
     pub id: WorkerId,
@@ -136,6 +226,7 @@ pub struct WorkerInfo {
     /// Where it is in its life.
     pub state: WorkerState,
     /// How long ago it was spawned.
+    #[serde(rename = "uptime_ms", serialize_with = "as_millis")]
     pub uptime: Duration,
     /// How many connections it acknowledged (round-robin listeners).
     pub connections_handed: u64,
@@ -145,10 +236,18 @@ pub struct WorkerInfo {
     /// The connections it has open, as it last reported them (only under
     /// [`Policy::LeastConnections`](crate::Policy::LeastConnections), which asks for reports).
     pub open_connections: Option<u32>,
+    /// How many workers its slot started to replace one that exited.
+    pub restarts: u64,
+    /// How long ago its serving path last sent a heartbeat (`None`: never yet).
+    #[serde(rename = "heartbeat_age_ms", serialize_with = "as_optional_millis")]
+    pub heartbeat_age: Option<Duration>,
+    /// Its memory as last measured (`None` until measured).
+    pub memory: Option<Memory>,
 }
 
 /// A snapshot of the whole cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Status {
     /// The live workers, by id.
     pub workers: Vec<WorkerInfo>,
@@ -160,4 +259,20 @@ pub struct Status {
     pub pending_connections: usize,
     /// True once the cluster is stopping.
     pub stopping: bool,
+    /// The number of workers the cluster keeps running.
+    pub target_workers: usize,
+    /// The rolling restart in progress: its number, and workers replaced / to replace.
+    pub rollout: Option<RolloutProgress>,
+}
+
+/// How far a rolling restart got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RolloutProgress {
+    /// The roll-out's number.
+    pub rollout: u64,
+    /// Workers replaced so far.
+    pub done: usize,
+    /// Workers to replace in all.
+    pub total: usize,
 }

@@ -61,8 +61,20 @@
 //!   saturated the primary stops accepting and the kernel's backlog holds new clients. Shared
 //!   listeners: the listening socket itself goes to every worker.
 //! - A worker that exits unexpectedly is replaced at once, then with a capped backoff if its
-//!   slot keeps failing. SIGTERM or SIGINT stop the cluster gracefully (a second one, or
-//!   SIGQUIT, at once); workers get the shutdown timeout to finish, then SIGKILL.
+//!   slot keeps failing ([`Respawn`] says which exits are replaced). A worker that exits with
+//!   [`BOOT_FAILURE_EXIT_CODE`] before it listens stops the cluster, and so do too many
+//!   failures in a row ([`Builder::crash_loop`]): [`Primary::run`] returns an error naming the
+//!   cause instead of respawning forever.
+//! - Zero-downtime operations, decided by the core and driven by signals, the [`Handle`] or
+//!   the [`Cluster`]: rolling restarts ([`Handle::reload`], SIGHUP; a replacement starts, and
+//!   its predecessor drains once it listens on the same addresses; [`Rollout`]), scaling
+//!   ([`Handle::set_workers`], SIGTTIN, SIGTTOU; [`Handle::fork`]), recycling after a number of
+//!   connections or past a memory limit ([`Recycle`]), and hung workers
+//!   ([`Builder::hang_timeout`]: un-acknowledged connections go to others, then SIGABRT,
+//!   SIGKILL and a replacement).
+//! - SIGTERM or SIGINT stop the cluster gracefully (a second one, or SIGQUIT, at once);
+//!   workers get the shutdown timeout to finish, then SIGKILL. `run` returns `Ok` only for a
+//!   clean stop.
 //!
 //! # Example
 //!
@@ -88,6 +100,7 @@ mod config;
 mod error;
 mod event;
 mod listen;
+mod memory;
 mod primary;
 mod shell;
 mod signal;
@@ -96,14 +109,18 @@ mod supervisor;
 mod sys;
 
 pub use cluster::Cluster;
+pub use cluster_ipc::env::{BOOT_FAILURE_EXIT_CODE, DRAIN_TIMEOUT_EXIT_CODE};
 pub use cluster_ipc::env::{IPC_FD, IPC_FD_ENV, PRIMARY_PID_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV};
 pub use cluster_ipc::proto::ListenMode;
 pub use cluster_ipc::{ListenerId, SlotId, WorkerId};
 pub use config::{
-    Builder, DEFAULT_BACKLOG, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_START_TIMEOUT, DEFAULT_WINDOW,
-    MAX_WINDOW, Policy,
+    Builder, DEFAULT_BACKLOG, DEFAULT_CRASH_LOOP_FAILURES, DEFAULT_CRASH_LOOP_WITHIN,
+    DEFAULT_HANG_TIMEOUT, DEFAULT_READINESS_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_START_TIMEOUT, DEFAULT_WINDOW, MAX_WINDOW, Policy, Recycle, Respawn, Rollout,
 };
 pub use error::Error;
-pub use event::{Event, ExitStatus, Message, Status, WorkerInfo, WorkerState};
+pub use event::{
+    Event, ExitStatus, Memory, Message, RolloutProgress, Status, WorkerInfo, WorkerState,
+};
 pub use primary::{Handle, Primary};
 pub use signal::Signal;

@@ -1,5 +1,6 @@
 //! The primary's event loop, and a handle to steer it from other threads.
 
+use std::ffi::OsString;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::time::{Duration, Instant};
@@ -9,10 +10,20 @@ use cluster_ipc::proto::{Encoded, ToWorker};
 use mio::{Events, Interest, Poll, Waker};
 use serde::Serialize;
 
-use crate::Error;
 use crate::cluster::Cluster;
 use crate::shell::{SIGNALS, Source, WAKER};
+use crate::supervisor::{Ending, Fatal};
+use crate::{Error, Signal};
 
+/// The signals the primary handles (see the README's signal table).
+const HANDLED_SIGNALS: [i32; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGHUP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+];
 /// How often the loop reaps when it relies on SIGCHLD, which coalesces.
 const SIGCHLD_POLL: Duration = Duration::from_millis(500);
 use crate::config::{Builder, Config};
@@ -26,6 +37,8 @@ pub struct Primary {
     cluster: Cluster,
     commands: Receiver<Command>,
     handle: Handle,
+    /// Handles waiting for the end of a roll-out, by its number.
+    rollout_waiters: Vec<(u64, SyncSender<Result<(), Error>>)>,
 }
 
 /// What a [`Handle`] asks the loop to do.
@@ -45,6 +58,17 @@ enum Command {
     },
     Status {
         reply: SyncSender<Status>,
+    },
+    Reload {
+        reply: SyncSender<Result<(), Error>>,
+    },
+    SetWorkers {
+        count: usize,
+        reply: SyncSender<Result<(), Error>>,
+    },
+    Fork {
+        env: Vec<(OsString, OsString)>,
+        reply: SyncSender<Result<WorkerId, Error>>,
     },
 }
 
@@ -69,6 +93,7 @@ impl Primary {
                 waker: Arc::new(waker),
                 limits,
             },
+            rollout_waiters: Vec::new(),
         })
     }
 
@@ -81,6 +106,10 @@ impl Primary {
     /// them, calling `on_event` for everything that happens. It returns once the cluster was
     /// stopped (by a signal, [`Cluster::stop`] or [`Handle::stop`]) and every worker is gone,
     /// or when respawning is off and the last worker exited.
+    ///
+    /// It returns `Ok` only for a clean end: a stop that had to kill workers gives
+    /// [`Error::StopNotClean`], a worker that could not boot [`Error::BootFailed`], workers
+    /// that kept failing [`Error::CrashLoop`].
     ///
     /// Workers are spawned from this thread only: their parent-death signal follows the
     /// thread that spawned them, so call this on a thread that lives as long as the cluster.
@@ -126,14 +155,33 @@ impl Primary {
             self.run_commands();
         }
         self.dispatch_events(&mut on_event);
-        tracing::info!("primary stopped");
-        Ok(())
+        match self.cluster.core.ending() {
+            Ending::Clean => {
+                tracing::info!("primary stopped");
+                Ok(())
+            }
+            Ending::Forced { killed } => {
+                tracing::warn!(killed, "primary stopped; workers had to be killed");
+                Err(Error::StopNotClean { killed })
+            }
+            Ending::Fatal(Fatal::BootFailed { worker, exit_code }) => {
+                Err(Error::BootFailed { worker, exit_code })
+            }
+            Ending::Fatal(Fatal::CrashLoop {
+                failures,
+                within,
+                last,
+            }) => Err(Error::CrashLoop {
+                failures,
+                within,
+                last,
+            }),
+        }
     }
 
     fn install_signals(&mut self) -> Result<(), Error> {
-        let mut signals =
-            signal_hook_mio::v1_0::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGQUIT])
-                .map_err(|source| Error::io("install signal handlers", source))?;
+        let mut signals = signal_hook_mio::v1_0::Signals::new(HANDLED_SIGNALS)
+            .map_err(|source| Error::io("install signal handlers", source))?;
         self.cluster
             .shell
             .registry
@@ -160,6 +208,7 @@ impl Primary {
     fn dispatch_events(&mut self, on_event: &mut impl FnMut(&mut Cluster, Event)) {
         loop {
             while let Some(event) = self.cluster.next_event() {
+                self.notify_rollout_waiters(&event);
                 on_event(&mut self.cluster, event);
                 self.cluster.pump();
             }
@@ -205,19 +254,72 @@ impl Primary {
         let pending: Vec<i32> = signals.pending().collect();
         let now = Instant::now();
         for signal in pending {
+            let name = Signal::from_raw(signal);
             match signal {
                 libc::SIGTERM | libc::SIGINT => {
                     // The first asks for a graceful stop; a second one, while stopping, for
                     // an immediate one.
-                    tracing::info!(signal, "stop requested");
+                    let graceful = !self.cluster.core.is_stopping();
+                    tracing::info!(signal = %name, graceful, "stop requested");
                     self.cluster.core.stop(true, now);
                 }
-                libc::SIGQUIT => self.cluster.core.stop(false, now),
+                libc::SIGQUIT => {
+                    tracing::info!(signal = %name, "immediate stop requested");
+                    self.cluster.core.stop(false, now);
+                }
+                libc::SIGHUP => {
+                    tracing::info!(signal = %name, "rolling restart requested");
+                    if let Err(refusal) = self.cluster.core.reload(now) {
+                        tracing::warn!(?refusal, "rolling restart refused");
+                    }
+                }
+                libc::SIGTTIN | libc::SIGTTOU => self.scale_by_signal(signal == libc::SIGTTIN, now),
                 libc::SIGCHLD => self.cluster.shell.try_reap_all(&mut self.cluster.core),
                 _ => {}
             }
         }
         self.cluster.pump();
+    }
+
+    /// SIGTTIN: one worker more; SIGTTOU: one fewer, never below one.
+    fn scale_by_signal(&mut self, up: bool, now: Instant) {
+        let from = self.cluster.core.target_workers();
+        let to = if up { from + 1 } else { from.saturating_sub(1) };
+        if to == 0 {
+            tracing::warn!("SIGTTOU ignored: the cluster runs one worker, the fewest it can");
+            return;
+        }
+        if let Err(refusal) = self.cluster.core.set_workers(to, now) {
+            tracing::warn!(?refusal, from, to, "scaling refused");
+        }
+    }
+
+    /// Answers the handles waiting for a roll-out that just ended.
+    fn notify_rollout_waiters(&mut self, event: &Event) {
+        let (id, outcome) = match event {
+            Event::RolloutFinished { rollout } => (*rollout, Ok(())),
+            Event::RolloutAborted { rollout, reason } => (
+                *rollout,
+                Err(Error::RolloutAborted {
+                    reason: reason.clone(),
+                }),
+            ),
+            _ => return,
+        };
+        self.rollout_waiters.retain(|(waiting_for, reply)| {
+            if *waiting_for != id {
+                return true;
+            }
+            let answer = match &outcome {
+                Ok(()) => Ok(()),
+                Err(Error::RolloutAborted { reason }) => Err(Error::RolloutAborted {
+                    reason: reason.clone(),
+                }),
+                Err(_) => Err(Error::NotRunning),
+            };
+            let _ = reply.try_send(answer);
+            false
+        });
     }
 
     fn run_commands(&mut self) {
@@ -233,6 +335,23 @@ impl Primary {
                 Command::Disconnect { worker } => cluster.disconnect(worker),
                 Command::Status { reply } => {
                     let _ = reply.try_send(cluster.status());
+                    Ok(())
+                }
+                Command::Reload { reply } => {
+                    match cluster.reload() {
+                        Ok(id) => self.rollout_waiters.push((id, reply)),
+                        Err(err) => {
+                            let _ = reply.try_send(Err(err));
+                        }
+                    }
+                    Ok(())
+                }
+                Command::SetWorkers { count, reply } => {
+                    let _ = reply.try_send(cluster.set_workers(count));
+                    Ok(())
+                }
+                Command::Fork { env, reply } => {
+                    let _ = reply.try_send(cluster.fork(env));
                     Ok(())
                 }
             };
@@ -299,6 +418,39 @@ impl Handle {
     /// Asks a worker to disconnect (see [`Cluster::disconnect`]).
     pub fn disconnect(&self, worker: WorkerId) -> Result<(), Error> {
         self.command(Command::Disconnect { worker })
+    }
+
+    /// Rolls every worker (see [`Cluster::reload`]) and waits until the roll-out is over:
+    /// `Ok` once every worker was replaced, [`Error::RolloutAborted`] with the reason when a
+    /// replacement failed (the old workers keep serving), [`Error::NotRunning`] if the
+    /// primary stopped first. Call it from another thread than the primary's (not from the
+    /// event hook, which runs on the primary's thread and would wait for itself).
+    pub fn reload(&self) -> Result<(), Error> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.command(Command::Reload { reply })?;
+        answer.recv().map_err(|_| Error::NotRunning)?
+    }
+
+    /// Sets the number of workers (see [`Cluster::set_workers`]); returns once the primary
+    /// took the order (the new workers start, the removed ones drain, after that).
+    pub fn set_workers(&self, count: usize) -> Result<(), Error> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.command(Command::SetWorkers { count, reply })?;
+        answer.recv().map_err(|_| Error::NotRunning)?
+    }
+
+    /// Starts one more worker with `env` added to its environment (see [`Cluster::fork`]);
+    /// returns its id once it is being started.
+    pub fn fork<I, K, V>(&self, env: I) -> Result<WorkerId, Error>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<OsString>,
+        V: Into<OsString>,
+    {
+        let env = env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.command(Command::Fork { env, reply })?;
+        answer.recv().map_err(|_| Error::NotRunning)?
     }
 
     /// A snapshot of the cluster, waiting at most `timeout` for the loop to answer: a loop

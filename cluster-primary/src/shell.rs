@@ -194,7 +194,7 @@ impl Shell {
         now: Instant,
     ) -> Option<Event> {
         match action {
-            Action::Spawn { worker, slot } => match self.spawn(worker, slot) {
+            Action::Spawn { worker, slot, env } => match self.spawn(worker, slot, &env) {
                 Ok(pid) => core.handle_spawned(worker, pid),
                 Err(err) => {
                     tracing::error!(%worker, %slot, %err, "could not start a worker");
@@ -239,14 +239,31 @@ impl Shell {
                     tracing::debug!(%worker, %err, "could not signal a worker");
                 }
             }
+            Action::MeasureMemory { workers } => {
+                for worker in workers {
+                    let pid = self
+                        .workers
+                        .get(&worker)
+                        .filter(|io| !io.reaped)
+                        .map(|io| io.pid);
+                    if let Some(memory) = pid.and_then(crate::memory::of_process) {
+                        core.handle_memory(worker, memory, now);
+                    }
+                }
+            }
             Action::Event(event) => return Some(event),
             Action::Finished => {}
         }
         None
     }
 
-    fn spawn(&mut self, worker: WorkerId, slot: cluster_ipc::SlotId) -> Result<u32, Error> {
-        let spawned = spawn_worker(&self.config, worker, slot)?;
+    fn spawn(
+        &mut self,
+        worker: WorkerId,
+        slot: cluster_ipc::SlotId,
+        env: &[(std::ffi::OsString, std::ffi::OsString)],
+    ) -> Result<u32, Error> {
+        let spawned = spawn_worker(&self.config, worker, slot, env)?;
         let pid = spawned.child.id();
         let control_token = self.allocate_token(Source::Control(worker));
         let control = match Registered::new(&self.registry, spawned.control, control_token) {

@@ -43,6 +43,23 @@ impl Signal {
     pub const fn as_raw(self) -> i32 {
         self.0
     }
+
+    /// True for the signals a process gets for its own fault (a bad memory access, an abort,
+    /// an illegal instruction, ...), as opposed to one sent to it to stop it.
+    pub const fn is_fault(self) -> bool {
+        matches!(
+            self.0,
+            libc::SIGSEGV
+                | libc::SIGBUS
+                | libc::SIGILL
+                | libc::SIGFPE
+                | libc::SIGABRT
+                | libc::SIGSYS
+                | libc::SIGTRAP
+                | libc::SIGXCPU
+                | libc::SIGXFSZ
+        )
+    }
 }
 
 impl fmt::Display for Signal {

@@ -1,6 +1,7 @@
 //! Starting a worker process: fork+exec of the configured program with the control channel
 //! at a fixed fd and the worker's identity in its environment.
 
+use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
 
@@ -19,7 +20,12 @@ pub(crate) struct Spawned {
 
 /// Starts worker `id` in `slot`. Must run on the primary's loop thread: the parent-death
 /// signal follows the thread that forked.
-pub(crate) fn spawn_worker(config: &Config, id: WorkerId, slot: SlotId) -> Result<Spawned, Error> {
+pub(crate) fn spawn_worker(
+    config: &Config,
+    id: WorkerId,
+    slot: SlotId,
+    env: &[(OsString, OsString)],
+) -> Result<Spawned, Error> {
     let (control, workers_end) = Channel::pair_with(Transport::native(), config.control_limits)?;
     let control = control.into_protocol();
     let mut cmd = Command::new(&config.program);
@@ -30,6 +36,7 @@ pub(crate) fn spawn_worker(config: &Config, id: WorkerId, slot: SlotId) -> Resul
             None => cmd.env_remove(key),
         };
     }
+    cmd.envs(env.iter().map(|(key, value)| (key, value)));
     if let Some(dir) = &config.cwd {
         cmd.current_dir(dir);
     }

@@ -602,6 +602,11 @@ impl ControlLoop {
                 drain_timeout = ?self.worker.drain_timeout,
                 "connections still open at the drain timeout: exiting anyway"
             );
+            if self.worker.exit_code() == 0 {
+                // Not a clean exit: clients were cut off.
+                self.worker
+                    .set_exit_code(cluster_ipc::env::DRAIN_TIMEOUT_EXIT_CODE);
+            }
             self.exit_if_asked("the drain timeout passed");
         }
     }

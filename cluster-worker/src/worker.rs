@@ -405,12 +405,14 @@ impl Worker {
     ///
     /// When the primary watches for hung workers (its `Welcome` asked for heartbeats), the
     /// worker sends one at most once per interval, and only when its serving path asks: every
-    /// accept on a cluster listener does (a blocking accept that waits for a connection wakes
-    /// once per interval for it), and so does this call. The worker's own control thread never
-    /// sends one by itself, since its being alive says nothing of the server. So a server
-    /// that neither accepts nor calls this while it is busy (a loop serving its open
-    /// connections, a long request) is declared hung by the primary after the hang timeout,
-    /// and killed and replaced.
+    /// blocking accept on a cluster listener does (one that waits for a connection wakes once
+    /// per interval for it), and so does this call; `try_accept` does not (an event loop calls
+    /// it only when connections come, so an idle server would look hung). The worker's own
+    /// control thread never sends one by itself, since its being alive says nothing of the
+    /// server. Once a worker has sent one, the primary expects them: a server that stops
+    /// (stuck in a handler, a long request on the accepting thread) is declared hung after the
+    /// hang timeout, and killed and replaced. A server that never sends any is watched only
+    /// through the connections handed to it and not taken.
     ///
     /// Cheap enough for every turn: an atomic load and a clock read (no system call) while
     /// no heartbeat is due, and never a wait: the control thread sends it.

@@ -113,7 +113,7 @@ fn an_idle_blocking_accept_beats_once_per_interval_and_counts_the_connections_ac
 }
 
 #[test]
-fn try_accept_and_the_heartbeat_call_beat_and_the_control_thread_alone_never_does() {
+fn the_heartbeat_call_beats_and_neither_try_accept_nor_the_control_thread_alone_does() {
     no_leak(|| {
         const INTERVAL: Duration = Duration::from_millis(50);
         let (worker, mut primary) = connect_worker_with_heartbeats(options(), 50);
@@ -128,23 +128,21 @@ fn try_accept_and_the_heartbeat_call_beat_and_the_control_thread_alone_never_doe
         // The application's event loop says it, once per turn.
         worker.heartbeat();
         assert_eq!(expect_heartbeat(&mut primary), 0);
-        // So does a non-blocking accept, once one is due again.
-        let deadline = Instant::now() + WAIT;
-        loop {
-            assert!(Instant::now() < deadline, "try_accept never beat");
+        // A non-blocking accept does not, however long it is called: an event loop calls it
+        // only when connections come, and an idle server must not look hung.
+        let until = Instant::now() + 4 * INTERVAL;
+        while Instant::now() < until {
             assert_eq!(
                 listener.try_accept().unwrap_err().kind(),
                 io::ErrorKind::WouldBlock
             );
-            match recv_until(&mut primary, Instant::now() + INTERVAL / 2) {
-                Some(ToPrimary::Heartbeat { connections }) => {
-                    assert_eq!(connections, 0);
-                    break;
-                }
-                Some(other) => panic!("expected a heartbeat, got {other:?}"),
-                None => {}
-            }
+            std::thread::sleep(INTERVAL / 10);
         }
+        assert_eq!(
+            recv_until(&mut primary, Instant::now() + INTERVAL),
+            None,
+            "a heartbeat from try_accept"
+        );
         close_listener(listener, &mut primary, 2);
         finish(worker, primary);
     });

@@ -18,8 +18,13 @@ use mio::{Events, Interest, Poll, Token};
 
 /// What the server asks of the application.
 pub trait Handler {
-    /// The body of the response to one request.
-    fn respond(&mut self) -> String;
+    /// The body of the response to a request for `path`.
+    fn respond(&mut self, path: &str) -> String;
+
+    /// `respond` panicked: the request's connection was closed without an answer (the rest
+    /// of the server goes on). A cluster worker should now stop taking work and be replaced
+    /// (`Worker::fail`).
+    fn on_panic(&mut self) {}
 
     /// False when connections should close after their current request (for example while
     /// the worker is disconnecting); keep-alive connections that wait for their next request
@@ -271,9 +276,16 @@ impl Connection {
         let minor = request.version.unwrap_or(0);
         let keep_alive = wants_keep_alive(minor, request.headers) && handler.keep_alive_allowed();
         let body_len = content_length(request.headers);
+        let path = request.path.unwrap_or("/").to_owned();
         self.input.drain(..head_len);
         self.body_left = body_len;
-        let body = handler.respond();
+        // A handler that panics loses its own request, not every connection of the process.
+        let respond = std::panic::AssertUnwindSafe(|| handler.respond(&path));
+        let Ok(body) = std::panic::catch_unwind(respond) else {
+            handler.on_panic();
+            self.closing = true;
+            return false;
+        };
         self.answered += 1;
         let keep_alive = keep_alive && handler.keep_alive_allowed();
         self.queue_response("200 OK", &body, keep_alive, minor);

@@ -25,7 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use cluster_net::{Event, ListenMode, Policy, PrimaryCluster, TcpListener, Worker};
+use cluster_net::{Event, ListenMode, Policy, PrimaryCluster, Recycle, TcpListener, Worker};
 
 /// The flags every example server takes.
 #[derive(Debug, Clone, Parser)]
@@ -55,6 +55,60 @@ pub struct ServerArgs {
     /// CPU work per request: a loop of this many iterations (the seed's benchmark used 1e7).
     #[arg(long, default_value_t = 0)]
     pub work: u64,
+    /// Workers exit with the boot-failure code before they listen (to see the primary give
+    /// up with a clear message instead of respawning forever).
+    #[arg(long)]
+    pub boot_fail: bool,
+    /// Enables `GET /crash` (the handler panics: that request fails, the worker retires as
+    /// failed) and `GET /hang` (the handler spins forever: the primary declares the worker
+    /// hung, hands what it had not taken to others, and replaces it).
+    #[arg(long)]
+    pub faults: bool,
+    /// Replace a worker after it took this many connections (plus up to 10% more, different
+    /// for each worker, so they do not all go at once). With keep-alive clients a connection
+    /// carries many requests.
+    #[arg(long, value_name = "CONNECTIONS")]
+    pub max_requests: Option<u64>,
+    /// Replace a worker whose own memory (USS, shared pages not counted) passes this size:
+    /// bytes, or with a K, M or G suffix (`512M`).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+    /// Seconds after which a worker that holds handed connections without taking any, or
+    /// whose server loop stopped sending heartbeats, is hung (0: never).
+    #[arg(long, value_name = "SECONDS", default_value_t = cluster_net::primary::DEFAULT_HANG_TIMEOUT.as_secs_f64())]
+    pub hang_timeout: f64,
+    /// Seconds workers get to finish when they are stopped or replaced, before they are
+    /// killed.
+    #[arg(long, value_name = "SECONDS", default_value_t = cluster_net::primary::DEFAULT_SHUTDOWN_TIMEOUT.as_secs_f64())]
+    pub shutdown_timeout: f64,
+}
+
+/// A size in bytes, with an optional K, M or G suffix (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().last() {
+        Some((at, c)) if c.is_ascii_alphabetic() => (&text[..at], c.to_ascii_uppercase()),
+        _ => (text, 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        other => return Err(format!("unknown size unit {other:?}: use K, M or G")),
+    };
+    let number: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|err| format!("{text:?} is not a size: {err}"))?;
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text} is too large"))
+}
+
+/// Seconds as a duration; `None` for 0 or less (off), or what is not a finite number.
+fn seconds(value: f64) -> Option<std::time::Duration> {
+    (value.is_finite() && value > 0.0).then(|| std::time::Duration::from_secs_f64(value))
 }
 
 /// How listeners deliver connections.
@@ -105,6 +159,13 @@ impl ServerArgs {
                 PolicyArg::RoundRobin => Policy::RoundRobin,
                 PolicyArg::LeastConnections => Policy::LeastConnections,
             })
+            .hang_timeout(seconds(self.hang_timeout))
+            .shutdown_timeout(seconds(self.shutdown_timeout).unwrap_or_default())
+            .recycle(Recycle {
+                after_connections: self.max_requests,
+                jitter: self.max_requests.map_or(0, |n| n / 10),
+                max_memory: self.max_memory,
+            })
     }
 
     /// The line the primary prints once every worker listens (an IPv6 host in brackets).
@@ -142,6 +203,10 @@ pub fn run(
             on_event(cluster, &event);
         })
         .run(|worker| {
+            if args.boot_fail && worker.is_clustered() {
+                tracing::error!("--boot-fail: this worker cannot boot");
+                std::process::exit(cluster_net::BOOT_FAILURE_EXIT_CODE);
+            }
             let listener = TcpListener::bind(args.addr())?;
             if !worker.is_clustered() {
                 println!("{}", args.ready_line(listener.local_addr()?));
@@ -157,10 +222,25 @@ pub fn run(
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default: warnings and errors).
+/// The body every example answers with: `handled by process.<pid>` on its first line,
+/// then spaces up to a fixed length. Pids have from 1 to 7 digits (Linux's largest
+/// `pid_max` is 4194304) and wrap around, so a rolling restart can put workers with pids of
+/// different widths behind one address; `ab` counts a response whose length differs from
+/// the first one's as a failed request ("Length"), and would report failures that are not.
+pub fn hello_body(pid: u32) -> String {
+    const WIDTH: usize = "handled by process.\n".len() + 7;
+    let mut body = format!("handled by process.{pid}\n");
+    let padding = WIDTH.saturating_sub(body.len());
+    body.extend(std::iter::repeat_n(' ', padding));
+    body
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`: the primary's lifecycle, every
+/// worker start, exit, respawn and roll-out step, and every warning and error; nothing per
+/// connection).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -172,6 +252,23 @@ pub fn init_logging() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hello_bodies_have_one_length_whatever_the_pid() {
+        assert_eq!(hello_body(7), "handled by process.7\n      ");
+        assert_eq!(hello_body(4_194_304).len(), hello_body(1).len());
+        assert!(hello_body(32_768).starts_with("handled by process.32768\n"));
+    }
+
+    #[test]
+    fn sizes_take_k_m_g_suffixes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+    }
 
     #[test]
     fn the_ready_line_brackets_ipv6_hosts() {

@@ -9,6 +9,7 @@
 //! inputs give the same actions, which is what lets the tests drive it with scripted workers
 //! and a fake clock.
 
+mod lifecycle;
 mod listeners;
 mod workers;
 
@@ -17,6 +18,7 @@ mod tests;
 
 use core::net::SocketAddr;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ffi::OsString;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
@@ -26,10 +28,12 @@ use cluster_ipc::proto::{
 };
 use cluster_ipc::{ConnId, ListenerId, SlotId, WorkerId};
 
-use crate::config::{Config, Policy};
+use crate::config::{Config, Policy, Recycle, Respawn, Rollout as RolloutLimits};
 use crate::event::{Event, ExitStatus, Status, WorkerInfo, WorkerState};
 use crate::signal::Signal;
 
+pub(crate) use lifecycle::{Ending, Fatal};
+use lifecycle::{Rollouts, failure_of, jitter_for};
 pub(crate) use listeners::ListenKey;
 use listeners::{Listeners, RoundRobin};
 use workers::{Slot, Worker};
@@ -73,11 +77,16 @@ pub(crate) struct Settings {
     pub(crate) window: NonZeroU32,
     pub(crate) start_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
-    pub(crate) respawn: bool,
+    pub(crate) respawn: Respawn,
     pub(crate) max_message_len: u32,
     pub(crate) primary_pid: u32,
     /// A worker that holds un-acked connections, or sends no heartbeat, for this long is hung.
     pub(crate) hang_timeout: Option<Duration>,
+    /// The crash-loop guard: this many failures within this long stop the cluster.
+    pub(crate) crash_loop: (u32, Duration),
+    pub(crate) readiness_timeout: Duration,
+    pub(crate) rollout: RolloutLimits,
+    pub(crate) recycle: Recycle,
 }
 
 impl Settings {
@@ -96,6 +105,10 @@ impl Settings {
                 .unwrap_or(u32::MAX),
             primary_pid,
             hang_timeout: config.hang_timeout,
+            crash_loop: config.crash_loop,
+            readiness_timeout: config.readiness_timeout,
+            rollout: config.rollout,
+            recycle: config.recycle,
         }
     }
 
@@ -109,9 +122,15 @@ impl Settings {
 /// Something the shell must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Action {
-    /// Start worker `worker` in `slot`, then say [`Supervisor::handle_spawned`] or
-    /// [`Supervisor::handle_spawn_failed`].
-    Spawn { worker: WorkerId, slot: SlotId },
+    /// Start worker `worker` in `slot`, with `env` added to its environment, then say
+    /// [`Supervisor::handle_spawned`] or [`Supervisor::handle_spawn_failed`].
+    Spawn {
+        worker: WorkerId,
+        slot: SlotId,
+        env: Vec<(OsString, OsString)>,
+    },
+    /// Measure these workers' memory and say [`Supervisor::handle_memory`] for each.
+    MeasureMemory { workers: Vec<WorkerId> },
     /// Send a control message on the worker's channel (a reply when `ack` is set). A closed
     /// channel is not an error: its end of file comes as its own input.
     Send {
@@ -172,6 +191,10 @@ pub(crate) enum Action {
 pub(crate) enum Refusal {
     /// No such worker, or it is gone (or not yet online, for a send).
     NoSuchWorker,
+    /// The cluster is stopping.
+    Stopping,
+    /// A cluster needs at least one worker.
+    NoWorkers,
 }
 
 /// Deliberate flaws the tests plant to prove they catch them (as `cluster-sched`'s
@@ -215,6 +238,19 @@ pub(crate) struct Supervisor {
     ready_sent: bool,
     restarts: u64,
     actions: VecDeque<Action>,
+    rollouts: Rollouts,
+    /// When recent failures happened, for the crash-loop guard.
+    failure_times: VecDeque<Instant>,
+    /// Why the cluster stopped by itself.
+    fatal: Option<Fatal>,
+    /// Workers the stop had to kill.
+    forced_kills: usize,
+    /// Connections were handed out since the hang clock last looked.
+    stamp_stalls: bool,
+    /// When [`start`](Self::start) was called: an instant surely past.
+    started_at: Option<Instant>,
+    /// When to measure the workers' memory next.
+    memory_due: Option<Instant>,
     /// Listeners whose policy has inputs it has not decided on yet.
     dispatch_due: BTreeSet<ListenerId>,
     /// Listeners whose accepting may have to change.
@@ -238,6 +274,13 @@ impl Supervisor {
             ready_sent: false,
             restarts: 0,
             actions: VecDeque::new(),
+            rollouts: Rollouts::default(),
+            failure_times: VecDeque::new(),
+            fatal: None,
+            forced_kills: 0,
+            stamp_stalls: false,
+            started_at: None,
+            memory_due: None,
             dispatch_due: BTreeSet::new(),
             accept_due: BTreeSet::new(),
             #[cfg(test)]
@@ -279,9 +322,17 @@ impl Supervisor {
             [worker.kill_at, start]
         });
         let slots = self.slots.iter().map(|slot| slot.respawn_at);
+        let lifecycle = self
+            .rollouts
+            .deadlines()
+            .chain(self.hang_deadlines())
+            .chain(self.stamp_due())
+            .chain(self.memory_due.filter(|_| !self.stopping))
+            .map(Some);
         workers
             .chain(slots)
             .chain(self.listeners.fd_backoffs())
+            .chain(lifecycle)
             .flatten()
             .min()
     }
@@ -295,8 +346,12 @@ impl Supervisor {
 
     /// Starts the configured number of workers, one per slot.
     pub(crate) fn start(&mut self, now: Instant) {
+        self.started_at = Some(now);
         for slot in 0..self.slots.len() {
             self.spawn_into(SlotId(slot as u32), now);
+        }
+        if self.settings.recycle.max_memory.is_some() {
+            self.memory_due = Some(now);
         }
         self.check_finished();
     }
@@ -313,10 +368,16 @@ impl Supervisor {
                 && worker.spawned_at + start_timeout <= now
             {
                 tracing::error!(worker = %worker.id, "no Hello within the start timeout");
+                worker.fault = Some(format!("no Hello within {start_timeout:?}"));
                 worker.kill_at = Some(now);
             }
         }
         self.kill_overdue(now);
+        self.replacements_overdue(now);
+        self.check_hung(now);
+        if !self.stopping {
+            self.measure_memory_if_due(now);
+        }
         for listener in self.listeners.fd_backoff_over(now) {
             self.set_accepting(listener);
         }
@@ -332,6 +393,7 @@ impl Supervisor {
                 self.spawn_into(slot, now);
             }
         }
+        self.stamp_stalls(now);
         self.check_finished();
     }
 
@@ -356,10 +418,18 @@ impl Supervisor {
 
     /// The worker's process could not be started; nothing of it exists.
     pub(crate) fn handle_spawn_failed(&mut self, worker: WorkerId, now: Instant) {
+        let why = "its program could not be started";
+        let replacement = self.rollouts.replacements.contains_key(&worker);
+        if replacement {
+            self.replacement_failed(worker, why, now);
+        }
         let Some(record) = self.workers.remove(&worker) else {
             return;
         };
-        self.slot_failed(record.slot, now);
+        if !replacement {
+            self.slot_failed(record.slot, now);
+        }
+        self.count_failure(why, now);
         self.check_finished();
     }
 
@@ -378,10 +448,17 @@ impl Supervisor {
         record.kill_at = None;
         let after_disconnect = record.leaving.is_leaving();
         let pid = record.pid.unwrap_or(0);
-        if status.success() || after_disconnect {
-            tracing::info!(%worker, pid, %status, after_disconnect, "worker exited");
-        } else {
-            tracing::warn!(%worker, pid, %status, "worker exited");
+        let failure = failure_of(record.fault.as_deref(), record.leaving.asked, status);
+        if self.stopping && status == ExitStatus::Code(cluster_ipc::env::DRAIN_TIMEOUT_EXIT_CODE) {
+            // It gave up at its drain timeout and cut its clients off: not a clean stop.
+            self.forced_kills += 1;
+        }
+        let boot_failed = status == ExitStatus::Code(cluster_ipc::env::BOOT_FAILURE_EXIT_CODE)
+            && !record.reached_listening
+            && !record.leaving.asked;
+        match &failure {
+            Some(why) => tracing::warn!(%worker, pid, %status, why, "worker failed"),
+            None => tracing::info!(%worker, pid, %status, after_disconnect, "worker exited"),
         }
         self.emit(Event::Exit {
             worker,
@@ -389,7 +466,27 @@ impl Supervisor {
             status,
             after_disconnect,
         });
-        self.settle_slot(worker, now);
+        if self.rollouts.replacements.contains_key(&worker) {
+            let why = failure
+                .clone()
+                .unwrap_or_else(|| format!("{status} before it was ready"));
+            let why = if boot_failed {
+                format!("worker boot failed: {why}")
+            } else {
+                why
+            };
+            self.replacement_failed(worker, &why, now);
+        } else if boot_failed && !self.stopping {
+            tracing::error!(%worker, %status, "worker boot failed; stopping the cluster");
+            let exit_code = cluster_ipc::env::BOOT_FAILURE_EXIT_CODE;
+            self.fail(Fatal::BootFailed { worker, exit_code }, now);
+        }
+        if let Some(why) = &failure {
+            if !self.stopping {
+                self.count_failure(why, now);
+            }
+        }
+        self.settle_slot(worker, failure.is_some(), now);
         self.check_finished();
     }
 
@@ -539,7 +636,7 @@ impl Supervisor {
         now: Instant,
     ) {
         let outcome = match msg {
-            HandoffToPrimary::ConnectionsAck { count } => self.on_ack(worker, listener, count),
+            HandoffToPrimary::ConnectionsAck { count } => self.on_ack(worker, listener, count, now),
             HandoffToPrimary::ConnectionsReturned { count } if count as usize == returned.len() => {
                 if let Some(rr) = self.listeners.round_robin(listener) {
                     rr.requeue_front(&returned);
@@ -581,6 +678,10 @@ impl Supervisor {
     /// shell gave it, which keeps the bytes the worker had read), or `None` when the
     /// `HandBack` came without exactly one fd. It goes to the front of the listener's queue,
     /// for another worker; with no round-robin listener left to take it, it is closed.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the shell takes hand-backs in the next step")
+    )]
     pub(crate) fn handle_handed_back(
         &mut self,
         worker: WorkerId,
@@ -619,6 +720,7 @@ impl Supervisor {
         for slot in &mut self.slots {
             slot.respawn_at = None;
         }
+        self.abort_rollouts_for_stop(now);
         for listener in self.listeners.ids() {
             self.change_policy(listener, RoundRobin::shutdown);
             // The policy says nothing about accepting once shut down: turn it off here.
@@ -632,6 +734,10 @@ impl Supervisor {
             } else if let Some(worker) = self.workers.get_mut(&id) {
                 worker.leaving.asked = true;
                 worker.kill_at = Some(now);
+                if worker.pid.is_none() && !worker.killed {
+                    // Never started: nothing to kill, but the stop was not clean.
+                    self.forced_kills += 1;
+                }
             }
         }
         self.kill_overdue(now);
@@ -689,6 +795,10 @@ impl Supervisor {
     }
 
     fn info(&self, worker: &Worker, now: Instant) -> WorkerInfo {
+        let restarts = self
+            .slots
+            .get(worker.slot.0 as usize)
+            .map_or(0, |slot| slot.restarts);
         WorkerInfo {
             id: worker.id,
             pid: worker.pid.unwrap_or(0),
@@ -698,6 +808,11 @@ impl Supervisor {
             connections_handed: worker.connections_handed,
             in_flight: self.listeners.in_flight(worker.id),
             open_connections: worker.reported_open,
+            restarts,
+            heartbeat_age: worker
+                .heartbeat_at
+                .map(|at| now.saturating_duration_since(at)),
+            memory: worker.memory,
         }
     }
 
@@ -709,7 +824,14 @@ impl Supervisor {
             listening: self.listeners.addrs(),
             pending_connections: self.listeners.pending(),
             stopping: self.stopping,
+            target_workers: self.slots.len(),
+            rollout: self.rollouts.progress(),
         }
+    }
+
+    /// The number of workers the cluster keeps.
+    pub(crate) fn target_workers(&self) -> usize {
+        self.slots.len()
     }
 
     /// True once the cluster is stopping.
@@ -777,6 +899,7 @@ impl Supervisor {
             record.state = WorkerState::Online;
         }
         self.emit(Event::Online { worker });
+        self.check_replacement_ready(worker, now);
     }
 
     fn on_listen(&mut self, worker: WorkerId, seq: u64, request: &ListenRequest) {
@@ -826,7 +949,7 @@ impl Supervisor {
         if self
             .workers
             .get(&worker)
-            .is_none_or(|w| w.leaving.is_leaving() || !w.control_open)
+            .is_none_or(|w| w.leaving.is_leaving() || !w.control_open || w.fault.is_some())
         {
             return self.refuse_listen(
                 worker,
@@ -861,10 +984,12 @@ impl Supervisor {
         worker: WorkerId,
         request: &ListenRequest,
     ) -> Result<(ListenKey, ListenMode), ListenRefused> {
+        // A worker being killed for a fault (hung) is on its way out too, though nobody asked
+        // it to disconnect: its new listeners would only hold connections until it dies.
         let leaving = self
             .workers
             .get(&worker)
-            .is_none_or(|w| w.leaving.is_leaving());
+            .is_none_or(|w| w.leaving.is_leaving() || w.fault.is_some());
         // A stop asks every worker to leave (and any started while it stops), so this covers
         // the stop too.
         if leaving {
@@ -980,9 +1105,11 @@ impl Supervisor {
                 record.state = WorkerState::Listening;
             }
             record.reached_listening = true;
+            record.listening_on.insert(listener);
         }
         self.emit(Event::Listening { worker, addr });
         self.check_ready();
+        self.check_replacement_ready(worker, now);
     }
 
     fn check_ready(&mut self) {
@@ -1015,6 +1142,7 @@ impl Supervisor {
 
     fn on_worker_leaving(&mut self, worker: WorkerId, retiring: bool, now: Instant) {
         let shutdown_timeout = self.settings.shutdown_timeout;
+        let on_trial = self.rollouts.replacements.contains_key(&worker);
         let Some(record) = self.workers.get_mut(&worker) else {
             return;
         };
@@ -1025,8 +1153,15 @@ impl Supervisor {
         // A worker that leaves by itself gets the same time to finish as one that was asked.
         record.kill_no_later_than(now + shutdown_timeout);
         let slot = record.slot;
-        // Asked to go by the primary, it is not replaced, even if it also asks to retire.
-        let replace = retiring && !record.leaving.replaced && !record.leaving.asked;
+        // Asked to go by the primary, it is not replaced, even if it also asks to retire. Nor
+        // is one whose replacement (a roll-out's, a recycling's) is on its way already, or one
+        // that is itself a replacement not ready yet: it failed, and the worker it was to
+        // replace keeps the slot. Either way a second worker in the slot would stay for good.
+        let replace = retiring
+            && !record.leaving.replaced
+            && !record.leaving.asked
+            && record.replaced_by.is_none()
+            && !on_trial;
         if replace {
             record.leaving.replaced = true;
         }
@@ -1056,9 +1191,16 @@ impl Supervisor {
             record.heartbeat_at = Some(now);
             record.reported_connections = record.reported_connections.max(connections);
         }
+        self.maybe_recycle_after_connections(worker, now);
     }
 
-    fn on_ack(&mut self, worker: WorkerId, listener: ListenerId, count: u32) -> Result<(), String> {
+    fn on_ack(
+        &mut self,
+        worker: WorkerId,
+        listener: ListenerId,
+        count: u32,
+        now: Instant,
+    ) -> Result<(), String> {
         let Some(rr) = self.listeners.round_robin(listener) else {
             return Ok(());
         };
@@ -1067,7 +1209,13 @@ impl Supervisor {
             .map_err(|err| format!("ack of {count}: {err}"))?;
         if let Some(record) = self.workers.get_mut(&worker) {
             record.connections_handed += acked.len() as u64;
+            if !acked.is_empty() {
+                // It makes progress: the hang clock starts again for what it still holds.
+                record.stalled_since = None;
+                self.stamp_stalls = true;
+            }
         }
+        self.maybe_recycle_after_connections(worker, now);
         if !acked.is_empty() {
             if sabotaged!(self, CountAckTwice) {
                 self.actions.push_back(Action::Release {
@@ -1084,10 +1232,18 @@ impl Supervisor {
     /// A worker broke the protocol: log it, stop talking to it, and kill it; its exit will
     /// be handled like a crash (it is replaced).
     fn protocol_violation(&mut self, worker: WorkerId, what: &str, now: Instant) {
-        let Some(record) = self.workers.get(&worker).filter(|w| !w.reaped) else {
+        if self.workers.get(&worker).is_none_or(|w| w.reaped) {
+            return;
+        }
+        tracing::error!(%worker, what, "protocol violation; killing the worker");
+        if let Some(record) = self.workers.get_mut(&worker) {
+            record
+                .fault
+                .get_or_insert_with(|| format!("protocol violation: {what}"));
+        }
+        let Some(record) = self.workers.get(&worker) else {
             return;
         };
-        tracing::error!(%worker, what, "protocol violation; killing the worker");
         if record.pid.is_some() {
             self.actions.push_back(Action::Signal {
                 worker,
@@ -1166,6 +1322,7 @@ impl Supervisor {
             });
         }
         for (worker, conns) in decided.handoffs {
+            self.stamp_stalls = true;
             self.actions.push_back(Action::HandOff {
                 worker,
                 listener,
@@ -1244,15 +1401,27 @@ impl Supervisor {
 
     // ----- lifecycle -----
 
-    fn spawn_into(&mut self, slot: SlotId, now: Instant) {
+    fn spawn_into(&mut self, slot: SlotId, now: Instant) -> WorkerId {
         let worker = WorkerId(self.next_worker);
         self.next_worker += 1;
-        self.workers.insert(worker, Worker::new(worker, slot, now));
+        let mut record = Worker::new(worker, slot, now);
+        let recycle = self.settings.recycle;
+        record.recycle_at = recycle
+            .after_connections
+            .map(|after| after.saturating_add(jitter_for(worker, recycle.jitter)));
+        if recycle.max_memory.is_some() && record.recycle_at.is_none() {
+            // Armed for the memory limit alone.
+            record.recycle_at = Some(u64::MAX);
+        }
+        self.workers.insert(worker, record);
+        let mut env = Vec::new();
         if let Some(state) = self.slot_mut(slot) {
             state.worker = Some(worker);
             state.respawn_at = None;
+            env.clone_from(&state.env);
         }
-        self.actions.push_back(Action::Spawn { worker, slot });
+        self.actions.push_back(Action::Spawn { worker, slot, env });
+        worker
     }
 
     fn ask_to_disconnect(&mut self, worker: WorkerId, now: Instant) {
@@ -1295,6 +1464,9 @@ impl Supervisor {
                     tracing::warn!(worker = %worker.id, pid = worker.pid, "killing worker");
                     worker.killed = true;
                     overdue.push(worker.id);
+                    if self.stopping {
+                        self.forced_kills += 1;
+                    }
                 }
             }
         }
@@ -1311,7 +1483,10 @@ impl Supervisor {
     /// go (a requested disconnect or a stop). A worker that left of its own accord is
     /// replaced once it is gone, so the cluster keeps its size; one that retired was replaced
     /// before it left.
-    fn settle_slot(&mut self, worker: WorkerId, now: Instant) {
+    ///
+    /// A worker that did not stay up makes the next start of its slot wait longer; under
+    /// [`Respawn::OnFailure`] only a `failed` one is replaced.
+    fn settle_slot(&mut self, worker: WorkerId, failed: bool, now: Instant) {
         let Some(record) = self.workers.get(&worker) else {
             return;
         };
@@ -1322,11 +1497,18 @@ impl Supervisor {
             return;
         };
         if state.worker != Some(worker) {
-            return; // Its slot went to a replacement already (it retired).
+            return; // Its slot went to a replacement already (it retired, or was replaced).
         }
         state.worker = None;
+        // A worker that stayed up ends a run of failures, whatever it died of: the next start
+        // is at once.
         state.failures = if stable { 0 } else { state.failures + 1 };
-        if asked || !self.settings.respawn || self.stopping {
+        let respawn = match self.settings.respawn {
+            Respawn::Always => true,
+            Respawn::OnFailure => failed,
+            Respawn::Never => false,
+        };
+        if asked || !respawn || self.stopping {
             return;
         }
         self.schedule_respawn(slot, now);
@@ -1337,7 +1519,7 @@ impl Supervisor {
             state.worker = None;
             state.failures += 1;
         }
-        if self.settings.respawn && !self.stopping {
+        if self.settings.respawn != Respawn::Never && !self.stopping {
             self.schedule_respawn(slot, now);
         }
     }
@@ -1352,6 +1534,9 @@ impl Supervisor {
             respawn_delay(failures)
         };
         self.restarts += 1;
+        if let Some(state) = self.slot_mut(slot) {
+            state.restarts += 1;
+        }
         if delay.is_zero() {
             self.spawn_into(slot, now);
         } else {
@@ -1381,7 +1566,8 @@ impl Supervisor {
             return;
         }
         let none_coming = self.stopping
-            || (!self.settings.respawn && self.slots.iter().all(|slot| slot.respawn_at.is_none()));
+            || (self.settings.respawn != Respawn::Always
+                && self.slots.iter().all(|slot| slot.respawn_at.is_none()));
         let none_left = self.workers.values().all(|worker| worker.reaped);
         if none_coming && none_left {
             // What the policies still have to say (closing what a stop left) comes first.
@@ -1415,10 +1601,12 @@ impl Supervisor {
         &self.listeners
     }
 
+    /// The workers that serve or will: not gone, not leaving, not being killed for a fault
+    /// (a hung worker waits for its SIGKILL).
     pub(crate) fn live_or_starting(&self) -> usize {
         self.workers
             .values()
-            .filter(|w| !w.reaped && !w.leaving.is_leaving())
+            .filter(|w| !w.reaped && !w.leaving.is_leaving() && w.fault.is_none())
             .count()
     }
 

@@ -1,11 +1,12 @@
 //! What the supervisor knows of each worker and each slot.
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::time::Instant;
 
 use cluster_ipc::{ListenerId, SlotId, WorkerId};
 
-use crate::event::WorkerState;
+use crate::event::{Memory, WorkerState};
 
 /// Why a worker is on its way out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -56,6 +57,20 @@ pub(crate) struct Worker {
     pub(crate) heartbeat_at: Option<Instant>,
     /// The connections it said it accepted, in its last heartbeat.
     pub(crate) reported_connections: u64,
+    /// The listeners it said it listens on.
+    pub(crate) listening_on: BTreeSet<ListenerId>,
+    /// Since when it holds handed connections without acknowledging any.
+    pub(crate) stalled_since: Option<Instant>,
+    /// Why the primary is killing it for its own fault (hung, no Hello in time, a protocol
+    /// violation): its exit counts as a failure.
+    pub(crate) fault: Option<String>,
+    /// The worker started to take over its slot (a roll-out, a recycling, a hang).
+    pub(crate) replaced_by: Option<WorkerId>,
+    /// Recycle it once it took this many connections (`u64::MAX`: only for memory; `None`:
+    /// not at all, or done).
+    pub(crate) recycle_at: Option<u64>,
+    /// Its memory, as last measured.
+    pub(crate) memory: Option<Memory>,
 }
 
 impl Worker {
@@ -79,6 +94,12 @@ impl Worker {
             disconnect_reported: false,
             heartbeat_at: None,
             reported_connections: 0,
+            listening_on: BTreeSet::new(),
+            stalled_since: None,
+            fault: None,
+            replaced_by: None,
+            recycle_at: None,
+            memory: None,
         }
     }
 
@@ -98,4 +119,8 @@ pub(crate) struct Slot {
     /// second of their start).
     pub(crate) failures: u32,
     pub(crate) respawn_at: Option<Instant>,
+    /// Workers started in it to replace one that exited.
+    pub(crate) restarts: u64,
+    /// Variables added to the environment of its workers (`fork(env)`).
+    pub(crate) env: Vec<(OsString, OsString)>,
 }

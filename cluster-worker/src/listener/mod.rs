@@ -115,10 +115,15 @@ impl ListenerCore {
     }
 
     /// One connection with its peer's address if one is ready. A connection whose peer is
-    /// already gone (no address to report) is dropped and the next one taken. Every call
-    /// is the serving path at work: it beats the worker's heartbeat when one is due.
+    /// already gone (no address to report) is dropped and the next one taken. A blocking
+    /// accept is the serving path at work, and beats the worker's heartbeat when one is due;
+    /// a non-blocking one does not: an event loop calls it only when a connection came, so
+    /// its beats would stop whenever the server is idle and make it look hung. Event loops
+    /// beat with [`Worker::heartbeat`](crate::Worker::heartbeat) once per turn.
     fn take_with_addr(&self, nonblocking: bool) -> Result<Option<(Stream, SocketAddr)>, Error> {
-        self.worker.heartbeat();
+        if !nonblocking {
+            self.worker.heartbeat();
+        }
         // Only a round-robin listener's connections can be handed back: the primary holds
         // nothing of a shared listener's.
         let origin = matches!(self.kind, Kind::Handoff(_)).then_some(self.id);
@@ -298,10 +303,11 @@ impl Listener {
 
     /// Waits for a connection. The stream is in blocking mode.
     ///
-    /// Every accept (this one, [`accept_timeout`](Listener::accept_timeout),
-    /// [`try_accept`](Listener::try_accept), [`incoming`](Listener::incoming)) also sends the
-    /// worker's heartbeat when one is due (see [`Worker::heartbeat`](crate::Worker::heartbeat)),
-    /// and a blocking one wakes for it while it waits.
+    /// Every blocking accept (this one, [`accept_timeout`](Listener::accept_timeout),
+    /// [`incoming`](Listener::incoming)) also sends the worker's heartbeat when one is due (see
+    /// [`Worker::heartbeat`](crate::Worker::heartbeat)), and wakes for it while it waits.
+    /// [`try_accept`](Listener::try_accept) does not: an event-loop server calls
+    /// `Worker::heartbeat` once per turn instead.
     pub fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
         Ok(self.core.accept_until(None)?)
     }

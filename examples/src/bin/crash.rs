@@ -20,7 +20,7 @@ struct OneRequest<'a> {
 }
 
 impl Handler for OneRequest<'_> {
-    fn respond(&mut self) -> String {
+    fn respond(&mut self, _path: &str) -> String {
         busy_work(self.work);
         if !self.retired && self.worker.is_clustered() {
             self.retired = true;
@@ -46,7 +46,7 @@ impl Handler for OneRequest<'_> {
 fn main() -> ExitCode {
     let args = ServerArgs::parse();
     init_logging();
-    let body = format!("handled by process.{}\n", std::process::id());
+    let body = cluster_examples::hello_body(std::process::id());
     cluster_examples::run(
         "crash",
         &args,

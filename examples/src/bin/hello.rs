@@ -2,7 +2,9 @@
 //!
 //! `hello --workers 4 --port 8080` runs a primary with four workers; `--workers 0` runs one
 //! process with no cluster, the baseline. Once every worker listens the primary prints
-//! `ready http://HOST:PORT workers=N mode=M` on stdout, once.
+//! `ready http://HOST:PORT workers=N mode=M` on stdout, once. `--help` lists the knobs that
+//! show the lifecycle at work: `--boot-fail`, `--faults` (`GET /crash`, `GET /hang`),
+//! `--max-requests`, `--max-memory`, `--hang-timeout`, `--shutdown-timeout`.
 
 use std::process::ExitCode;
 
@@ -15,12 +17,35 @@ struct Hello<'a> {
     worker: &'a Worker,
     body: String,
     work: u64,
+    faults: bool,
 }
 
 impl Handler for Hello<'_> {
-    fn respond(&mut self) -> String {
-        busy_work(self.work);
-        self.body.clone()
+    fn respond(&mut self, path: &str) -> String {
+        match path {
+            "/crash" if self.faults => panic!("GET /crash: crashing on purpose (--faults)"),
+            "/hang" if self.faults => {
+                tracing::warn!("GET /hang: spinning forever on purpose (--faults)");
+                loop {
+                    std::hint::spin_loop();
+                }
+            }
+            _ => {
+                busy_work(self.work);
+                self.body.clone()
+            }
+        }
+    }
+
+    fn on_panic(&mut self) {
+        // Only the panicking request is lost; the worker finishes the others and is
+        // replaced, counted as a failure.
+        if self.worker.is_clustered() {
+            if let Err(err) = self.worker.fail() {
+                tracing::error!(%err, "could not retire after a panic; disconnecting");
+                self.worker.disconnect();
+            }
+        }
     }
 
     fn keep_alive_allowed(&self) -> bool {
@@ -35,7 +60,7 @@ impl Handler for Hello<'_> {
 fn main() -> ExitCode {
     let args = ServerArgs::parse();
     init_logging();
-    let body = format!("handled by process.{}\n", std::process::id());
+    let body = cluster_examples::hello_body(std::process::id());
     cluster_examples::run(
         "hello",
         &args,
@@ -47,6 +72,7 @@ fn main() -> ExitCode {
                     worker,
                     body,
                     work: args.work,
+                    faults: args.faults,
                 },
             )
         },

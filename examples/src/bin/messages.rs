@@ -29,7 +29,7 @@ struct Counting<'a> {
 }
 
 impl Handler for Counting<'_> {
-    fn respond(&mut self) -> String {
+    fn respond(&mut self, _path: &str) -> String {
         busy_work(self.work);
         let total = if self.worker.is_clustered() {
             if let Err(err) = self.worker.send(&Served) {

@@ -17,6 +17,8 @@
 //!   - `hold-all`: the same for every connection at once, each on a thread of its own;
 //!   - `no-accept`: listens and never accepts;
 //!   - `exit:<code>`: exits with `code` once it listens;
+//!   - `boot-fail-if:<path>`: exits with the boot-failure code before it listens if `path`
+//!     exists, and serves otherwise (so that a test can make the next workers fail);
 //!   - `close-after:<k>`: once the primary sends `go`, accepts and answers `k` connections,
 //!     closes its (first) listener, reports `closed`, and keeps running;
 //!   - `raw-hello`: no `cluster-worker` at all: adopts the control channel, says `Hello` by
@@ -70,6 +72,13 @@ fn run() -> Result<Never, BoxError> {
     if behaviour == "raw-hello" {
         return raw_hello(id, slot);
     }
+    let behaviour = match behaviour.split_once(':') {
+        Some(("boot-fail-if", path)) if std::path::Path::new(path).exists() => {
+            std::process::exit(cluster_net::BOOT_FAILURE_EXIT_CODE)
+        }
+        Some(("boot-fail-if", _)) => "serve".to_owned(),
+        _ => behaviour,
+    };
     let worker = Worker::start(WorkerOptions::new())?.ok_or("not started by a cluster primary")?;
 
     let (go_tx, go_rx) = mpsc::channel::<()>();

@@ -17,3 +17,4 @@ mod issue9;
 mod lifecycle;
 mod listen;
 mod messages;
+mod operations;

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, ChildStdout};
+use std::process::Child;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Condvar, Mutex, Once};
 use std::time::Duration;
@@ -439,7 +439,7 @@ pub struct Lines {
 }
 
 impl Lines {
-    pub fn new(stdout: ChildStdout) -> Lines {
+    pub fn new(stdout: impl Read + Send + 'static) -> Lines {
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {

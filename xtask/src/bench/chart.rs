@@ -152,6 +152,7 @@ mod tests {
             primary_cpu_us_per_conn: None,
             round_primary_cpu_us_per_conn: Vec::new(),
             primary_cpu_ticks_min: None,
+            primary_cpu_watched: false,
         }
     }
 

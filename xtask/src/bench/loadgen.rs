@@ -4,12 +4,21 @@
 //! Each thread runs a `mio` loop over its share of the clients. Only requests completed inside
 //! the measured window (after the warm-up) count; latencies go into an HDR histogram; errors
 //! are counted by kind; the `process.<pid>` in each body tells which worker answered.
+//!
+//! [`run`] loads for a fixed time; [`start`] loads until [`Load::stop`], for a scenario that
+//! acts on the server in the middle of the load. Both keep [`Live`] counters that can be read
+//! while the load runs.
+//!
+//! A client that fails (refused, reset, closed before the whole answer, timed out) counts an
+//! error and connects again. A keep-alive client reconnects only then, or when the server
+//! answers `Connection: close` (counted apart, not as an error).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -23,6 +32,7 @@ pub(crate) struct LoadSpec {
     pub(crate) addr: SocketAddr,
     pub(crate) connections: usize,
     pub(crate) warmup: Duration,
+    /// The measured window of [`run`]; [`start`] ignores it (its load runs until stopped).
     pub(crate) duration: Duration,
     pub(crate) keep_alive: bool,
     pub(crate) threads: usize,
@@ -45,6 +55,9 @@ pub(crate) struct LoadResult {
     pub(crate) errors: BTreeMap<String, u64>,
     /// Answers per worker process id, inside the measured window.
     pub(crate) per_pid: BTreeMap<u32, u64>,
+    /// Keep-alive clients whose connection the server closed with its answer (`Connection:
+    /// close`), inside the measured window: they connected again, which is no error.
+    pub(crate) server_closes: u64,
 }
 
 impl LoadResult {
@@ -53,64 +66,161 @@ impl LoadResult {
     }
 }
 
-/// Runs the load. `progress` counts answered requests as they come (warm-up included).
+/// What the load threads count as they go, readable while the load runs.
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    answered: AtomicU64,
+    errors: AtomicU64,
+    first_answers: Mutex<BTreeMap<u32, Instant>>,
+}
+
+impl Live {
+    /// Requests answered so far, warm-up included.
+    pub(crate) fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Errors so far, inside the measured window (those the result counts).
+    pub(crate) fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// When process `pid` first answered (when its whole answer had arrived), warm-up
+    /// included.
+    pub(crate) fn first_answer(&self, pid: u32) -> Option<Instant> {
+        self.first_answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&pid)
+            .copied()
+    }
+
+    fn answered_by(&self, pid: u32, at: Instant) {
+        self.first_answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(pid)
+            .or_insert(at);
+    }
+}
+
+/// Runs the load for `spec.duration` after the warm-up. `live` counts as the load goes.
 ///
 /// `at_edge` runs on the calling thread, off the load threads' path, once when the measured
 /// window opens and once when it closes (the instants after which the load threads start and
 /// stop counting); what it returns comes back with the result, opening first.
 pub(crate) fn run<T>(
     spec: &LoadSpec,
-    progress: Arc<AtomicU64>,
+    live: Arc<Live>,
     mut at_edge: impl FnMut() -> T,
 ) -> Result<(LoadResult, [T; 2])> {
     let start = Instant::now();
-    let window_start = start + spec.warmup;
-    let end = window_start + spec.duration;
-    let threads = spec.threads.clamp(1, spec.connections.max(1));
-    let handles: Vec<_> = (0..threads)
-        .map(|i| {
-            let clients = spec.connections / threads + usize::from(i < spec.connections % threads);
-            let spec = spec.clone();
-            let progress = Arc::clone(&progress);
-            std::thread::Builder::new()
-                .name(format!("loadgen-{i}"))
-                .spawn(move || {
-                    if let Some(cpus) = &spec.cpus {
-                        super::affinity::pin_current_thread(cpus)?;
-                    }
-                    Generator::new(spec, clients, window_start, end, progress)?.run()
-                })
-        })
-        .collect::<io::Result<_>>()
-        .context("starting load threads")?;
-    std::thread::sleep(window_start.saturating_duration_since(Instant::now()));
+    let end = start + spec.warmup + spec.duration;
+    let load = Load::spawn(spec, live, start, Some(end))?;
+    std::thread::sleep(load.window_start.saturating_duration_since(Instant::now()));
     let opened = at_edge();
     std::thread::sleep(end.saturating_duration_since(Instant::now()));
     let closed = at_edge();
-    let mut total = LoadResult {
-        requests: 0,
-        window: spec.duration,
-        latency_us: new_histogram()?,
-        errors: BTreeMap::new(),
-        per_pid: BTreeMap::new(),
-    };
-    for handle in handles {
-        let part = handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
-        total.requests += part.requests;
-        total
-            .latency_us
-            .add(&part.latency_us)
-            .context("merging histograms")?;
-        for (kind, count) in part.errors {
-            *total.errors.entry(kind).or_default() += count;
-        }
-        for (pid, count) in part.per_pid {
-            *total.per_pid.entry(pid).or_default() += count;
-        }
-    }
+    let total = load.join(spec.duration)?;
     Ok((total, [opened, closed]))
+}
+
+/// Starts the load, which runs until [`Load::stop`]; the measured window opens after
+/// `spec.warmup` (`spec.duration` is not used).
+pub(crate) fn start(spec: &LoadSpec, live: Arc<Live>) -> Result<Load> {
+    Load::spawn(spec, live, Instant::now(), None)
+}
+
+/// A load that runs until stopped (dropped without [`Load::stop`], its threads stop soon
+/// after, unwaited).
+pub(crate) struct Load {
+    threads: Vec<JoinHandle<Result<LoadResult>>>,
+    stop: Arc<AtomicBool>,
+    window_start: Instant,
+}
+
+impl Load {
+    fn spawn(
+        spec: &LoadSpec,
+        live: Arc<Live>,
+        start: Instant,
+        end: Option<Instant>,
+    ) -> Result<Load> {
+        let window_start = start + spec.warmup;
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = spec.threads.clamp(1, spec.connections.max(1));
+        let threads = (0..count)
+            .map(|i| {
+                let clients = spec.connections / count + usize::from(i < spec.connections % count);
+                let spec = spec.clone();
+                let live = Arc::clone(&live);
+                let stop = Arc::clone(&stop);
+                std::thread::Builder::new()
+                    .name(format!("loadgen-{i}"))
+                    .spawn(move || {
+                        if let Some(cpus) = &spec.cpus {
+                            super::affinity::pin_current_thread(cpus)?;
+                        }
+                        Generator::new(spec, clients, window_start, end, stop, live)?.run()
+                    })
+            })
+            .collect::<io::Result<_>>()
+            .context("starting load threads")?;
+        Ok(Load {
+            threads,
+            stop,
+            window_start,
+        })
+    }
+
+    /// When the measured window opens (or opened).
+    pub(crate) fn window_start(&self) -> Instant {
+        self.window_start
+    }
+
+    /// Stops the load and returns what it found; the measured window is from its opening to
+    /// now (none if the warm-up is not over).
+    pub(crate) fn stop(self) -> Result<LoadResult> {
+        self.stop.store(true, Ordering::Relaxed);
+        let window = Instant::now().saturating_duration_since(self.window_start);
+        self.join(window)
+    }
+
+    /// Waits for the load threads and adds up their results.
+    fn join(mut self, window: Duration) -> Result<LoadResult> {
+        let mut total = LoadResult {
+            requests: 0,
+            window,
+            latency_us: new_histogram()?,
+            errors: BTreeMap::new(),
+            per_pid: BTreeMap::new(),
+            server_closes: 0,
+        };
+        for thread in std::mem::take(&mut self.threads) {
+            let part = thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+            total.requests += part.requests;
+            total.server_closes += part.server_closes;
+            total
+                .latency_us
+                .add(&part.latency_us)
+                .context("merging histograms")?;
+            for (kind, count) in part.errors {
+                *total.errors.entry(kind).or_default() += count;
+            }
+            for (pid, count) in part.per_pid {
+                *total.per_pid.entry(pid).or_default() += count;
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 fn new_histogram() -> Result<Histogram<u64>> {
@@ -143,8 +253,13 @@ struct Generator {
     clients: Vec<Client>,
     request: Vec<u8>,
     window_start: Instant,
-    end: Instant,
-    progress: Arc<AtomicU64>,
+    /// When to stop, for a load of fixed length.
+    end: Option<Instant>,
+    /// Set when a load that runs until stopped is to stop.
+    stop: Arc<AtomicBool>,
+    live: Arc<Live>,
+    /// The processes that answered this thread so far.
+    seen: BTreeSet<u32>,
     result: LoadResult,
 }
 
@@ -157,8 +272,9 @@ impl Generator {
         spec: LoadSpec,
         clients: usize,
         window_start: Instant,
-        end: Instant,
-        progress: Arc<AtomicU64>,
+        end: Option<Instant>,
+        stop: Arc<AtomicBool>,
+        live: Arc<Live>,
     ) -> Result<Generator> {
         let connection = if spec.keep_alive {
             "keep-alive"
@@ -185,13 +301,16 @@ impl Generator {
             request: request.into_bytes(),
             window_start,
             end,
-            progress,
+            stop,
+            live,
+            seen: BTreeSet::new(),
             result: LoadResult {
                 requests: 0,
                 window: spec.duration,
                 latency_us: new_histogram()?,
                 errors: BTreeMap::new(),
                 per_pid: BTreeMap::new(),
+                server_closes: 0,
             },
             spec,
         })
@@ -201,13 +320,16 @@ impl Generator {
         let mut events = Events::with_capacity(1024);
         loop {
             let now = Instant::now();
-            if now >= self.end {
+            if self.end.is_some_and(|end| now >= end) || self.stop.load(Ordering::Relaxed) {
                 return Ok(self.result);
             }
             for index in 0..self.clients.len() {
                 self.check_client(index, now);
             }
-            let timeout = Duration::from_millis(5).min(self.end - now);
+            let mut timeout = Duration::from_millis(5);
+            if let Some(end) = self.end {
+                timeout = timeout.min(end - now);
+            }
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
@@ -348,9 +470,18 @@ impl Generator {
 
     fn answered(&mut self, index: usize, answer: Answer) {
         let now = Instant::now();
-        self.progress.fetch_add(1, Ordering::Relaxed);
+        self.live.answered.fetch_add(1, Ordering::Relaxed);
+        if let Some(pid) = answer.pid {
+            if self.seen.insert(pid) {
+                self.live.answered_by(pid, now);
+            }
+        }
+        let in_window = now >= self.window_start;
+        if in_window && answer.status != 200 {
+            self.count_error(&format!("status-{}", answer.status));
+        }
         let client = &mut self.clients[index];
-        if now >= self.window_start {
+        if in_window {
             self.result.requests += 1;
             let micros = now.duration_since(client.sent_at).as_micros();
             let _ = self
@@ -360,13 +491,6 @@ impl Generator {
             if let Some(pid) = answer.pid {
                 *self.result.per_pid.entry(pid).or_default() += 1;
             }
-            if answer.status != 200 {
-                *self
-                    .result
-                    .errors
-                    .entry(format!("status-{}", answer.status))
-                    .or_default() += 1;
-            }
         }
         if self.spec.keep_alive && answer.keep_alive {
             client.input.clear();
@@ -374,6 +498,9 @@ impl Generator {
             client.sent_at = now;
             client.phase = Phase::Writing;
         } else {
+            if self.spec.keep_alive && in_window {
+                self.result.server_closes += 1;
+            }
             self.close(index);
             self.connect(index);
         }
@@ -394,6 +521,7 @@ impl Generator {
     fn count_error(&mut self, kind: &str) {
         if Instant::now() >= self.window_start {
             *self.result.errors.entry(kind.to_owned()).or_default() += 1;
+            self.live.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -493,5 +621,58 @@ mod tests {
     #[test]
     fn garbage_is_a_bad_response() {
         assert!(parse_response(b"\x00\x01 nonsense\r\n\r\n").is_err());
+    }
+
+    /// A server that answers each connection's first request as process 4242 and closes it,
+    /// even when the client asked for keep-alive.
+    fn closing_server() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 24\r\nConnection: close\r\n\r\n\
+                      handled by process.4242\n",
+                );
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_started_load_runs_until_stopped_and_counts_as_it_goes() {
+        let spec = LoadSpec {
+            addr: closing_server(),
+            connections: 2,
+            warmup: Duration::ZERO,
+            duration: Duration::ZERO,
+            keep_alive: true,
+            threads: 1,
+            cpus: None,
+            request_timeout: Duration::from_secs(10),
+        };
+        let live = Arc::new(Live::default());
+        let load = start(&spec, Arc::clone(&live)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while live.answered() < 10 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let result = load.stop().unwrap();
+        assert!(live.answered() >= 10, "{} answered", live.answered());
+        assert!(live.first_answer(4242).is_some());
+        assert_eq!(live.first_answer(1), None);
+        assert_eq!(live.errors(), 0, "{:?}", result.errors);
+        assert!(result.requests >= 10);
+        assert_eq!(result.per_pid.keys().copied().collect::<Vec<_>>(), [4242]);
+        assert_eq!(
+            result.server_closes, result.requests,
+            "every answer closed a keep-alive connection, and that is no error"
+        );
     }
 }

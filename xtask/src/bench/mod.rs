@@ -15,10 +15,17 @@
 //! (`node_primary_cpu_us_per_conn`); shared primaries (`shared_`, `node_shared_`) hand
 //! nothing and only supervise. The kernel counts in 10 ms ticks, so a short `--duration` makes
 //! it coarse (a note says when).
+//!
+//! The rollout and scale scenarios (see [`operations`]) measure the zero-downtime operations
+//! under load: a rolling restart (SIGHUP) and scaling (SIGTTIN, SIGTTOU) of `hello --workers
+//! 4` and of Node's cluster, timed from the signal by watching the primary's children in
+//! `/proc`, with every failed request counted.
 
 mod affinity;
 mod chart;
+mod children;
 mod loadgen;
+mod operations;
 mod procstat;
 mod report;
 mod scenarios;
@@ -48,18 +55,24 @@ pub(crate) enum ScenarioName {
     Balance,
     /// SIGKILL of the only worker to the first answer from its replacement.
     Respawn,
+    /// SIGHUP (rolling restart of 4 workers) under new-connection and keep-alive load.
+    Rollout,
+    /// SIGTTIN, SIGTTOU twice, SIGTTIN (4 to 5 to 3 to 4 workers) under load.
+    Scale,
     /// The primary's peak RSS under load.
     Memory,
     /// The cluster-ipc micro-benchmarks.
     Ipc,
 }
 
-const ALL: [ScenarioName; 7] = [
+const ALL: [ScenarioName; 9] = [
     ScenarioName::Dispatch,
     ScenarioName::Keepalive,
     ScenarioName::Cpu,
     ScenarioName::Balance,
     ScenarioName::Respawn,
+    ScenarioName::Rollout,
+    ScenarioName::Scale,
     ScenarioName::Memory,
     ScenarioName::Ipc,
 ];
@@ -96,6 +109,10 @@ pub(crate) struct Args {
     /// SIGKILLs per server in the respawn scenario (default 20, or 3 with --quick).
     #[arg(long, value_name = "N")]
     respawns: Option<usize>,
+    /// Rolling restarts per server in the rollout scenario, and scaling cycles per server in
+    /// the scale scenario (default 3, or 1 with --quick).
+    #[arg(long, value_name = "N")]
+    rolls: Option<usize>,
     /// Also write the JSON report to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -150,6 +167,8 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             ScenarioName::Cpu => scenarios::cpu(&mut ctx)?,
             ScenarioName::Balance => scenarios::balance(&mut ctx, dispatch.as_ref())?,
             ScenarioName::Respawn => scenarios::respawn(&mut ctx)?,
+            ScenarioName::Rollout => operations::rollout(&mut ctx)?,
+            ScenarioName::Scale => operations::scale(&mut ctx)?,
             ScenarioName::Memory => scenarios::memory(&mut ctx, dispatch.as_ref())?,
             ScenarioName::Ipc => scenarios::ipc(&mut ctx)?,
         };
@@ -224,6 +243,7 @@ fn context(args: &Args) -> Result<Context> {
         work: args.work.unwrap_or(10_000_000),
         rounds: args.rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
         respawns: args.respawns.unwrap_or(if quick { 3 } else { 20 }).max(1),
+        rolls: args.rolls.unwrap_or(if quick { 1 } else { 3 }).max(1),
         load_cpus,
         notes: Vec::new(),
     })
@@ -288,6 +308,11 @@ fn ratios(scenarios: &[Scenario], workers: usize) -> Ratios {
         node_primary_cpu_us_per_conn: figure("dispatch", "node_primary_cpu_us_per_conn"),
         cpu_scaling_2w_over_1w: ratio(rps("cpu", rr.clone()), rps("cpu", "rr 1w".into())),
         keepalive_vs_node_rr: ratio(rps("keepalive", rr), rps("keepalive", node_rr)),
+        rollout_ms_per_worker: figure("rollout", "rollout_ms_per_worker_median"),
+        node_rollout_ms_per_worker: figure("rollout", "node_rollout_ms_per_worker_median"),
+        rollout_failed_requests: figure("rollout", "rollout_failed_requests"),
+        rollout_keepalive_errors: figure("rollout", "rollout_keepalive_errors"),
+        scale_failed_requests: figure("scale", "scale_failed_requests"),
         loadgen_ceiling_rps: find("keepalive")
             .and_then(|s| s.runs.iter().map(|r| r.rps).max_by(f64::total_cmp)),
     }

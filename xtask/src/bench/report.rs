@@ -75,6 +75,10 @@ pub(crate) struct Run {
     /// The fewest clock ticks of primary CPU a round's figure rests on: one tick more or less
     /// moves that round's figure by 1/this of itself.
     pub(crate) primary_cpu_ticks_min: Option<u64>,
+    /// Whether the primary's CPU was watched in this run (the throughput scenarios watch it
+    /// for clusters under a new connection per request; the operations scenarios do not).
+    #[serde(skip)]
+    pub(crate) primary_cpu_watched: bool,
 }
 
 impl Run {
@@ -121,7 +125,6 @@ impl Run {
         let cpu_in_every_round = !rounds.is_empty() && cpu.len() == rounds.len();
         let round_cpu: Vec<f64> = cpu.iter().map(|(us, _)| *us).collect();
         Run {
-            target,
             workers,
             keep_alive,
             connections,
@@ -154,6 +157,8 @@ impl Run {
                 .then(|| cpu.iter().map(|(_, ticks)| *ticks).min())
                 .flatten(),
             round_primary_cpu_us_per_conn: round_cpu,
+            primary_cpu_watched: !keep_alive && target != "single",
+            target,
         }
     }
 
@@ -161,10 +166,11 @@ impl Run {
         self.errors.values().sum()
     }
 
-    /// Whether the primary's CPU per connection is measured for this run: a cluster (not the
-    /// single process, which has no primary) under a new connection per request.
+    /// Whether the primary's CPU per connection is measured for this run: in the throughput
+    /// scenarios, a cluster (not the single process, which has no primary) under a new
+    /// connection per request.
     pub(crate) fn wants_primary_cpu(&self) -> bool {
-        !self.keep_alive && self.target != "single"
+        self.primary_cpu_watched
     }
 }
 
@@ -195,6 +201,9 @@ fn balance(per_pid: &BTreeMap<u32, u64>, workers: usize) -> Option<f64> {
 pub(crate) struct Scenario {
     pub(crate) name: &'static str,
     pub(crate) title: &'static str,
+    /// What the scenario does and measures, in a line, where the title does not say it all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) about: Option<&'static str>,
     pub(crate) runs: Vec<Run>,
     /// Other figures of the scenario (respawn times, IPC rates), by name.
     pub(crate) figures: BTreeMap<String, f64>,
@@ -207,6 +216,7 @@ impl Scenario {
         Scenario {
             name,
             title,
+            about: None,
             runs: Vec::new(),
             figures: BTreeMap::new(),
             samples: BTreeMap::new(),
@@ -242,6 +252,26 @@ fn primary_cpu_cell(run: &Run) -> String {
     }
 }
 
+/// The goal of a scenario figure, where it has one (the tracked figures repeat it).
+fn figure_goal(name: &str) -> Option<&'static str> {
+    match name {
+        "rollout_ms_per_worker_median" => Some("<= 200"),
+        "rollout_failed_requests" | "rollout_keepalive_errors" | "scale_failed_requests" => {
+            Some("0")
+        }
+        _ => None,
+    }
+}
+
+/// A figure for the tables: counts (whole numbers) without decimals, others with two.
+fn shown(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
 /// The ratios the project tracks; `None` (JSON `null`) when a baseline was skipped.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Ratios {
@@ -261,6 +291,16 @@ pub(crate) struct Ratios {
     pub(crate) cpu_scaling_2w_over_1w: Option<f64>,
     pub(crate) keepalive_vs_node_rr: Option<f64>,
     pub(crate) loadgen_ceiling_rps: Option<f64>,
+    /// A rolling restart's median time over the workers replaced, in ms (rollout scenario).
+    pub(crate) rollout_ms_per_worker: Option<f64>,
+    /// The same for Node's cluster.
+    pub(crate) node_rollout_ms_per_worker: Option<f64>,
+    /// Failed requests of the new-connection clients over the roll-outs.
+    pub(crate) rollout_failed_requests: Option<f64>,
+    /// Errors of the keep-alive clients over the roll-outs.
+    pub(crate) rollout_keepalive_errors: Option<f64>,
+    /// Failed requests over the scaling steps (scale scenario).
+    pub(crate) scale_failed_requests: Option<f64>,
 }
 
 impl Ratios {
@@ -301,6 +341,23 @@ impl Ratios {
             ),
             ("keepalive_vs_node_rr", self.keepalive_vs_node_rr, ""),
             ("loadgen_ceiling_rps", self.loadgen_ceiling_rps, ""),
+            (
+                "rollout_ms_per_worker",
+                self.rollout_ms_per_worker,
+                "<= 200",
+            ),
+            (
+                "node_rollout_ms_per_worker",
+                self.node_rollout_ms_per_worker,
+                "",
+            ),
+            ("rollout_failed_requests", self.rollout_failed_requests, "0"),
+            (
+                "rollout_keepalive_errors",
+                self.rollout_keepalive_errors,
+                "0",
+            ),
+            ("scale_failed_requests", self.scale_failed_requests, "0"),
         ]
     }
 }
@@ -389,6 +446,9 @@ impl Report {
                 continue;
             }
             let _ = writeln!(out, "\n{} ({})", scenario.title, scenario.name);
+            if let Some(about) = scenario.about {
+                let _ = writeln!(out, "  {about}");
+            }
             let cpu = scenario.has_primary_cpu();
             if !scenario.runs.is_empty() {
                 let _ = write!(
@@ -427,12 +487,13 @@ impl Report {
                 }
             }
             for (name, value) in &scenario.figures {
-                let _ = writeln!(out, "  {name}: {value:.2}");
+                let goal = figure_goal(name).map_or(String::new(), |goal| format!("  [{goal}]"));
+                let _ = writeln!(out, "  {name}: {}{goal}", shown(*value));
             }
         }
         let _ = writeln!(out, "\nratios (goal in brackets)");
         for (name, value, goal) in self.ratios.rows() {
-            let shown = value.map_or("null".into(), |v| format!("{v:.2}"));
+            let shown = value.map_or("null".into(), shown);
             let goal = if goal.is_empty() {
                 String::new()
             } else {
@@ -474,11 +535,14 @@ impl Report {
         );
         let _ = writeln!(out, "## Ratios\n\n| ratio | value | goal |\n|---|---:|---|");
         for (name, value, goal) in self.ratios.rows() {
-            let shown = value.map_or("null".into(), |v| format!("{v:.2}"));
+            let shown = value.map_or("null".into(), shown);
             let _ = writeln!(out, "| `{name}` | {shown} | {goal} |");
         }
         for scenario in &self.scenarios {
             let _ = writeln!(out, "\n## {} (`{}`)\n", scenario.title, scenario.name);
+            if let Some(about) = scenario.about {
+                let _ = writeln!(out, "{about}\n");
+            }
             let cpu = scenario.has_primary_cpu();
             if !scenario.runs.is_empty() {
                 let _ = writeln!(
@@ -521,7 +585,9 @@ impl Report {
                 let _ = writeln!(out);
             }
             for (name, value) in &scenario.figures {
-                let _ = writeln!(out, "- {name}: {value:.2}");
+                let goal =
+                    figure_goal(name).map_or(String::new(), |goal| format!(" (goal: {goal})"));
+                let _ = writeln!(out, "- {name}: {}{goal}", shown(*value));
             }
         }
         if !self.notes.is_empty() {
@@ -553,6 +619,7 @@ mod tests {
                 latency_us: Histogram::new(3).unwrap(),
                 errors: BTreeMap::new(),
                 per_pid: BTreeMap::new(),
+                server_closes: 0,
             },
             primary_peak_rss_mib: None,
             primary_cpu: cpu_ticks.map(|ticks| CpuUse {
@@ -591,6 +658,47 @@ mod tests {
         assert_eq!(run_of("rr 2w", &[]).primary_cpu_us_per_conn, None);
         let json = serde_json::to_string(&run).unwrap();
         assert!(json.contains("\"primary_cpu_us_per_conn\":null"), "{json}");
+    }
+
+    #[test]
+    fn figures_show_their_goals_and_counts_show_no_decimals() {
+        let mut rollout = Scenario::new("rollout", "Rolling restart under load");
+        rollout.about = Some("SIGHUP under load.");
+        rollout
+            .figures
+            .insert("rollout_failed_requests".into(), 0.0);
+        rollout
+            .figures
+            .insert("rollout_ms_per_worker_median".into(), 23.861);
+        rollout
+            .figures
+            .insert("node_rollout_failed_requests".into(), 3.0);
+        let mut operated = run_of("rr 4w", &[round(20_000, None)]);
+        operated.primary_cpu_watched = false;
+        rollout.runs = vec![operated];
+        let report = Report::for_tests(vec![rollout]);
+        let table = report.table();
+        assert!(table.contains("rollout_failed_requests: 0  [0]"), "{table}");
+        assert!(
+            table.contains("rollout_ms_per_worker_median: 23.86  [<= 200]"),
+            "{table}"
+        );
+        assert!(
+            table.contains("node_rollout_failed_requests: 3\n"),
+            "no goal: {table}"
+        );
+        assert!(table.contains("SIGHUP under load."), "{table}");
+        assert!(
+            !table.contains("µs/conn"),
+            "not watched in this scenario: {table}"
+        );
+        let markdown = report.markdown();
+        assert!(
+            markdown.contains("- rollout_failed_requests: 0 (goal: 0)"),
+            "{markdown}"
+        );
+        assert!(markdown.contains("SIGHUP under load.\n"), "{markdown}");
+        assert!(!markdown.contains("µs/conn"), "{markdown}");
     }
 
     #[test]

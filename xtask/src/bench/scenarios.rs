@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use super::loadgen::{self, LoadSpec, pid_in};
+use super::loadgen::{self, Live, LoadSpec, pid_in};
 use super::procstat::{self, CpuUse};
 use super::report::{Round, Run, Scenario, median};
 use super::target::{Programs, Running, Server};
@@ -28,6 +28,8 @@ pub(crate) struct Context {
     pub(crate) threads: usize,
     pub(crate) work: u64,
     pub(crate) respawns: usize,
+    /// Roll-outs per server in the rollout scenario, scaling cycles in the scale scenario.
+    pub(crate) rolls: usize,
     /// Interleaved rounds per server in the throughput scenarios.
     pub(crate) rounds: usize,
     pub(crate) load_cpus: Option<Vec<usize>>,
@@ -35,7 +37,7 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    fn node_available(&self) -> bool {
+    pub(crate) fn node_available(&self) -> bool {
         self.programs.node.is_some()
     }
 
@@ -124,8 +126,8 @@ impl Context {
             cpus: self.load_cpus.clone(),
             request_timeout: Duration::from_secs(10),
         };
-        let (load, [opened, closed]) = self.with_progress(label, &spec, |counter| {
-            loadgen::run(&spec, counter, || {
+        let (load, [opened, closed]) = self.with_progress(label, &spec, |live| {
+            loadgen::run(&spec, live, || {
                 watch_cpu.then(|| procstat::cpu_ticks(primary))
             })
         })?;
@@ -168,7 +170,7 @@ impl Context {
         &self,
         label: &str,
         spec: &LoadSpec,
-        body: impl FnOnce(Arc<AtomicU64>) -> T,
+        body: impl FnOnce(Arc<Live>) -> T,
     ) -> T {
         let total = spec.warmup + spec.duration;
         let bar = self
@@ -179,20 +181,20 @@ impl Context {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_prefix(label.to_owned());
-        let counter = Arc::new(AtomicU64::new(0));
+        let live = Arc::new(Live::default());
         let done = Arc::new(AtomicBool::new(false));
         let ticker = {
-            let (bar, counter, done) = (bar.clone(), Arc::clone(&counter), Arc::clone(&done));
+            let (bar, live, done) = (bar.clone(), Arc::clone(&live), Arc::clone(&done));
             let start = Instant::now();
             std::thread::spawn(move || {
                 while !done.load(Ordering::Relaxed) {
                     bar.set_position(start.elapsed().as_millis() as u64);
-                    bar.set_message(format!("{} answered", counter.load(Ordering::Relaxed)));
+                    bar.set_message(format!("{} answered", live.answered()));
                     std::thread::sleep(Duration::from_millis(100));
                 }
             })
         };
-        let result = body(counter);
+        let result = body(live);
         done.store(true, Ordering::Relaxed);
         let _ = ticker.join();
         bar.finish_and_clear();

@@ -90,8 +90,18 @@ impl Running {
     /// Starts `server` doing `work` iterations of CPU work per request, and waits for its
     /// ready line.
     pub(crate) fn start(programs: &Programs, server: Server, work: u64) -> Result<Running> {
+        Running::start_logged(programs, server, work, &server.label())
+    }
+
+    /// The same, logging to `logs/<log_name>.log` (spaces become dashes).
+    pub(crate) fn start_logged(
+        programs: &Programs,
+        server: Server,
+        work: u64,
+        log_name: &str,
+    ) -> Result<Running> {
         let mut cmd = command(programs, server, work)?;
-        let log_name = server.label().replace(' ', "-");
+        let log_name = log_name.replace(' ', "-");
         let log = std::fs::File::create(programs.logs.join(format!("{log_name}.log")))
             .context("creating a server log")?;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);

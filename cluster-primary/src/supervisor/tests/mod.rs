@@ -4,6 +4,7 @@
 //! those checks must catch ([`sabotage`]).
 #![allow(clippy::unwrap_used)]
 
+mod lifecycle;
 mod properties;
 mod queries;
 mod sabotage;
@@ -16,10 +17,12 @@ use std::time::Duration;
 use cluster_ipc::proto::ListenMode;
 
 use super::Settings;
-use crate::config::Policy;
+use crate::config::{Policy, Recycle, Respawn, Rollout};
 
 /// The start timeout of the tests' settings.
 const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// The readiness timeout of the tests' settings.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(7);
 /// The shutdown timeout of the tests' settings.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,9 +35,14 @@ fn settings(workers: usize) -> Settings {
         window: NonZeroU32::MIN,
         start_timeout: START_TIMEOUT,
         shutdown_timeout: SHUTDOWN_TIMEOUT,
-        respawn: true,
+        respawn: Respawn::Always,
         max_message_len: 1 << 20,
         primary_pid: 4242,
         hang_timeout: None,
+        // Far out of reach of the tests that are not about the guard.
+        crash_loop: (1000, Duration::from_secs(10)),
+        readiness_timeout: READINESS_TIMEOUT,
+        rollout: Rollout::default(),
+        recycle: Recycle::default(),
     }
 }

@@ -122,7 +122,11 @@ impl Case {
             } else {
                 ListenMode::RoundRobin
             },
-            respawn: self.respawn,
+            respawn: if self.respawn {
+                crate::config::Respawn::Always
+            } else {
+                crate::config::Respawn::Never
+            },
             ..settings(self.workers)
         }
     }

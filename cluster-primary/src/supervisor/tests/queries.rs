@@ -93,7 +93,7 @@ fn a_worker_whose_process_is_not_started_yet_cannot_be_signalled() {
 #[test]
 fn stopping_and_finishing_are_reported_as_they_happen() {
     let mut sim = Sim::new(Settings {
-        respawn: false,
+        respawn: crate::config::Respawn::Never,
         ..settings(1)
     });
     sim.start();
@@ -113,7 +113,7 @@ fn a_worker_is_listed_until_its_exit_is_delivered() {
     let now = std::time::Instant::now();
     sup.start(now);
     sup.handle_spawned(w(1), 77);
-    sup.handle_exited(w(1), ExitStatus::Code(3), now);
+    sup.handle_exited(w(1), ExitStatus::Code(2), now);
     assert!(!sup.has_no_workers(), "its Exit is not delivered yet");
     sup.handle_exit_delivered(w(1));
     // The replacement is listed now.
@@ -209,7 +209,7 @@ fn a_worker_asked_to_go_before_its_process_existed_is_told_once_it_does() {
 #[test]
 fn with_respawn_off_a_worker_that_cannot_be_started_is_not_tried_again() {
     let mut sim = Sim::new(Settings {
-        respawn: false,
+        respawn: crate::config::Respawn::Never,
         ..settings(1)
     });
     sim.scripts.push_back(Script {

@@ -45,7 +45,7 @@ fn spawns(sim: &Sim) -> Vec<(Duration, WorkerId, SlotId)> {
     sim.log
         .iter()
         .filter_map(|(at, a)| match a {
-            Action::Spawn { worker, slot } => Some((*at, *worker, *slot)),
+            Action::Spawn { worker, slot, .. } => Some((*at, *worker, *slot)),
             _ => None,
         })
         .collect()
@@ -153,6 +153,13 @@ fn kind(event: &Event) -> &'static str {
         Event::Message { .. } => "Message",
         Event::Disconnect { .. } => "Disconnect",
         Event::Exit { .. } => "Exit",
+        Event::Hung { .. } => "Hung",
+        Event::RolloutStarted { .. } => "RolloutStarted",
+        Event::RolloutStep { .. } => "RolloutStep",
+        Event::RolloutFinished { .. } => "RolloutFinished",
+        Event::RolloutAborted { .. } => "RolloutAborted",
+        Event::Scaled { .. } => "Scaled",
+        Event::Recycling { .. } => "Recycling",
     }
 }
 
@@ -709,7 +716,7 @@ fn a_worker_that_never_listened_failed_its_start_however_long_it_ran() {
 #[test]
 fn with_respawn_off_the_cluster_finishes_when_its_last_worker_exits() {
     let settings = Settings {
-        respawn: false,
+        respawn: crate::config::Respawn::Never,
         ..settings(2)
     };
     let mut sim = cluster_with(settings, Script::default());

@@ -24,9 +24,10 @@ use cluster_ipc::proto::{
 };
 use cluster_ipc::{ConnId, ListenerId, SlotId, WorkerId};
 
+use crate::config::Respawn;
 use crate::event::{Event, ExitStatus, WorkerState};
 use crate::signal::Signal;
-use crate::supervisor::{Action, Refusal, Settings, Supervisor};
+use crate::supervisor::{Action, Ending, Refusal, Settings, Supervisor};
 
 /// The address the default script listens on.
 pub(super) const PORT: u16 = 8000;
@@ -80,6 +81,15 @@ pub(super) enum Property {
     Finish,
     /// The core's queries disagree with its actions, or a malformed action.
     Bookkeeping,
+    /// A worker being replaced (roll-out, recycling) asked to leave before its replacement
+    /// listens on everything it held, beyond the roll-out's unavailable count; more
+    /// replacements beside their workers than the surge allows; a serving worker asked to
+    /// leave for no reason; fewer ready workers than a test's floor.
+    Rollout,
+    /// A worker declared hung that was not (it acked within the hang timeout, or its
+    /// heartbeats did not stop while it served), or one that still holds connections once
+    /// declared.
+    Hung,
 }
 
 /// One broken rule.
@@ -227,6 +237,23 @@ pub(super) struct SimWorker {
     /// Listeners it said `CloseListener` for.
     pub(super) closing: BTreeSet<ListenerId>,
     pub(super) signals: Vec<Signal>,
+    /// Listeners it said `Listening` for.
+    pub(super) listening: BTreeSet<ListenerId>,
+    /// The worker that served its slot when it was spawned: it is that one's replacement.
+    pub(super) replaces: Option<WorkerId>,
+    /// What the worker it replaces held when it was spawned: it is ready once it listens on
+    /// all of it.
+    pub(super) needs: BTreeSet<ListenerId>,
+    /// It was asked to leave before its replacement was ready (the unavailable count).
+    pub(super) asked_early: bool,
+    /// When it last sent a heartbeat.
+    pub(super) heartbeat_at: Option<Instant>,
+    /// When it was first handed a connection.
+    pub(super) first_handed: Option<Instant>,
+    /// When it last acked a connection.
+    pub(super) last_ack: Option<Instant>,
+    /// It was declared hung.
+    pub(super) hung: bool,
 }
 
 impl SimWorker {
@@ -241,6 +268,9 @@ impl SimWorker {
 struct SimSlot {
     /// The worker spawned into it last, while it lives.
     occupant: Option<WorkerId>,
+    /// The worker the occupant replaces, while it serves: it keeps the slot if its
+    /// replacement fails.
+    previous: Option<WorkerId>,
     /// Failed starts in a row (exit before listening or within a second, or spawn failure).
     failures: u32,
     /// When its last occupant ended, if it has none now.
@@ -304,6 +334,24 @@ pub(super) struct Sim {
     pub(super) finished: bool,
     /// Respawns that had to wait for a backoff.
     pub(super) delayed_respawns: usize,
+    /// The workers that acked each connection, in order (a connection is delivered once
+    /// when one worker acked it).
+    pub(super) acked_by: BTreeMap<ConnId, Vec<WorkerId>>,
+    /// After every action, at least this many workers must serve and listen on every
+    /// listener (outside a stop).
+    pub(super) min_ready: Option<usize>,
+    /// While `min_ready` is set: the most workers serving (alive, not leaving) once the
+    /// simulation settled, and the fewest ready after any action.
+    pub(super) peak_serving: usize,
+    pub(super) low_ready: usize,
+    /// The core stopped by itself (a fatal failure).
+    pub(super) self_stopped: bool,
+    /// A roll-out was started: replacements may run beside their workers, up to the surge.
+    pub(super) rollout_seen: bool,
+    /// Workers a `Recycling` event named.
+    pub(super) recycling: BTreeSet<WorkerId>,
+    /// Workers the application asked to disconnect.
+    app_asked: BTreeSet<WorkerId>,
     reactions: VecDeque<Reaction>,
     in_pump: bool,
     /// When each listener may accept again after running out of fds.
@@ -339,6 +387,14 @@ impl Sim {
             stopped: false,
             finished: false,
             delayed_respawns: 0,
+            acked_by: BTreeMap::new(),
+            min_ready: None,
+            peak_serving: 0,
+            low_ready: usize::MAX,
+            self_stopped: false,
+            rollout_seen: false,
+            recycling: BTreeSet::new(),
+            app_asked: BTreeSet::new(),
             reactions: VecDeque::new(),
             in_pump: false,
             fd_backoff_until: BTreeMap::new(),
@@ -418,6 +474,11 @@ impl Sim {
             }
         }
         self.in_pump = false;
+        if self.min_ready.is_some() {
+            // Within one batch of actions a replacement may start just before the worker it
+            // replaces is asked to leave: only what stays counts.
+            self.peak_serving = self.peak_serving.max(self.serving().len());
+        }
         if !settled {
             self.violation(Property::Bookkeeping, "the simulation never settles".into());
         }
@@ -599,10 +660,14 @@ impl Sim {
         };
         let count = count.min(queue.len());
         let acked: Vec<ConnId> = queue.drain(..count).collect();
+        if let Some(w) = self.workers.get_mut(&worker).filter(|_| count > 0) {
+            w.last_ack = Some(self.now);
+        }
         for conn in acked {
             if let Some(entry) = self.conns.get_mut(&conn) {
                 entry.place = Place::Served(worker);
             }
+            self.acked_by.entry(conn).or_default().push(worker);
         }
         let msg = HandoffToPrimary::ConnectionsAck {
             count: count as u32,
@@ -781,14 +846,33 @@ impl Sim {
                 conn.place = Place::Gone;
             }
         }
-        let now = self.now;
-        let state = self.slots.entry(slot).or_default();
-        if state.occupant == Some(worker) {
-            state.occupant = None;
-            state.failures = if stable { 0 } else { state.failures + 1 };
-            state.vacated_at = Some(now);
-        }
+        self.slot_lost(slot, worker, stable);
         self.sup.handle_exited(worker, status, self.now);
+    }
+
+    /// The slot's worker is gone (or never started): a replacement's predecessor that still
+    /// serves keeps the slot; otherwise the slot is empty, one more failure unless the
+    /// worker was `stable`.
+    fn slot_lost(&mut self, slot: SlotId, worker: WorkerId, stable: bool) {
+        let now = self.now;
+        let previous = (self.slots.get(&slot))
+            .and_then(|state| state.previous)
+            .filter(|p| self.workers.get(p).is_some_and(|w| w.alive && !w.leaving));
+        let state = self.slots.entry(slot).or_default();
+        if state.previous == Some(worker) {
+            state.previous = None;
+        }
+        if state.occupant != Some(worker) {
+            return;
+        }
+        state.previous = None;
+        if previous.is_some() {
+            state.occupant = previous;
+            return;
+        }
+        state.occupant = None;
+        state.failures = if stable { 0 } else { state.failures + 1 };
+        state.vacated_at = Some(now);
     }
 
     /// The worker dies (crashes) now.
@@ -813,14 +897,110 @@ impl Sim {
                 format!("disconnect({worker}) answered {result:?} for a worker reaped={reaped}"),
             );
         }
+        self.app_asked.insert(worker);
         if let (Ok(()), Some(w)) = (result, self.workers.get(&worker)) {
+            // A replacement disconnected while the worker it replaces still serves leaves
+            // the slot to that one.
+            let previous_serves = (self.slots.get(&w.slot))
+                .and_then(|state| state.previous)
+                .and_then(|p| self.workers.get(&p))
+                .is_some_and(|p| p.alive && !p.leaving);
             let state = self.slots.entry(w.slot).or_default();
-            if state.occupant == Some(worker) {
+            if state.occupant == Some(worker) && !previous_serves {
                 state.emptied = true;
             }
         }
         self.pump();
         result
+    }
+
+    /// A rolling restart (the application's `reload()`).
+    pub(super) fn reload(&mut self) -> Result<u64, Refusal> {
+        let result = self.sup.reload(self.now);
+        self.pump();
+        result
+    }
+
+    /// The application sets the number of workers: the slots past it are forgotten (their
+    /// workers drain), new ones start empty.
+    pub(super) fn set_workers(&mut self, count: usize) -> Result<(), Refusal> {
+        let result = self.sup.set_workers(count, self.now);
+        if result.is_ok() {
+            self.slots.retain(|slot, _| (slot.0 as usize) < count);
+        }
+        self.pump();
+        result
+    }
+
+    /// The application forks one more worker, with `env`.
+    pub(super) fn fork(
+        &mut self,
+        env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Result<WorkerId, Refusal> {
+        let result = self.sup.fork(env, self.now);
+        self.pump();
+        result
+    }
+
+    /// The worker sends a heartbeat, saying it accepted `connections` in all.
+    pub(super) fn heartbeat(&mut self, worker: WorkerId, connections: u64) {
+        if let Some(w) = self.workers.get_mut(&worker).filter(|w| w.control_open) {
+            w.heartbeat_at = Some(self.now);
+        }
+        self.say(worker, ToPrimary::Heartbeat { connections });
+    }
+
+    /// The worker says `Listening` for one listener it was granted.
+    pub(super) fn say_listening_on(&mut self, worker: WorkerId, listener: ListenerId) {
+        self.reactions
+            .push_back(Reaction::Listening(worker, listener));
+        self.pump();
+    }
+
+    /// The worker says `Listening` for every listener it was granted and did not say it for
+    /// yet (a script without `send_listening` waits for this).
+    pub(super) fn say_listening(&mut self, worker: WorkerId) {
+        let Some(w) = self.workers.get(&worker) else {
+            return;
+        };
+        let due: Vec<ListenerId> = (w.granted.keys())
+            .filter(|l| !w.listening.contains(l))
+            .copied()
+            .collect();
+        for listener in due {
+            self.reactions
+                .push_back(Reaction::Listening(worker, listener));
+        }
+        self.pump();
+    }
+
+    /// A draining worker hands back `conn`, a keep-alive connection it served, between two
+    /// requests; the shell gives it a new id (returned).
+    pub(super) fn hand_back(
+        &mut self,
+        worker: WorkerId,
+        listener: ListenerId,
+        conn: ConnId,
+    ) -> ConnId {
+        let entry = self.conns.get_mut(&conn).unwrap();
+        assert_eq!(
+            entry.place,
+            Place::Served(worker),
+            "{conn} is not served by {worker}"
+        );
+        entry.place = Place::Gone;
+        let fresh = self.new_conn(listener, Place::Pending);
+        self.sup
+            .handle_handed_back(worker, listener, Some(fresh), self.now);
+        self.pump();
+        fresh
+    }
+
+    /// The shell measured the worker's memory: `uss` bytes of its own.
+    pub(super) fn memory(&mut self, worker: WorkerId, uss: u64) {
+        let memory = crate::event::Memory::new(uss, uss);
+        self.sup.handle_memory(worker, memory, self.now);
+        self.pump();
     }
 
     // ----- queries -----
@@ -924,8 +1104,27 @@ impl Sim {
         if self.finished {
             self.violation(Property::Finish, format!("{action:?} after Finished"));
         }
+        if !self.stopped && self.sup.is_stopping() {
+            // The core stopped by itself (a boot failure, a crash loop).
+            self.stopped = true;
+            self.self_stopped = true;
+        }
+        match &action {
+            Action::Send {
+                worker,
+                msg: ToWorker::Disconnect,
+                ..
+            }
+            | Action::Signal {
+                worker,
+                signal: Signal::SIGTERM,
+                ..
+            } => self.check_asked_to_leave(*worker),
+            _ => {}
+        }
         match action {
-            Action::Spawn { worker, slot } => self.on_spawn(worker, slot),
+            Action::Spawn { worker, slot, .. } => self.on_spawn(worker, slot),
+            Action::MeasureMemory { .. } => {}
             Action::Send { worker, ack, msg } => self.on_send(worker, ack, msg),
             Action::Bind { listener, addr } => self.on_bind(listener, addr),
             Action::Grant {
@@ -950,11 +1149,17 @@ impl Sim {
                 if !self.workers.contains_key(&worker) {
                     self.violation(Property::Bookkeeping, format!("{action:?}: unknown worker"));
                 }
-                if let (Action::CloseControl { .. }, Some(w)) =
-                    (&action, self.workers.get_mut(&worker))
-                {
-                    w.control_open = false;
-                    w.leaving = true;
+                match (&action, self.workers.get_mut(&worker)) {
+                    (Action::CloseControl { .. }, Some(w)) => {
+                        w.control_open = false;
+                        w.leaving = true;
+                    }
+                    // The primary closed its end first (a hung worker): what was in flight
+                    // there is the primary's again, and the worker can ack none of it.
+                    (&Action::CloseHandoff { listener, .. }, Some(_)) => {
+                        self.handoff_ended(worker, listener);
+                    }
+                    _ => {}
                 }
             }
             Action::Signal {
@@ -965,6 +1170,90 @@ impl Sim {
             Action::Event(event) => self.on_event(event),
             Action::Finished => self.on_finished(),
         }
+        self.check_floor();
+    }
+
+    /// A worker is asked to leave (Disconnect, or SIGTERM before its Hello): outside a
+    /// stop, the application's command and a scale-down, only a replacement that failed, or
+    /// a worker whose replacement is ready (or, up to the roll-out's unavailable count, on
+    /// its way) may be.
+    fn check_asked_to_leave(&mut self, old: WorkerId) {
+        let target = self.settings().workers;
+        let unavailable = self.settings().rollout.unavailable as usize;
+        let Some(o) = self.workers.get(&old) else {
+            return;
+        };
+        let exempt = self.stopped
+            || self.app_asked.contains(&old)
+            || o.leaving
+            || !o.alive
+            || (o.replaces.is_some() && !self.is_ready(old))
+            || o.slot.0 as usize >= target;
+        if exempt {
+            return;
+        }
+        let Some(new) = self.replacement_of(old) else {
+            let detail = format!("{old} asked to leave: no stop, no command, no replacement");
+            return self.violation(Property::Rollout, detail);
+        };
+        if self.is_ready(new) {
+            return;
+        }
+        if let Some(o) = self.workers.get_mut(&old) {
+            o.asked_early = true;
+        }
+        let early: Vec<WorkerId> = (self.workers.values())
+            .filter(|w| w.asked_early && w.alive)
+            .filter(|w| self.replacement_of(w.id).is_some_and(|n| !self.is_ready(n)))
+            .map(|w| w.id)
+            .collect();
+        if early.len() > unavailable {
+            let needs = &self.workers[&new].needs;
+            let detail = format!(
+                "{old} asked to leave before its replacement {new} listens on {needs:?}: \
+                 {early:?} are out early, {unavailable} may be"
+            );
+            self.violation(Property::Rollout, detail);
+        }
+    }
+
+    /// The live replacement started for `old`, if any.
+    fn replacement_of(&self, old: WorkerId) -> Option<WorkerId> {
+        (self.workers.values())
+            .rev()
+            .find(|w| w.replaces == Some(old) && w.alive)
+            .map(|w| w.id)
+    }
+
+    /// The replacement serves and listens on everything the worker it replaces held.
+    fn is_ready(&self, new: WorkerId) -> bool {
+        self.workers
+            .get(&new)
+            .is_some_and(|w| w.alive && !w.leaving && w.needs.is_subset(&w.listening))
+    }
+
+    /// After every action: at least `min_ready` workers serve and listen on every listener.
+    fn check_floor(&mut self) {
+        let Some(floor) = self.min_ready.filter(|_| !self.stopped) else {
+            return;
+        };
+        let ready = self.ready_workers().len();
+        self.low_ready = self.low_ready.min(ready);
+        if ready < floor {
+            let detail = format!("{ready} workers ready, fewer than {floor}");
+            self.violation(Property::Rollout, detail);
+            // Once is enough.
+            self.min_ready = None;
+        }
+    }
+
+    /// The workers that serve and listen on every listener.
+    pub(super) fn ready_workers(&self) -> Vec<WorkerId> {
+        (self.workers.values())
+            .filter(|w| w.alive && !w.leaving && !w.listening.is_empty())
+            .filter(|w| self.listeners.keys().all(|l| w.listening.contains(l)))
+            .map(|w| w.id)
+            .collect()
     }
 
     fn on_spawn(&mut self, worker: WorkerId, slot: SlotId) {
@@ -985,7 +1274,21 @@ impl Sim {
             );
         }
         let now = self.now;
+        // A worker still serves the slot: the new one is its replacement.
+        let replaces = (self.slots.get(&slot))
+            .and_then(|state| state.occupant)
+            .filter(|&o| self.workers.get(&o).is_some_and(|w| w.alive && !w.leaving));
+        let needs: BTreeSet<ListenerId> = replaces
+            .and_then(|o| self.workers.get(&o))
+            .map(|o| {
+                let shared = (o.granted.iter())
+                    .filter(|(l, (_, d))| *d == Delivery::Shared && !o.closing.contains(l))
+                    .map(|(&l, _)| l);
+                o.handoffs.keys().copied().chain(shared).collect()
+            })
+            .unwrap_or_default();
         let state = self.slots.entry(slot).or_default();
+        state.previous = replaces;
         let mut complaints = Vec::new();
         if state.emptied {
             complaints.push(format!(
@@ -1016,10 +1319,7 @@ impl Sim {
             .pop_front()
             .unwrap_or_else(|| self.default_script.clone());
         if script.spawn_fails {
-            let state = self.slots.entry(slot).or_default();
-            state.occupant = None;
-            state.failures += 1;
-            state.vacated_at = Some(now);
+            self.slot_lost(slot, worker, false);
             self.sup.handle_spawn_failed(worker, now);
             return;
         }
@@ -1048,6 +1348,14 @@ impl Sim {
                 handoffs: BTreeMap::new(),
                 closing: BTreeSet::new(),
                 signals: Vec::new(),
+                listening: BTreeSet::new(),
+                replaces,
+                needs,
+                asked_early: false,
+                heartbeat_at: None,
+                first_handed: None,
+                last_ack: None,
+                hung: false,
             },
         );
         self.sup.handle_spawned(worker, pid);
@@ -1235,6 +1543,7 @@ impl Sim {
         }
         let mut auto_ack = false;
         if let Some(w) = self.workers.get_mut(&worker) {
+            w.first_handed.get_or_insert(self.now);
             if let Some(queue) = w.handoffs.get_mut(&listener) {
                 queue.extend(conns.iter().copied());
                 if queue.len() > window {
@@ -1396,10 +1705,53 @@ impl Sim {
                     complaints.push(format!("{worker} still listed once its Exit is taken"));
                 }
             }
+            Event::Hung { worker, reason } => self.on_hung(*worker, reason),
+            Event::Recycling { worker, .. } => {
+                self.recycling.insert(*worker);
+            }
+            Event::RolloutStarted { .. } => self.rollout_seen = true,
             _ => {}
         }
         for detail in complaints {
             self.violation(Property::Events, detail);
+        }
+    }
+
+    /// A worker declared hung must have been: it holds connections it was handed at least
+    /// the hang timeout ago and acked none for that long, or it serves, sent heartbeats and
+    /// none for that long.
+    fn on_hung(&mut self, worker: WorkerId, reason: &str) {
+        let Some(timeout) = self.settings().hang_timeout else {
+            return self.violation(Property::Hung, format!("{worker} hung with no timeout"));
+        };
+        let now = self.now;
+        let in_flight = (self.conns.values())
+            .filter(|c| c.place == Place::InFlight(worker))
+            .count();
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return self.violation(Property::Hung, format!("unknown {worker} hung"));
+        };
+        w.hung = true;
+        let long_ago = |at: Option<Instant>| at.is_none_or(|at| at + timeout <= now);
+        let stalled = in_flight > 0
+            && w.first_handed.is_some()
+            && long_ago(w.first_handed)
+            && long_ago(w.last_ack);
+        let silent = w.alive
+            && !w.leaving
+            && w.control_open
+            && w.heartbeat_at.is_some()
+            && long_ago(w.heartbeat_at);
+        if !stalled && !silent {
+            let detail = format!(
+                "{worker} declared hung ({reason}) with {in_flight} in flight, handed first at \
+                 {:?}, last ack at {:?}, last heartbeat at {:?}, leaving: {}",
+                w.first_handed.map(|at| at - self.start),
+                w.last_ack.map(|at| at - self.start),
+                w.heartbeat_at.map(|at| at - self.start),
+                w.leaving
+            );
+            self.violation(Property::Hung, detail);
         }
     }
 
@@ -1468,6 +1820,7 @@ impl Sim {
                 let w = self.workers.get_mut(&worker).unwrap();
                 if let Some(&(local_addr, _)) = w.granted.get(&listener) {
                     w.listened = true;
+                    w.listening.insert(listener);
                     let msg = ToPrimary::Listening {
                         listener,
                         local_addr: ListenAddr::Tcp(local_addr),
@@ -1548,19 +1901,75 @@ impl Sim {
         } else {
             self.check_liveness(&mut complaints);
         }
-        let slots = self.settings().workers;
-        let serving = self.serving().len();
-        if serving > slots || self.sup.live_or_starting() > slots {
-            complaints.push((
-                Property::Convergence,
-                format!(
-                    "{serving} workers serving ({} by the core) for {slots} slots",
-                    self.sup.live_or_starting()
-                ),
-            ));
+        self.check_slots(&mut complaints);
+        for w in self.workers.values().filter(|w| w.hung && !w.reaped) {
+            let held = self.in_flight_at(w.id);
+            let core = self
+                .sup
+                .worker(w.id, self.now)
+                .map_or(0, |info| info.in_flight);
+            if held + core > 0 {
+                let detail = format!("hung {} still holds {held} ({core} by the core)", w.id);
+                complaints.push((Property::Hung, detail));
+            }
         }
         for (property, detail) in complaints {
             self.violation(property, detail);
+        }
+    }
+
+    /// The connections in flight at the worker, by the ledger.
+    pub(super) fn in_flight_at(&self, worker: WorkerId) -> usize {
+        (self.conns.values())
+            .filter(|c| c.place == Place::InFlight(worker))
+            .count()
+    }
+
+    /// No more workers than slots, but for replacements beside the workers they replace: at
+    /// most the roll-out's surge of them (once a roll-out started), and one for each worker
+    /// being recycled; none in a slot that was scaled away, never three in a slot.
+    fn check_slots(&self, complaints: &mut Vec<(Property, String)>) {
+        let slots = self.settings().workers;
+        let mut by_slot: BTreeMap<SlotId, Vec<WorkerId>> = BTreeMap::new();
+        for w in self.workers.values().filter(|w| w.alive && !w.leaving) {
+            by_slot.entry(w.slot).or_default().push(w.id);
+        }
+        let (mut surging, mut recycling) = (0, 0);
+        for (slot, workers) in &by_slot {
+            if slot.0 as usize >= slots {
+                let detail = format!("{workers:?} serve in {slot}, past the {slots} slots");
+                complaints.push((Property::Convergence, detail));
+            }
+            match workers[..] {
+                [_] => {}
+                [old, _] if self.recycling.contains(&old) => recycling += 1,
+                [_, _] => surging += 1,
+                _ => {
+                    let detail = format!("{workers:?} serve in {slot}");
+                    complaints.push((Property::Convergence, detail));
+                }
+            }
+        }
+        let surge = if self.rollout_seen {
+            self.settings().rollout.surge as usize
+        } else {
+            0
+        };
+        if surging > surge {
+            let detail = format!("{surging} slots have two workers serving, surge {surge}");
+            complaints.push((Property::Rollout, detail));
+        }
+        let serving = self.serving().len();
+        let core = self.sup.live_or_starting();
+        let most = slots + surge + recycling;
+        if serving > most || core > most {
+            complaints.push((
+                Property::Convergence,
+                format!(
+                    "{serving} workers serving ({core} by the core) for {slots} slots, \
+                     {surge} surge, {recycling} recycling"
+                ),
+            ));
         }
     }
 
@@ -1731,6 +2140,10 @@ impl Sim {
         let serving = self.serving();
         let core = self.sup.live_or_starting();
         let mut complaints = Vec::new();
+        if self.self_stopped && !matches!(self.sup.ending(), Ending::Fatal(_)) {
+            let detail = format!("stopped by itself, ending {:?}", self.sup.ending());
+            complaints.push(detail);
+        }
         if self.stopped {
             if !self.finished || !self.alive().is_empty() {
                 complaints.push(format!(
@@ -1742,7 +2155,7 @@ impl Sim {
             if let Some(conn) = self.conns.iter().find(|(_, c)| c.held) {
                 complaints.push(format!("stopped, but the primary still holds {conn:?}"));
             }
-        } else if settings.respawn {
+        } else if settings.respawn == Respawn::Always {
             let target = settings.workers - emptied;
             if serving.len() != target || core != target {
                 complaints.push(format!(

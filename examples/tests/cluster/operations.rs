@@ -1,0 +1,617 @@
+//! Zero-downtime operations on `hello`, as an operator drives them: a rolling restart on
+//! SIGHUP, scaling with SIGTTIN and SIGTTOU, recycling after a number of connections, a hung
+//! worker and a crashing handler, a program whose workers cannot boot. Each runs under a
+//! load of concurrent clients that count every failed request.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cluster_primary::{Event, Signal, WorkerId, WorkerState};
+use nix::sys::wait::WaitStatus;
+
+use crate::support::{
+    Guard, Harness, Lines, Slot, WAIT, builder, greet, init, is_alive, signal, wait_until,
+};
+
+const HELLO: &str = env!("CARGO_BIN_EXE_hello");
+
+/// A running `hello` primary.
+struct Hello {
+    guard: Guard,
+    addr: SocketAddr,
+    _lines: Lines,
+    /// Its log (the primary's at `info`), when asked for.
+    log: Option<Lines>,
+    _slot: Slot,
+}
+
+impl Hello {
+    /// Starts `hello --port 0` with `args` and waits for its ready line.
+    fn start(args: &[&str]) -> Hello {
+        Hello::start_with_log(args, false)
+    }
+
+    /// The same, keeping the primary's log lines (at `info`) when `log` is set.
+    fn start_with_log(args: &[&str], log: bool) -> Hello {
+        init();
+        let slot = Slot::take();
+        let mut child = Command::new(HELLO)
+            .args(["--port", "0"])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                if log { "cluster_primary=info" } else { "error" },
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(if log { Stdio::piped() } else { Stdio::null() })
+            .spawn()
+            .unwrap();
+        let log = child.stderr.take().map(Lines::new);
+        let mut lines = Lines::new(child.stdout.take().unwrap());
+        let guard = Guard::new(child);
+        let line = lines.next().expect("a ready line");
+        let addr = line
+            .strip_prefix("ready http://")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("not the ready line: {line:?}"))
+            .parse()
+            .unwrap();
+        Hello {
+            guard,
+            addr,
+            _lines: lines,
+            log,
+            _slot: slot,
+        }
+    }
+
+    /// Waits for a log line that contains `text`.
+    fn wait_log(&mut self, text: &str) {
+        let log = self.log.as_mut().expect("started with its log");
+        while let Some(line) = log.next() {
+            if line.contains(text) {
+                return;
+            }
+        }
+        panic!("the log ended without {text:?}");
+    }
+
+    fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// The primary's child processes: its workers.
+    fn workers(&self) -> BTreeSet<u32> {
+        let pid = self.pid();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|word| word.parse().ok())
+            .collect()
+    }
+
+    /// Waits until the primary has exactly `count` workers, none of them in `not`.
+    fn wait_workers(&self, count: usize, not: &BTreeSet<u32>) -> BTreeSet<u32> {
+        let mut workers = BTreeSet::new();
+        wait_until(&format!("{count} workers, none of {not:?}"), || {
+            workers = self.workers();
+            workers.len() == count && workers.is_disjoint(not)
+        });
+        workers
+    }
+
+    /// Stops it with SIGTERM and checks that it exits 0.
+    fn stop(mut self) {
+        let primary = self.pid();
+        signal(primary, Signal::SIGTERM);
+        assert_eq!(
+            self.guard.wait(),
+            WaitStatus::Exited(crate::support::pid(primary), 0),
+            "a clean stop exits 0"
+        );
+    }
+}
+
+/// What a request came to.
+#[derive(Debug)]
+enum Outcome {
+    /// Answered 200 by this pid.
+    Ok(u32),
+    /// Anything else, with what happened.
+    Failed(String),
+}
+
+/// Reads one HTTP response (head and `Content-Length` body) off `stream`.
+fn read_response(stream: &mut TcpStream) -> Outcome {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+            let length: usize = head
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buffer.len() >= end + 4 + length {
+                let body = String::from_utf8_lossy(&buffer[end + 4..end + 4 + length]);
+                if !head.starts_with("HTTP/1.1 200") {
+                    return Outcome::Failed(format!("status {head:?}"));
+                }
+                return body
+                    .lines()
+                    .next()
+                    .and_then(|line| line.strip_prefix("handled by process."))
+                    .and_then(|pid| pid.parse().ok())
+                    .map_or_else(|| Outcome::Failed(format!("body {body:?}")), Outcome::Ok);
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Outcome::Failed(format!("closed after {} bytes", buffer.len())),
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            Err(err) => return Outcome::Failed(format!("read: {err}")),
+        }
+    }
+}
+
+/// One request on a new connection.
+fn get_once(addr: SocketAddr, path: &str) -> Outcome {
+    let mut stream = match TcpStream::connect(addr) {
+        Ok(stream) => stream,
+        Err(err) => return Outcome::Failed(format!("connect: {err}")),
+    };
+    let _ = stream.set_read_timeout(Some(WAIT));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    if let Err(err) = stream.write_all(request.as_bytes()) {
+        return Outcome::Failed(format!("write: {err}"));
+    }
+    read_response(&mut stream)
+}
+
+/// Concurrent clients sending requests until stopped: each on a new connection, or each on
+/// one keep-alive connection that it never replaces (a failure on it counts, and only then
+/// does the client reconnect).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    pids: Arc<Mutex<BTreeSet<u32>>>,
+    clients: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, clients: usize, keep_alive: bool) -> Load {
+        let load = Load {
+            stop: Arc::default(),
+            ok: Arc::default(),
+            failures: Arc::default(),
+            pids: Arc::default(),
+            clients: Vec::new(),
+        };
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, ok) = (Arc::clone(&load.stop), Arc::clone(&load.ok));
+                let (failures, pids) = (Arc::clone(&load.failures), Arc::clone(&load.pids));
+                std::thread::spawn(move || {
+                    let mut connection: Option<TcpStream> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let outcome = if keep_alive {
+                            keep_alive_request(addr, &mut connection)
+                        } else {
+                            get_once(addr, "/")
+                        };
+                        match outcome {
+                            Outcome::Ok(pid) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                pids.lock().unwrap().insert(pid);
+                            }
+                            Outcome::Failed(what) => {
+                                connection = None;
+                                failures.lock().unwrap().push(what);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { clients, ..load }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` requests more than now were answered.
+    fn wait_for_more(&self, more: u64) {
+        let target = self.ok() + more;
+        wait_until(&format!("{target} answered requests"), || {
+            self.ok() >= target || !self.failures.lock().unwrap().is_empty()
+        });
+    }
+
+    fn pids(&self) -> BTreeSet<u32> {
+        self.pids.lock().unwrap().clone()
+    }
+
+    /// Stops the clients; returns the requests answered and the failures.
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
+fn keep_alive_request(addr: SocketAddr, connection: &mut Option<TcpStream>) -> Outcome {
+    if connection.is_none() {
+        match TcpStream::connect(addr) {
+            Ok(stream) => {
+                let _ = stream.set_read_timeout(Some(WAIT));
+                *connection = Some(stream);
+            }
+            Err(err) => return Outcome::Failed(format!("connect: {err}")),
+        }
+    }
+    let Some(stream) = connection.as_mut() else {
+        return Outcome::Failed("no connection".into());
+    };
+    if let Err(err) = stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n") {
+        return Outcome::Failed(format!("write: {err}"));
+    }
+    read_response(stream)
+}
+
+#[test]
+fn sighup_replaces_every_worker_under_load_without_a_failed_request() {
+    let hello = Hello::start(&["--workers", "4"]);
+    let old = hello.wait_workers(4, &BTreeSet::new());
+    let load = Load::start(hello.addr, 8, false);
+    load.wait_for_more(200);
+
+    signal(hello.pid(), Signal::SIGHUP);
+    let new = hello.wait_workers(4, &old);
+    wait_until("the old workers are gone", || {
+        old.iter().all(|&pid| !is_alive(pid))
+    });
+    load.wait_for_more(200);
+    let answered_by = load.pids();
+    let (ok, failures) = load.finish();
+    assert_eq!(failures, Vec::<String>::new(), "after {ok} answered");
+    assert!(
+        new.iter().all(|pid| answered_by.contains(pid)),
+        "every new worker answers: {new:?} of {answered_by:?}"
+    );
+    hello.stop();
+}
+
+#[test]
+fn sigttin_then_sigttou_twice_runs_5_then_3_workers_under_load_without_a_failed_request() {
+    let hello = Hello::start(&["--workers", "4"]);
+    let first = hello.wait_workers(4, &BTreeSet::new());
+    let load = Load::start(hello.addr, 8, false);
+    load.wait_for_more(100);
+
+    signal(hello.pid(), Signal::SIGTTIN);
+    let five = hello.wait_workers(5, &BTreeSet::new());
+    assert!(first.is_subset(&five), "scaling up replaces nobody");
+    load.wait_for_more(100);
+    signal(hello.pid(), Signal::SIGTTOU);
+    hello.wait_workers(4, &BTreeSet::new());
+    signal(hello.pid(), Signal::SIGTTOU);
+    let three = hello.wait_workers(3, &BTreeSet::new());
+    assert!(three.is_subset(&five), "scaling down starts nobody");
+    load.wait_for_more(100);
+    let (ok, failures) = load.finish();
+    assert_eq!(failures, Vec::<String>::new(), "after {ok} answered");
+    hello.stop();
+}
+
+#[test]
+fn max_requests_recycles_workers_under_load_without_a_failed_request() {
+    let hello = Hello::start(&["--workers", "2", "--max-requests", "100"]);
+    let first = hello.wait_workers(2, &BTreeSet::new());
+    let load = Load::start(hello.addr, 4, false);
+    wait_until("both first workers recycled", || {
+        first.iter().all(|&pid| !is_alive(pid))
+    });
+    load.wait_for_more(100);
+    let answered_by = load.pids();
+    let (ok, failures) = load.finish();
+    assert_eq!(failures, Vec::<String>::new(), "after {ok} answered");
+    assert!(
+        answered_by.len() >= 4,
+        "recycled workers answered: {answered_by:?}"
+    );
+    hello.stop();
+}
+
+#[test]
+fn a_hung_worker_is_replaced_and_what_was_queued_for_it_is_served_by_another() {
+    let hello = Hello::start(&["--workers", "2", "--faults", "--hang-timeout", "1"]);
+    let first = hello.wait_workers(2, &BTreeSet::new());
+    let addr = hello.addr;
+    let hang = std::thread::spawn(move || get_once(addr, "/hang"));
+    // Once its server loop spins in the handler (its main thread always running), the
+    // requests that follow are handed to it and never taken: they wait, queued for it, until
+    // it is found out, and must then be answered by the other worker. (Connections a worker
+    // took before it hung are lost with it, as with any crash; none is open here.)
+    wait_until_spinning(&first);
+    let load = Load::start(hello.addr, 2, false);
+    wait_until("the hung worker is replaced", || {
+        let workers = hello.workers();
+        workers.len() == 2 && first.difference(&workers).count() == 1
+    });
+    load.wait_for_more(50);
+    let (ok, failures) = load.finish();
+    assert_eq!(failures, Vec::<String>::new(), "after {ok} answered");
+    assert!(
+        matches!(hang.join().unwrap(), Outcome::Failed(_)),
+        "the hanging request itself is lost with its worker"
+    );
+    hello.stop();
+}
+
+#[test]
+fn get_crash_fails_only_its_own_request_and_its_worker_is_replaced() {
+    let hello = Hello::start(&["--workers", "2", "--faults"]);
+    let first = hello.wait_workers(2, &BTreeSet::new());
+    let load = Load::start(hello.addr, 4, false);
+    load.wait_for_more(100);
+    assert!(matches!(get_once(hello.addr, "/crash"), Outcome::Failed(_)));
+    wait_until("the crashed worker is replaced", || {
+        let workers = hello.workers();
+        workers.len() == 2 && first.difference(&workers).count() == 1
+    });
+    load.wait_for_more(100);
+    let (ok, failures) = load.finish();
+    assert_eq!(failures, Vec::<String>::new(), "after {ok} answered");
+    hello.stop();
+}
+
+#[test]
+fn workers_that_cannot_boot_stop_hello_with_a_message_and_a_non_zero_exit() {
+    init();
+    let _slot = Slot::take();
+    let mut child = Command::new(HELLO)
+        .args(["--workers", "2", "--port", "0", "--boot-fail"])
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let primary = child.id();
+    let mut guard = Guard::new(child);
+    // Reaped within the minute, or the test fails (and the guard kills it).
+    let status = cluster_test_support::reap(primary, Duration::from_secs(60));
+    guard.child = None;
+    assert_eq!(status, WaitStatus::Exited(crate::support::pid(primary), 1));
+    let stderr = reader.join().unwrap();
+    assert!(
+        stderr.contains("hello: worker boot failed"),
+        "the message names the cause: {stderr}"
+    );
+}
+
+// ----- the same operations through the `Handle` -----
+
+/// The workers serving (listening, not leaving), by id.
+fn serving(cluster: &Harness) -> BTreeSet<WorkerId> {
+    cluster
+        .status()
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Listening)
+        .map(|w| w.id)
+        .collect()
+}
+
+#[test]
+fn handle_reload_returns_once_every_worker_was_replaced() {
+    let mut cluster = Harness::start(builder(2));
+    let addr = cluster.wait_ready()[0];
+    let old = serving(&cluster);
+    cluster.handle.reload().expect("the roll-out finishes");
+    let new = serving(&cluster);
+    assert_eq!(new.len(), 2);
+    assert!(new.is_disjoint(&old), "{old:?} replaced by {new:?}");
+    assert!(new.contains(&WorkerId(greet(addr).worker)));
+    let events = cluster.stop();
+    let steps: Vec<(WorkerId, WorkerId)> = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::RolloutStep { old, new, .. } => Some((*old, *new)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps.len(), 2, "one step per worker: {events:#?}");
+    assert!(matches!(
+        events
+            .iter()
+            .find(|e| matches!(e, Event::RolloutFinished { .. })),
+        Some(Event::RolloutFinished { rollout: 1 })
+    ));
+}
+
+#[test]
+fn a_reload_whose_replacements_cannot_boot_is_aborted_and_the_old_workers_keep_serving() {
+    let flag = std::env::temp_dir().join(format!("cluster-boot-fail-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let behaviour = format!("boot-fail-if:{}", flag.display());
+    let mut cluster = Harness::start(builder(2).env("TW_BEHAVIOUR", behaviour));
+    let addr = cluster.wait_ready()[0];
+    let old = serving(&cluster);
+    std::fs::write(&flag, b"").unwrap();
+    let outcome = cluster.handle.reload();
+    std::fs::remove_file(&flag).unwrap();
+    match outcome {
+        Err(cluster_primary::Error::RolloutAborted { reason }) => {
+            assert!(reason.contains("boot failed"), "{reason}");
+        }
+        other => panic!("expected an aborted roll-out, got {other:?}"),
+    }
+    assert_eq!(serving(&cluster), old, "the old workers keep serving");
+    for _ in 0..10 {
+        assert!(old.contains(&WorkerId(greet(addr).worker)));
+    }
+    assert!(
+        !cluster.status().stopping,
+        "a failed roll-out does not stop the cluster"
+    );
+    cluster.stop();
+}
+
+#[test]
+fn fork_with_env_starts_one_more_worker_that_sees_it() {
+    let mut cluster = Harness::start(builder(1).env("TW_REPORT_ENV", "CLUSTER_TEST_EXTRA"));
+    cluster.wait_ready();
+    let forked = cluster
+        .handle
+        .fork([("CLUSTER_TEST_EXTRA", "for this worker")])
+        .expect("fork");
+    let (_, fields) = cluster.wait_message(Some(forked), "report");
+    assert!(
+        fields.contains(&"env.CLUSTER_TEST_EXTRA=for this worker".to_owned()),
+        "{fields:?}"
+    );
+    let status = cluster.status();
+    assert_eq!(status.target_workers, 2);
+    cluster.stop();
+}
+
+#[test]
+fn set_workers_grows_and_shrinks_the_cluster_and_refuses_zero() {
+    let mut cluster = Harness::start(builder(1));
+    cluster.wait_ready();
+    cluster.handle.set_workers(3).expect("scale up");
+    wait_until("3 workers serving", || serving(&cluster).len() == 3);
+    assert!(matches!(
+        cluster.handle.set_workers(0),
+        Err(cluster_primary::Error::InvalidConfig { .. })
+    ));
+    cluster.handle.set_workers(1).expect("scale down");
+    wait_until("1 worker left", || cluster.status().workers.len() == 1);
+    assert_eq!(cluster.status().target_workers, 1);
+    cluster.stop();
+}
+
+// ----- stopping -----
+
+/// Starts `hello` with one worker spinning forever in `GET /hang` (hang detection off), so
+/// that only a kill ends it.
+fn hello_with_a_stuck_worker(shutdown_timeout: &str) -> Hello {
+    let mut hello = Hello::start_with_log(
+        &[
+            "--workers",
+            "1",
+            "--faults",
+            "--hang-timeout",
+            "0",
+            "--shutdown-timeout",
+            shutdown_timeout,
+        ],
+        true,
+    );
+    let workers = hello.wait_workers(1, &BTreeSet::new());
+    let addr = hello.addr;
+    std::thread::spawn(move || get_once(addr, "/hang"));
+    wait_until_spinning(&workers);
+    hello.wait_log("listening");
+    hello
+}
+
+/// CPU time a process used, in clock ticks (user + system, from `/proc/PID/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let field = |at: usize| {
+        fields
+            .get(at)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// Waits until one of `workers` has spun for a quarter of a second of CPU: it is in the
+/// handler that never returns (an idle or starting worker uses a tick or two).
+fn wait_until_spinning(workers: &BTreeSet<u32>) {
+    wait_until("a worker spins in GET /hang", || {
+        workers.iter().any(|&pid| cpu_ticks(pid) >= 25)
+    });
+}
+
+/// Sends `signals` to the primary, one after the other, each once the primary logged that it
+/// took the one before (signals of one kind sent together are one), and waits (at most
+/// `within`) for it to exit; returns its exit code.
+fn stop_with(mut hello: Hello, signals: &[Signal], within: Duration) -> Option<i32> {
+    let primary = hello.pid();
+    for (at, &sent) in signals.iter().enumerate() {
+        if at > 0 {
+            hello.wait_log("requested");
+        }
+        signal(primary, sent);
+    }
+    let status = cluster_test_support::reap(primary, within);
+    hello.guard.child = None;
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_stop_that_has_to_kill_a_worker_exits_non_zero_after_the_shutdown_timeout() {
+    let hello = hello_with_a_stuck_worker("1");
+    assert_eq!(
+        stop_with(hello, &[Signal::SIGTERM], Duration::from_secs(15)),
+        Some(1),
+        "killed at the shutdown timeout: not a clean stop"
+    );
+}
+
+#[test]
+fn a_second_sigterm_stops_at_once() {
+    // A shutdown timeout far beyond the test's wait: only the second signal can end it.
+    let hello = hello_with_a_stuck_worker("3600");
+    assert_eq!(
+        stop_with(
+            hello,
+            &[Signal::SIGTERM, Signal::SIGTERM],
+            Duration::from_secs(15)
+        ),
+        Some(1)
+    );
+}
+
+#[test]
+fn sigquit_stops_at_once() {
+    let hello = hello_with_a_stuck_worker("3600");
+    assert_eq!(
+        stop_with(hello, &[Signal::SIGQUIT], Duration::from_secs(15)),
+        Some(1)
+    );
+}
