@@ -678,10 +678,6 @@ impl Supervisor {
     /// shell gave it, which keeps the bytes the worker had read), or `None` when the
     /// `HandBack` came without exactly one fd. It goes to the front of the listener's queue,
     /// for another worker; with no round-robin listener left to take it, it is closed.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the shell takes hand-backs in the next step")
-    )]
     pub(crate) fn handle_handed_back(
         &mut self,
         worker: WorkerId,
