@@ -80,7 +80,7 @@ const ALL: [ScenarioName; 9] = [
 /// The flags of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// Run every scenario briefly (a smoke run, about 45 s; figures are rough).
+    /// Run every scenario briefly (a smoke run, about 50 s; figures are rough).
     #[arg(long)]
     quick: bool,
     /// Run only this scenario (repeat for several); all of them by default.

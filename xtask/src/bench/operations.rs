@@ -167,10 +167,15 @@ fn rollout_server(
             ""
         };
         ctx.notes.push(format!(
-            "rollout: {server}: roll-out {} did not finish within {} s, {} of {WORKERS} old \
+            "rollout: {server}: roll-out {} did not finish within {} s{}, {} of {WORKERS} old \
              workers still running{why}; {}",
             n + 1,
             timing.step_timeout.as_secs_f64(),
+            if ctx.quick {
+                " (the --quick limit)"
+            } else {
+                ""
+            },
             roll.old_left,
             if n + 1 < ctx.rolls {
                 "no further roll-out was tried"
@@ -335,13 +340,18 @@ fn scale_server(
     }
     if let Some((n, step)) = timed_out {
         ctx.notes.push(format!(
-            "scale: {server}: a scaling step ({}) of cycle {n} did not finish within {} s; no \
-             further step was tried",
+            "scale: {server}: a scaling step ({}) of cycle {n} did not finish within {} s{}; \
+             no further step was tried",
             match step {
                 Step::Up => "SIGTTIN",
                 Step::Down => "SIGTTOU",
             },
             timing.step_timeout.as_secs_f64(),
+            if ctx.quick {
+                " (the --quick limit)"
+            } else {
+                ""
+            },
         ));
     }
     let failed = load.errors.values().sum::<u64>() as f64;
