@@ -71,6 +71,7 @@ impl LoadResult {
 pub(crate) struct Live {
     answered: AtomicU64,
     errors: AtomicU64,
+    server_closes: AtomicU64,
     first_answers: Mutex<BTreeMap<u32, Instant>>,
 }
 
@@ -83,6 +84,12 @@ impl Live {
     /// Errors so far, inside the measured window (those the result counts).
     pub(crate) fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Keep-alive connections the server closed with its answer so far, inside the measured
+    /// window (those the result counts).
+    pub(crate) fn server_closes(&self) -> u64 {
+        self.server_closes.load(Ordering::Relaxed)
     }
 
     /// When process `pid` first answered (when its whole answer had arrived), warm-up
@@ -500,6 +507,7 @@ impl Generator {
         } else {
             if self.spec.keep_alive && in_window {
                 self.result.server_closes += 1;
+                self.live.server_closes.fetch_add(1, Ordering::Relaxed);
             }
             self.close(index);
             self.connect(index);
@@ -670,6 +678,7 @@ mod tests {
         assert_eq!(live.errors(), 0, "{:?}", result.errors);
         assert!(result.requests >= 10);
         assert_eq!(result.per_pid.keys().copied().collect::<Vec<_>>(), [4242]);
+        assert_eq!(live.server_closes(), result.server_closes);
         assert_eq!(
             result.server_closes, result.requests,
             "every answer closed a keep-alive connection, and that is no error"

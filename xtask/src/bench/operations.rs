@@ -105,13 +105,14 @@ pub(crate) fn rollout(ctx: &mut Context) -> Result<Scenario> {
 }
 
 /// One roll-out: its time (`None`: timed out), how many old workers were left when it ended,
-/// and the errors of each kind of client from its signal until after the settling time.
+/// and what each kind of client met from its signal until after the settling time.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Roll {
     ms: Option<f64>,
     old_left: usize,
     failed_requests: u64,
     keep_alive_errors: u64,
+    keep_alive_reconnects: u64,
 }
 
 fn rollout_server(
@@ -238,6 +239,13 @@ fn rollout_figures(rolls: &[Roll], close: &LoadResult, keep: &LoadResult) -> Fig
             "rollout_keepalive_errors_per_roll",
             rolls.iter().map(|r| r.keep_alive_errors as f64).collect(),
         ),
+        (
+            "rollout_keepalive_reconnects_per_roll",
+            rolls
+                .iter()
+                .map(|r| r.keep_alive_reconnects as f64)
+                .collect(),
+        ),
     ]);
     figures
 }
@@ -246,7 +254,7 @@ fn rollout_figures(rolls: &[Roll], close: &LoadResult, keep: &LoadResult) -> Fig
 /// and for the settling time.
 fn roll(primary: u32, timing: Timing, close: &Live, keep: &Live) -> Result<Roll> {
     let old = workers(primary, WORKERS, timing.step_timeout)?;
-    let errors_before = (close.errors(), keep.errors());
+    let before = (close.errors(), keep.errors(), keep.server_closes());
     signal(primary, Signal::SIGHUP)?;
     let signalled = Instant::now();
     let finished = children::wait_for(primary, signalled + timing.step_timeout, |now| {
@@ -260,8 +268,9 @@ fn roll(primary: u32, timing: Timing, close: &Live, keep: &Live) -> Result<Roll>
     Ok(Roll {
         ms: finished.map(|(at, _)| millis(at - signalled)),
         old_left,
-        failed_requests: close.errors() - errors_before.0,
-        keep_alive_errors: keep.errors() - errors_before.1,
+        failed_requests: close.errors() - before.0,
+        keep_alive_errors: keep.errors() - before.1,
+        keep_alive_reconnects: keep.server_closes() - before.2,
     })
 }
 
@@ -526,18 +535,21 @@ mod tests {
                 old_left: 0,
                 failed_requests: 1,
                 keep_alive_errors: 0,
+                keep_alive_reconnects: 0,
             },
             Roll {
                 ms: Some(80.0),
                 old_left: 0,
                 failed_requests: 0,
                 keep_alive_errors: 2,
+                keep_alive_reconnects: 3,
             },
             Roll {
                 ms: Some(60.0),
                 old_left: 0,
                 failed_requests: 0,
                 keep_alive_errors: 1,
+                keep_alive_reconnects: 4,
             },
         ];
         let figures = rollout_figures(
@@ -552,6 +564,18 @@ mod tests {
         assert_eq!(value(&figures, "rollout_keepalive_reconnects"), Some(7.0));
         assert_eq!(value(&figures, "rollouts_finished"), Some(3.0));
         assert_eq!(value(&figures, "rollouts_timed_out"), Some(0.0));
+        let per_roll = |name: &str| {
+            figures
+                .samples
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(per_roll("rollout_ms"), Some(vec![40.0, 80.0, 60.0]));
+        assert_eq!(
+            per_roll("rollout_keepalive_reconnects_per_roll"),
+            Some(vec![0.0, 3.0, 4.0])
+        );
     }
 
     #[test]
@@ -561,6 +585,7 @@ mod tests {
             old_left: 4,
             failed_requests: 0,
             keep_alive_errors: 0,
+            keep_alive_reconnects: 0,
         }];
         let figures = rollout_figures(&rolls, &load(&[], 0), &load(&[], 0));
         assert_eq!(value(&figures, "rollout_ms_median"), None, "never NaN");
