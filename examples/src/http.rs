@@ -253,6 +253,14 @@ impl Connection {
         Ok(())
     }
 
+    /// Whether this connection may stay open after its response: while the handler allows
+    /// keep-alive, and while the worker drains too if the primary can take the connection
+    /// at the next request boundary (then its client never sees it close: the next request
+    /// is answered by another worker).
+    fn may_keep_alive(&self, handler: &impl Handler) -> bool {
+        handler.keep_alive_allowed() || (!self.hand_back_refused && self.stream.can_hand_back())
+    }
+
     /// Answers the request at the front of the input, if it is whole. Returns true if it did.
     fn answer_one(&mut self, handler: &mut impl Handler) -> bool {
         if self.body_left > 0 {
@@ -274,7 +282,7 @@ impl Connection {
             }
         };
         let minor = request.version.unwrap_or(0);
-        let keep_alive = wants_keep_alive(minor, request.headers) && handler.keep_alive_allowed();
+        let keep_alive = wants_keep_alive(minor, request.headers) && self.may_keep_alive(handler);
         let body_len = content_length(request.headers);
         let path = request.path.unwrap_or("/").to_owned();
         self.input.drain(..head_len);
@@ -287,7 +295,7 @@ impl Connection {
             return false;
         };
         self.answered += 1;
-        let keep_alive = keep_alive && handler.keep_alive_allowed();
+        let keep_alive = keep_alive && self.may_keep_alive(handler);
         self.queue_response("200 OK", &body, keep_alive, minor);
         !self.closing
     }

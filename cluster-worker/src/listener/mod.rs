@@ -208,11 +208,17 @@ fn rounded_up(duration: Duration) -> PollTimeout {
 
 /// The shorter of two poll timeouts (`NONE` is for ever).
 fn shorter(a: PollTimeout, b: PollTimeout) -> PollTimeout {
+    // `PollTimeout::as_millis` panics on `NONE` (nix 0.32 converts the -1 before it looks),
+    // so the infinite cases are settled first.
+    if a.is_none() {
+        return b;
+    }
+    if b.is_none() {
+        return a;
+    }
     match (a.as_millis(), b.as_millis()) {
-        (None, _) => b,
-        (_, None) => a,
-        (Some(x), Some(y)) if x <= y => a,
-        _ => b,
+        (Some(x), Some(y)) if x > y => b,
+        _ => a,
     }
 }
 
@@ -384,5 +390,36 @@ impl Iterator for Incoming<'_> {
             Err(_) if self.listener.is_closed() => None,
             Err(err) => Some(Err(err.into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shorter_timeout_wins_and_none_is_for_ever() {
+        let ms = |n: u16| PollTimeout::from(n);
+        assert_eq!(shorter(PollTimeout::NONE, ms(5)), ms(5));
+        assert_eq!(shorter(ms(5), PollTimeout::NONE), ms(5));
+        assert_eq!(
+            shorter(PollTimeout::NONE, PollTimeout::NONE),
+            PollTimeout::NONE
+        );
+        assert_eq!(shorter(ms(3), ms(5)), ms(3));
+        assert_eq!(shorter(ms(5), ms(3)), ms(3));
+    }
+
+    #[test]
+    fn timeouts_round_up_to_whole_milliseconds() {
+        assert_eq!(
+            rounded_up(Duration::from_micros(1)),
+            PollTimeout::from(1u16)
+        );
+        assert_eq!(
+            rounded_up(Duration::from_millis(7)),
+            PollTimeout::from(7u16)
+        );
+        assert_eq!(rounded_up(Duration::from_secs(u64::MAX)), PollTimeout::MAX);
     }
 }

@@ -297,6 +297,30 @@ fn sighup_replaces_every_worker_under_load_without_a_failed_request() {
 }
 
 #[test]
+fn sighup_under_keep_alive_clients_moves_their_connections_without_an_error() {
+    let hello = Hello::start(&["--workers", "4"]);
+    let old = hello.wait_workers(4, &BTreeSet::new());
+    // Keep-alive clients never reconnect unless a request fails (which counts): every
+    // connection must move to a new worker between two requests.
+    let load = Load::start(hello.addr, 8, true);
+    load.wait_for_more(400);
+    signal(hello.pid(), Signal::SIGHUP);
+    let new = hello.wait_workers(4, &old);
+    wait_until("the old workers are gone", || {
+        old.iter().all(|&pid| !is_alive(pid))
+    });
+    load.wait_for_more(400);
+    let answered_by = load.pids();
+    let (ok, failures) = load.finish();
+    assert_eq!(failures, Vec::<String>::new(), "after {ok} answered");
+    assert!(
+        new.iter().any(|pid| answered_by.contains(pid)),
+        "the moved connections are served by new workers: {answered_by:?}"
+    );
+    hello.stop();
+}
+
+#[test]
 fn sigttin_then_sigttou_twice_runs_5_then_3_workers_under_load_without_a_failed_request() {
     let hello = Hello::start(&["--workers", "4"]);
     let first = hello.wait_workers(4, &BTreeSet::new());
