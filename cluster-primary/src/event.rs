@@ -276,3 +276,46 @@ pub struct RolloutProgress {
     /// Workers to replace in all.
     pub total: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_serializes_with_durations_in_milliseconds() {
+        let status = Status {
+            workers: vec![WorkerInfo {
+                id: WorkerId(3),
+                pid: 4242,
+                slot: SlotId(1),
+                state: WorkerState::Listening,
+                uptime: Duration::from_millis(1500),
+                connections_handed: 10,
+                in_flight: 2,
+                open_connections: None,
+                restarts: 1,
+                heartbeat_age: Some(Duration::from_millis(250)),
+                memory: Some(Memory::new(2048, 1024)),
+            }],
+            restarts: 1,
+            listening: vec!["127.0.0.1:8080".parse().unwrap()],
+            pending_connections: 0,
+            stopping: false,
+            target_workers: 2,
+            rollout: Some(RolloutProgress {
+                rollout: 1,
+                done: 1,
+                total: 2,
+            }),
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        let worker = &json["workers"][0];
+        assert_eq!(worker["id"], 3);
+        assert_eq!(worker["state"], "listening");
+        assert_eq!(worker["uptime_ms"], 1500);
+        assert_eq!(worker["heartbeat_age_ms"], 250);
+        assert_eq!(worker["memory"]["uss"], 1024);
+        assert_eq!(json["listening"][0], "127.0.0.1:8080");
+        assert_eq!(json["rollout"]["done"], 1);
+    }
+}
