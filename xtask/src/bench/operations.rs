@@ -161,7 +161,8 @@ fn rollout_server(
         return Err(err.context(format!("rolling {server}")));
     }
     if let Some((n, roll)) = rolls.iter().enumerate().find(|(_, r)| r.ms.is_none()) {
-        let why = if matches!(server, Server::NodeRr { .. }) {
+        // Under --quick the short limit is reason enough.
+        let why = if matches!(server, Server::NodeRr { .. }) && !ctx.quick {
             " (Node's worker.disconnect() waits until the worker's open connections, \
              keep-alive ones included, have ended)"
         } else {
