@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The end-to-end checks a new user would make by hand, as a script: ab against the clustered
-# hello, kill -9 of a worker, SIGTERM and SIGKILL to the primary, and crash under ab.
+# hello, kill -9 of a worker, SIGTERM and SIGKILL to the primary, crash under ab, and the
+# zero-downtime operations: SIGHUP (with new-connection and keep-alive clients), SIGTTIN and
+# SIGTTOU, a boot failure, a hung and a crashing handler, recycling.
 # Needs ab (Debian: apache2-utils) and curl. Run from the workspace root after
 #   cargo build --release -p cluster-examples
 set -u
@@ -30,3 +32,39 @@ for i in $(seq 100); do grep -q ready /tmp/acc3.out && break; sleep 0.05; done
 PORT=$(grep -o ':[0-9]*' /tmp/acc3.out | tail -1 | tr -d :)
 ab -l -c 4 -n 500 -r http://127.0.0.1:$PORT/ 2>&1 | grep -E "Complete requests|Failed requests"
 kill -TERM $P; wait $P
+
+# ----- zero-downtime operations -----
+children() { pgrep -P $1 | wc -l; }
+start() { $H --port 0 "$@" > /tmp/acc4.out 2>/tmp/acc4.err & P=$!
+  for i in $(seq 100); do grep -q ready /tmp/acc4.out && break; sleep 0.05; done
+  PORT=$(grep -o ':[0-9]*' /tmp/acc4.out | tail -1 | tr -d :); }
+stop() { kill -TERM $P; wait $P; echo "primary exit code $?"; }
+under_ab() { # ab flags, then the signals to send one second apart
+  local flags=$1; shift
+  ab $flags -r http://127.0.0.1:$PORT/ > /tmp/acc4.ab 2>&1 & local A=$!
+  sleep 1; for s in "$@"; do kill -$s $P; sleep 1; echo "after $s: $(children $P) workers"; done
+  wait $A; grep -E "Complete requests|Failed requests|Keep-Alive requests" /tmp/acc4.ab; }
+echo "== SIGHUP to hello --workers 4 under ab -c 16 (a new connection per request)"
+start --workers 4; OLD=$(pgrep -P $P | tr '\n' ' ')
+under_ab "-q -c 16 -n 60000" HUP
+for k in $OLD; do kill -0 $k 2>/dev/null && echo "old worker $k still running"; done
+grep -E "rolling restart (started|finished)" /tmp/acc4.err | cut -c1-120; stop
+echo "== SIGHUP under 16 keep-alive clients (ab -k)"
+start --workers 4; under_ab "-q -k -c 16 -n 200000" HUP
+grep -E "rolling restart (started|finished)" /tmp/acc4.err | cut -c1-120; stop
+echo "== SIGTTIN, SIGTTOU, SIGTTOU under load: 5, 4, 3 workers"
+start --workers 4; under_ab "-q -c 16 -n 60000" TTIN TTOU TTOU; stop
+echo "== hello --workers 2 --boot-fail"
+T0=$(ms); $H --workers 2 --port 0 --boot-fail > /dev/null 2>/tmp/acc5.err; echo "exit code $? after $(( $(ms) - T0 )) ms"; grep "^hello:" /tmp/acc5.err
+echo "== hello --faults --hang-timeout 3: GET /hang, then load"
+start --workers 2 --faults --hang-timeout 3; T0=$(ms)
+curl -s -m 30 -o /dev/null -w "GET /hang: http %{http_code}\n" http://127.0.0.1:$PORT/hang & C=$!
+sleep 0.5; ab -q -c 4 -n 20000 -r http://127.0.0.1:$PORT/ 2>&1 | grep -E "Complete requests|Failed requests"
+grep -E "worker hung" /tmp/acc4.err | cut -c1-200; wait $C
+echo "== GET /crash under load"
+ab -q -c 4 -n 20000 -r http://127.0.0.1:$PORT/ > /tmp/acc4.ab 2>&1 & A=$!
+sleep 0.3; curl -s -o /dev/null -w "GET /crash: http %{http_code}\n" http://127.0.0.1:$PORT/crash; wait $A
+grep -E "Complete requests|Failed requests" /tmp/acc4.ab; stop
+echo "== --max-requests 1000 under ab -c 16 -n 30000"
+start --workers 4 --max-requests 1000; under_ab "-q -c 16 -n 30000"
+echo "workers recycled: $(grep -c 'recycling worker' /tmp/acc4.err)"; stop
