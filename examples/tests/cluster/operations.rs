@@ -362,6 +362,19 @@ fn max_requests_recycles_workers_under_load_without_a_failed_request() {
 }
 
 #[test]
+fn a_worker_over_its_memory_limit_is_replaced_without_a_failed_request() {
+    // Any worker uses more than 64 KiB of its own: each is replaced once it is measured.
+    let hello = Hello::start(&["--workers", "1", "--max-memory", "64K"]);
+    let first = hello.wait_workers(1, &BTreeSet::new());
+    let load = Load::start(hello.addr, 2, false);
+    hello.wait_workers(1, &first);
+    load.wait_for_more(50);
+    let (ok, failures) = load.finish();
+    assert_eq!(failures, Vec::<String>::new(), "after {ok} answered");
+    hello.stop();
+}
+
+#[test]
 fn a_hung_worker_is_replaced_and_what_was_queued_for_it_is_served_by_another() {
     let hello = Hello::start(&["--workers", "2", "--faults", "--hang-timeout", "1"]);
     let first = hello.wait_workers(2, &BTreeSet::new());
