@@ -375,11 +375,13 @@ impl Supervisor {
 
     // ----- replacements -----
 
-    /// Whether `worker` may be replaced now: alive, serving, not leaving, not replaced
-    /// already, not itself a replacement on trial.
+    /// Whether `worker` may be replaced now: started, alive, serving, not leaving, not
+    /// replaced already, not itself a replacement on trial. One whose process is not
+    /// started yet (its `Spawn` is on its way) runs the program as it is now anyway.
     pub(crate) fn may_replace(&self, worker: WorkerId) -> bool {
         self.workers.get(&worker).is_some_and(|w| {
-            !w.reaped
+            w.pid.is_some()
+                && !w.reaped
                 && w.fault.is_none()
                 && !w.leaving.is_leaving()
                 && w.replaced_by.is_none()
@@ -419,16 +421,23 @@ impl Supervisor {
         Some(new)
     }
 
-    /// A replacement might be ready: it listens on everything its predecessor did.
+    /// A replacement might be ready: it listens on everything its predecessor held when it
+    /// started, and holds now (a listener it opened since would have nobody left).
     pub(crate) fn check_replacement_ready(&mut self, new: WorkerId, now: Instant) {
         let Some(replacement) = self.rollouts.replacements.get(&new) else {
             return;
         };
-        let ready = self.workers.get(&new).is_some_and(|w| {
-            w.control_open
-                && !w.leaving.is_leaving()
-                && replacement.needs.is_subset(&w.listening_on)
-        });
+        let held_now: BTreeSet<ListenerId> = (self.workers.get(&replacement.old))
+            .filter(|w| !w.reaped)
+            .map(|w| w.handoffs.union(&w.shared).copied().collect())
+            .unwrap_or_default();
+        let listens = |w: &Worker| {
+            replacement.needs.is_subset(&w.listening_on) && held_now.is_subset(&w.listening_on)
+        };
+        let ready = self
+            .workers
+            .get(&new)
+            .is_some_and(|w| w.control_open && !w.leaving.is_leaving() && listens(w));
         if !ready {
             return;
         }
@@ -466,11 +475,12 @@ impl Supervisor {
         tracing::warn!(%old, %new, why, "replacement failed");
         self.ask_to_disconnect(new, now);
         let slot = self.workers.get(&new).map(|w| w.slot);
+        // It keeps its slot only if it still serves: not one hung (being killed) or whose
+        // channel closed, or the slot would wait for its death to be refilled.
         let old_serves = !replacement.old_first
-            && self
-                .workers
-                .get(&old)
-                .is_some_and(|w| !w.reaped && !w.leaving.is_leaving());
+            && self.workers.get(&old).is_some_and(|w| {
+                !w.reaped && !w.leaving.is_leaving() && w.fault.is_none() && w.control_open
+            });
         if let Some(record) = self.workers.get_mut(&old) {
             record.replaced_by = None;
             if replacement.purpose == Purpose::Recycle {
@@ -599,34 +609,37 @@ impl Supervisor {
         let Some(timeout) = self.settings.hang_timeout else {
             return;
         };
-        let mut hung = Vec::new();
         for worker in self.workers.values_mut() {
-            if worker.reaped || worker.fault.is_some() || worker.killed {
-                continue;
-            }
-            let held = self.listeners.in_flight(worker.id);
-            if held == 0 {
+            if self.listeners.in_flight(worker.id) == 0 {
                 // What it held went elsewhere (a listener it closed): nothing to wait for.
                 worker.stalled_since = None;
             }
-            if worker
-                .stalled_since
-                .is_some_and(|since| since + timeout <= now)
-            {
-                hung.push((
-                    worker.id,
-                    format!(
-                        "held {held} handed connections without acknowledging any for {timeout:?}"
-                    ),
-                ));
-            } else if sends_heartbeats(worker)
-                && worker.heartbeat_at.is_some_and(|at| at + timeout <= now)
-            {
-                hung.push((worker.id, format!("sent no heartbeat for {timeout:?}")));
+        }
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for worker in ids {
+            // One at a time: declaring one hung changes the others (its roll-out is
+            // aborted, the one queued behind it asks workers to leave).
+            if let Some(reason) = self.hang_of(worker, timeout, now) {
+                self.declare_hung(worker, reason, now);
             }
         }
-        for (worker, reason) in hung {
-            self.declare_hung(worker, reason, now);
+    }
+
+    /// Why the worker is hung at `now`, if it is.
+    fn hang_of(&self, worker: WorkerId, timeout: Duration, now: Instant) -> Option<String> {
+        let w = self.workers.get(&worker)?;
+        if w.reaped || w.fault.is_some() || w.killed {
+            return None;
+        }
+        let held = self.listeners.in_flight(worker);
+        if held > 0 && w.stalled_since.is_some_and(|since| since + timeout <= now) {
+            Some(format!(
+                "held {held} handed connections without acknowledging any for {timeout:?}"
+            ))
+        } else if sends_heartbeats(w) && w.heartbeat_at.is_some_and(|at| at + timeout <= now) {
+            Some(format!("sent no heartbeat for {timeout:?}"))
+        } else {
+            None
         }
     }
 
@@ -673,16 +686,15 @@ impl Supervisor {
     }
 
     fn declare_hung(&mut self, worker: WorkerId, reason: String, now: Instant) {
+        // Its slot may have gone to another worker already (a replacement on its way, a
+        // respawn after its own replacement failed): that one serves it.
+        let owns_slot = self.owns_slot(worker);
         let Some(record) = self.workers.get_mut(&worker) else {
             return;
         };
         record.fault = Some(format!("hung: {reason}"));
         record.stalled_since = None;
-        let (slot, leaving, replaced) = (
-            record.slot,
-            record.leaving.is_leaving(),
-            record.replaced_by.is_some(),
-        );
+        let (slot, leaving) = (record.slot, record.leaving.is_leaving());
         tracing::error!(%worker, pid = record.pid, %reason, "worker hung; its connections go to others, then SIGABRT, SIGKILL");
         self.emit(Event::Hung {
             worker,
@@ -712,7 +724,7 @@ impl Supervisor {
             self.replacement_failed(worker, &format!("hung: {reason}"), now);
             return;
         }
-        if !leaving && !replaced && !self.stopping && self.settings.respawn != Respawn::Never {
+        if !leaving && owns_slot && !self.stopping && self.settings.respawn != Respawn::Never {
             // Its replacement starts now, not when it is finally gone.
             let new = self.spawn_into(slot, now);
             if let Some(record) = self.workers.get_mut(&worker) {

@@ -427,7 +427,7 @@ impl Supervisor {
             return;
         };
         if !replacement {
-            self.slot_failed(record.slot, now);
+            self.slot_failed(record.slot, worker, now);
         }
         self.count_failure(why, now);
         self.check_finished();
@@ -742,11 +742,22 @@ impl Supervisor {
 
     /// Asks a worker to disconnect: it stops taking connections, finishes the ones it has and
     /// exits; after the shutdown timeout it is killed. It is not replaced.
+    ///
+    /// A replacement not ready yet fails at once (its roll-out is aborted): the worker it was
+    /// to replace keeps the slot, or the slot is refilled if that one no longer serves, as
+    /// after any failed replacement. Decided now, not at its readiness timeout, so that what
+    /// happens to the slot does not depend on what the application does meanwhile.
     pub(crate) fn disconnect(&mut self, worker: WorkerId, now: Instant) -> Result<(), Refusal> {
         if self.workers.get(&worker).is_none_or(|w| w.reaped) {
             return Err(Refusal::NoSuchWorker);
         }
-        self.ask_to_disconnect(worker, now);
+        if self.rollouts.replacements.contains_key(&worker) {
+            // It is asked to disconnect there.
+            self.replacement_failed(worker, "disconnected by the application", now);
+        } else {
+            self.ask_to_disconnect(worker, now);
+        }
+        self.check_finished();
         Ok(())
     }
 
@@ -1139,6 +1150,7 @@ impl Supervisor {
     fn on_worker_leaving(&mut self, worker: WorkerId, retiring: bool, now: Instant) {
         let shutdown_timeout = self.settings.shutdown_timeout;
         let on_trial = self.rollouts.replacements.contains_key(&worker);
+        let owns_slot = self.owns_slot(worker);
         let Some(record) = self.workers.get_mut(&worker) else {
             return;
         };
@@ -1150,14 +1162,12 @@ impl Supervisor {
         record.kill_no_later_than(now + shutdown_timeout);
         let slot = record.slot;
         // Asked to go by the primary, it is not replaced, even if it also asks to retire. Nor
-        // is one whose replacement (a roll-out's, a recycling's) is on its way already, or one
-        // that is itself a replacement not ready yet: it failed, and the worker it was to
-        // replace keeps the slot. Either way a second worker in the slot would stay for good.
-        let replace = retiring
-            && !record.leaving.replaced
-            && !record.leaving.asked
-            && record.replaced_by.is_none()
-            && !on_trial;
+        // is one whose slot went to another worker already (a roll-out's or a recycling's
+        // replacement on its way, a respawn after its own replacement failed), or one that is
+        // itself a replacement not ready yet: it failed, and the worker it was to replace
+        // keeps the slot. Either way a second worker in the slot would stay for good.
+        let replace =
+            retiring && !record.leaving.replaced && !record.leaving.asked && owns_slot && !on_trial;
         if replace {
             record.leaving.replaced = true;
         }
@@ -1510,11 +1520,14 @@ impl Supervisor {
         self.schedule_respawn(slot, now);
     }
 
-    fn slot_failed(&mut self, slot: SlotId, now: Instant) {
-        if let Some(state) = self.slot_mut(slot) {
-            state.worker = None;
-            state.failures += 1;
-        }
+    /// `worker`'s process could not be started: its slot, if it still has it (a roll-out
+    /// may have given it to a replacement meanwhile), is refilled as after a failure.
+    fn slot_failed(&mut self, slot: SlotId, worker: WorkerId, now: Instant) {
+        let Some(state) = self.slot_mut(slot).filter(|s| s.worker == Some(worker)) else {
+            return;
+        };
+        state.worker = None;
+        state.failures += 1;
         if self.settings.respawn != Respawn::Never && !self.stopping {
             self.schedule_respawn(slot, now);
         }
@@ -1541,6 +1554,13 @@ impl Supervisor {
                 state.respawn_at = Some(now + delay);
             }
         }
+    }
+
+    /// The worker is its slot's worker: no replacement or respawn took the slot over.
+    fn owns_slot(&self, worker: WorkerId) -> bool {
+        (self.workers.get(&worker))
+            .and_then(|w| self.slots.get(w.slot.0 as usize))
+            .is_some_and(|slot| slot.worker == Some(worker))
     }
 
     fn slot_mut(&mut self, slot: SlotId) -> Option<&mut Slot> {
@@ -1598,11 +1618,12 @@ impl Supervisor {
     }
 
     /// The workers that serve or will: not gone, not leaving, not being killed for a fault
-    /// (a hung worker waits for its SIGKILL).
+    /// (a hung worker waits for its SIGKILL), channel open (one closed lingers until its
+    /// kill).
     pub(crate) fn live_or_starting(&self) -> usize {
         self.workers
             .values()
-            .filter(|w| !w.reaped && !w.leaving.is_leaving() && w.fault.is_none())
+            .filter(|w| !w.reaped && !w.leaving.is_leaving() && w.fault.is_none() && w.control_open)
             .count()
     }
 

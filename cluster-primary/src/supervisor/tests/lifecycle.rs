@@ -1027,3 +1027,190 @@ fn a_stop_that_has_to_kill_a_worker_ends_forced() {
     assert_eq!(sim.sup.ending(), Ending::Forced { killed: 2 });
     sim.assert_clean();
 }
+
+// ----- corners the property run found -----
+
+#[test]
+fn a_hung_worker_is_refused_new_listeners() {
+    let mut sim = cluster_with(hanging(Duration::from_secs(3), 2), Script::default());
+    let l = sim.the_listener();
+    sim.connect(l, 1);
+    sim.advance(Duration::from_secs(3));
+    assert_eq!(lifecycle_events(&sim), ["Hung w1"]);
+    // Its control channel still works: it asks for another listener, and must not get it
+    // (it would hold connections until its SIGKILL).
+    sim.listen(w(1), addr(8001), None);
+    assert_eq!(sim.workers[&w(1)].refused.len(), 1);
+    assert!(sim.workers[&w(1)].handoffs.is_empty());
+    ack_everything(&mut sim);
+    sim.settle();
+    sim.assert_clean();
+}
+
+#[test]
+fn a_failed_replacement_of_a_worker_that_no_longer_serves_refills_the_slot_at_once() {
+    for how in ["hung", "channel closed"] {
+        let settings = Settings {
+            hang_timeout: Some(Duration::from_secs(3)),
+            ..settings(2)
+        };
+        let mut sim = cluster_then_quiet(settings, Script::default());
+        let l = sim.the_listener();
+        sim.reload().unwrap();
+        match how {
+            "hung" => {
+                sim.connect(l, 1);
+                sim.advance(Duration::from_secs(3));
+                assert_eq!(lifecycle_events(&sim)[1], "Hung w1");
+                assert_eq!(spawns(&sim).len(), 3, "its replacement is on its way");
+            }
+            _ => sim.close_control(w(1), None),
+        }
+        // The replacement fails: the slot gets a new worker now, not once worker 1 is gone.
+        sim.crash(w(3));
+        assert_eq!(spawns(&sim).last(), Some(&(w(4), SlotId(0))), "{how}");
+        assert!(sim.workers[&w(1)].alive, "{how}");
+        sim.say_listening(w(4));
+        ack_everything(&mut sim);
+        sim.settle();
+        assert_eq!(sim.serving(), ws([2, 4]), "{how}");
+        sim.assert_clean();
+    }
+}
+
+#[test]
+fn a_worker_that_left_while_replaced_gets_no_replacement_on_retire_once_its_slot_is_refilled() {
+    let mut sim = cluster_then_quiet(settings(1), Script::default());
+    sim.workers.get_mut(&w(1)).unwrap().script.on_disconnect = OnDisconnect::Hang;
+    sim.reload().unwrap();
+    // Worker 1 leaves by itself; its replacement fails: the slot is refilled.
+    sim.say(w(1), ToPrimary::Disconnecting);
+    sim.crash(w(2));
+    assert_eq!(spawns(&sim).last(), Some(&(w(3), SlotId(0))));
+    // Then it asks to retire: its slot has worker 3 already.
+    sim.say(w(1), ToPrimary::Retire);
+    assert_eq!(spawns(&sim).len(), 3);
+    sim.say_listening(w(3));
+    sim.settle();
+    assert_eq!(sim.serving(), [w(3)]);
+    sim.assert_clean();
+}
+
+#[test]
+fn a_hung_worker_whose_slot_was_refilled_gets_no_second_replacement() {
+    let settings = Settings {
+        hang_timeout: Some(Duration::from_secs(3)),
+        ..settings(1)
+    };
+    let mut sim = cluster_then_quiet(settings, Script::default());
+    let l = sim.the_listener();
+    sim.connect(l, 1);
+    sim.reload().unwrap();
+    // Worker 1 closes its channel (its handoff socket stays open, the connection un-acked);
+    // its replacement fails: the slot is refilled.
+    sim.close_control(w(1), None);
+    sim.crash(w(2));
+    assert_eq!(spawns(&sim).last(), Some(&(w(3), SlotId(0))));
+    sim.say_listening(w(3));
+    sim.advance(Duration::from_secs(3));
+    assert_eq!(lifecycle_events(&sim)[1..], ["Aborted 1", "Hung w1"]);
+    assert_eq!(spawns(&sim).len(), 3, "worker 3 serves its slot already");
+    assert_eq!(sim.handed_to(w(3)), [ConnId(1)]);
+    ack_everything(&mut sim);
+    sim.settle();
+    assert_eq!(sim.serving(), [w(3)]);
+    sim.assert_clean();
+}
+
+#[test]
+fn a_reload_does_not_replace_a_worker_whose_process_is_not_started_yet() {
+    // The Spawn is out, its answer not in: that worker runs the program as it is now.
+    let mut sup = crate::supervisor::Supervisor::new(settings(2));
+    let now = std::time::Instant::now();
+    sup.start(now);
+    while sup.poll_action().is_some() {}
+    sup.handle_spawned(w(1), 101);
+    assert_eq!(sup.reload(now), Ok(1));
+    let actions: Vec<Action> = std::iter::from_fn(|| sup.poll_action()).collect();
+    let replaced: Vec<SlotId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Spawn { slot, .. } => Some(*slot),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replaced, [SlotId(0)], "{actions:?}");
+    assert!(actions.contains(&Action::Event(Event::RolloutStarted {
+        rollout: 1,
+        workers: 1
+    })));
+}
+
+#[test]
+fn a_spawn_that_fails_after_its_slot_went_to_a_replacement_leaves_the_slot_alone() {
+    // A roll-out queued behind one whose replacement failed starts at once, while the
+    // failed slot's respawn is not started yet: it must not replace that one, whose spawn
+    // then fails; the slot keeps one worker.
+    let mut sim = cluster_then_quiet(settings(2), Script::default());
+    sim.reload().unwrap();
+    sim.reload().unwrap();
+    sim.scripts.push_back(Script {
+        spawn_fails: true,
+        ..Script::default()
+    });
+    sim.workers.get_mut(&w(1)).unwrap().script.on_disconnect = OnDisconnect::Hang;
+    sim.say(w(1), ToPrimary::Disconnecting);
+    sim.crash(w(3));
+    while next_replacement_listens(&mut sim) {}
+    sim.settle();
+    assert_eq!(sim.serving().len(), 2);
+    sim.assert_clean();
+}
+
+#[test]
+fn a_replacement_waits_for_a_listener_its_worker_opened_after_the_start() {
+    let mut sim = cluster_then_quiet(settings(1), Script::default());
+    sim.reload().unwrap();
+    // Worker 1 starts listening on 8001 while its replacement starts.
+    sim.listen(w(1), addr(8001), None);
+    let b = sim.listener_at(addr(8001));
+    sim.say_listening(w(2));
+    assert!(!asked(&sim, w(1)), "worker 2 does not listen on 8001 yet");
+    sim.listen(w(2), addr(8001), None);
+    sim.say_listening_on(w(2), b);
+    assert!(asked(&sim, w(1)));
+    sim.settle();
+    sim.assert_clean();
+}
+
+#[test]
+fn disconnecting_a_replacement_not_ready_yet_fails_it_at_once() {
+    let mut sim = cluster_then_quiet(settings(2), Script::default());
+    sim.reload().unwrap();
+    sim.disconnect(w(3)).unwrap();
+    assert_eq!(lifecycle_events(&sim), ["Started 1 of 2", "Aborted 1"]);
+    assert!(abort_reason(&sim, 1).contains("disconnected"));
+    assert!(!sim.workers[&w(3)].alive);
+    // Worker 1 keeps its slot: disconnecting it now leaves the slot empty.
+    sim.disconnect(w(1)).unwrap();
+    sim.settle();
+    assert_eq!(spawns(&sim).len(), 3);
+    assert_eq!(sim.serving(), [w(2)]);
+    sim.assert_clean();
+}
+
+#[test]
+fn disconnecting_a_worker_being_replaced_lets_its_replacement_take_the_slot() {
+    let mut sim = cluster_then_quiet(settings(2), Script::default());
+    sim.reload().unwrap();
+    sim.disconnect(w(1)).unwrap();
+    sim.say_listening(w(3));
+    while next_replacement_listens(&mut sim) {}
+    assert_eq!(
+        lifecycle_events(&sim).last().map(String::as_str),
+        Some("Finished 1")
+    );
+    sim.settle();
+    assert_eq!(sim.serving(), ws(3..=4));
+    sim.assert_clean();
+}

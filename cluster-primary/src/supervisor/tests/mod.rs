@@ -1,5 +1,6 @@
 //! The supervisor core, tested without processes: a simulator with scripted workers and a
-//! fake clock ([`sim`]), scenarios through it ([`scenarios`]), random event sequences
+//! fake clock ([`sim`]), scenarios through it ([`scenarios`], and [`lifecycle`] for
+//! roll-outs, scaling, recycling, hung workers and fatal failures), random event sequences
 //! checked step by step against the no-loss invariants ([`properties`]), and sabotaged cores
 //! those checks must catch ([`sabotage`]).
 #![allow(clippy::unwrap_used)]

@@ -10,8 +10,13 @@
 //! from what it fed in and what the actions said, and checks the supervisor against it: as
 //! each action is carried out (nothing handed to a worker that is leaving, nothing released
 //! twice, no signal to a reaped worker, respawns no sooner than the backoff, events in
-//! order) and in [`Sim::check`] whenever the supervisor is idle (every connection in exactly
-//! one place, the policy's view included). What it finds goes to [`Sim::violations`].
+//! order, a worker asked to leave only once another in its slot is ready or within the
+//! roll-out's unavailable count, a hung worker really hung) and in [`Sim::check`] whenever
+//! the supervisor is idle (every connection in exactly one place, the policy's view
+//! included; no more replacements beside their workers than the surge and recycling allow;
+//! a hung worker holds nothing). It follows replacements on its own: a worker spawned
+//! while its slot's worker still serves replaces that one, which keeps the slot if the
+//! replacement fails. What it finds goes to [`Sim::violations`].
 
 use core::net::{Ipv4Addr, SocketAddr};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -244,8 +249,11 @@ pub(super) struct SimWorker {
     /// What the worker it replaces held when it was spawned: it is ready once it listens on
     /// all of it.
     pub(super) needs: BTreeSet<ListenerId>,
-    /// It was asked to leave before its replacement was ready (the unavailable count).
+    /// It was asked to leave before another worker of its slot was ready (the roll-out's
+    /// unavailable count).
     pub(super) asked_early: bool,
+    /// What it held when it was asked to leave.
+    pub(super) held_when_asked: BTreeSet<ListenerId>,
     /// When it last sent a heartbeat.
     pub(super) heartbeat_at: Option<Instant>,
     /// When it was first handed a connection.
@@ -257,6 +265,12 @@ pub(super) struct SimWorker {
 }
 
 impl SimWorker {
+    /// It is a replacement not ready yet: it was not welcomed, or does not listen on
+    /// everything the worker it replaces held.
+    pub(super) fn on_trial(&self) -> bool {
+        self.replaces.is_some() && !(self.online && self.needs.is_subset(&self.listening))
+    }
+
     /// The seq of the reply-bearing message it sent last.
     fn take_seq(&mut self) -> u64 {
         self.next_seq += 1;
@@ -352,6 +366,8 @@ pub(super) struct Sim {
     pub(super) recycling: BTreeSet<WorkerId>,
     /// Workers the application asked to disconnect.
     app_asked: BTreeSet<WorkerId>,
+    /// Connections handed back.
+    pub(super) handed_back: usize,
     reactions: VecDeque<Reaction>,
     in_pump: bool,
     /// When each listener may accept again after running out of fds.
@@ -395,6 +411,7 @@ impl Sim {
             rollout_seen: false,
             recycling: BTreeSet::new(),
             app_asked: BTreeSet::new(),
+            handed_back: 0,
             reactions: VecDeque::new(),
             in_pump: false,
             fd_backoff_until: BTreeMap::new(),
@@ -474,6 +491,7 @@ impl Sim {
             }
         }
         self.in_pump = false;
+        self.resolve_early_asks();
         if self.min_ready.is_some() {
             // Within one batch of actions a replacement may start just before the worker it
             // replaces is asked to leave: only what stays counts.
@@ -525,6 +543,16 @@ impl Sim {
     /// `handle_timeout` now, then (d): nothing it had to do may be left in the past.
     fn fire(&mut self) {
         self.sup.handle_timeout(self.now);
+        // Replacements past their readiness timeout failed, even those the primary could not
+        // tell (their channel closed: no Disconnect goes out).
+        let overdue: Vec<WorkerId> = (self.workers.values())
+            .filter(|w| w.alive && w.on_trial())
+            .filter(|w| w.spawned_at + self.settings().readiness_timeout <= self.now)
+            .map(|w| w.id)
+            .collect();
+        for worker in overdue {
+            self.replacement_given_up(worker);
+        }
         if let Some(next) = self.sup.poll_timeout() {
             if next <= self.now {
                 let late = self.now - next;
@@ -850,6 +878,27 @@ impl Sim {
         self.sup.handle_exited(worker, status, self.now);
     }
 
+    /// The primary gives up on a replacement not ready yet (asks it to leave, or it hung):
+    /// the worker it was to replace keeps the slot if it still serves; otherwise the slot is
+    /// empty from now on, one more failure.
+    fn replacement_given_up(&mut self, worker: WorkerId) {
+        let Some(w) = self.workers.get(&worker) else {
+            return;
+        };
+        let on_trial = w.alive && w.on_trial();
+        if !on_trial || self.stopped {
+            return;
+        }
+        let slot = w.slot;
+        if self
+            .slots
+            .get(&slot)
+            .is_some_and(|s| s.occupant == Some(worker))
+        {
+            self.slot_lost(slot, worker, false);
+        }
+    }
+
     /// The slot's worker is gone (or never started): a replacement's predecessor that still
     /// serves keeps the slot; otherwise the slot is empty, one more failure unless the
     /// worker was `stable`.
@@ -899,15 +948,16 @@ impl Sim {
         }
         self.app_asked.insert(worker);
         if let (Ok(()), Some(w)) = (result, self.workers.get(&worker)) {
-            // A replacement disconnected while the worker it replaces still serves leaves
-            // the slot to that one.
-            let previous_serves = (self.slots.get(&w.slot))
-                .and_then(|state| state.previous)
-                .and_then(|p| self.workers.get(&p))
-                .is_some_and(|p| p.alive && !p.leaving);
-            let state = self.slots.entry(w.slot).or_default();
-            if state.occupant == Some(worker) && !previous_serves {
-                state.emptied = true;
+            // A replacement not ready yet fails when disconnected: its slot goes back to the
+            // worker it was to replace if that one still serves, or is refilled as after a
+            // failure. Only a worker that has its slot to itself empties it.
+            if w.on_trial() {
+                self.replacement_given_up(worker);
+            } else {
+                let state = self.slots.entry(w.slot).or_default();
+                if state.occupant == Some(worker) {
+                    state.emptied = true;
+                }
             }
         }
         self.pump();
@@ -927,6 +977,13 @@ impl Sim {
         let result = self.sup.set_workers(count, self.now);
         if result.is_ok() {
             self.slots.retain(|slot, _| (slot.0 as usize) < count);
+            // The early asks of the slots that went end with them (a slot added again later
+            // is a new one).
+            for w in self.workers.values_mut() {
+                if w.slot.0 as usize >= count {
+                    w.asked_early = false;
+                }
+            }
         }
         self.pump();
         result
@@ -989,6 +1046,7 @@ impl Sim {
             "{conn} is not served by {worker}"
         );
         entry.place = Place::Gone;
+        self.handed_back += 1;
         let fresh = self.new_conn(listener, Place::Pending);
         self.sup
             .handle_handed_back(worker, listener, Some(fresh), self.now);
@@ -1119,7 +1177,15 @@ impl Sim {
                 worker,
                 signal: Signal::SIGTERM,
                 ..
-            } => self.check_asked_to_leave(*worker),
+            } => {
+                self.check_asked_to_leave(*worker);
+                self.replacement_given_up(*worker);
+            }
+            Action::Signal {
+                worker,
+                signal: Signal::SIGABRT,
+                ..
+            } => self.replacement_given_up(*worker),
             _ => {}
         }
         match action {
@@ -1173,63 +1239,101 @@ impl Sim {
         self.check_floor();
     }
 
-    /// A worker is asked to leave (Disconnect, or SIGTERM before its Hello): outside a
-    /// stop, the application's command and a scale-down, only a replacement that failed, or
-    /// a worker whose replacement is ready (or, up to the roll-out's unavailable count, on
-    /// its way) may be.
+    /// A worker is asked to leave (Disconnect, or SIGTERM before its Hello). Outside a stop,
+    /// the application's command, a scale-down and a replacement that is not ready (it
+    /// failed), another worker of its slot must be ready: serve and listen on everything
+    /// it held. Workers of up to the roll-out's unavailable count of slots may be asked
+    /// earlier; each counts until its slot has such a worker, it is gone (or its slot), or
+    /// the roll-out is aborted (the slot is refilled as after a failure then, and the core
+    /// counts it no more).
     fn check_asked_to_leave(&mut self, old: WorkerId) {
         let target = self.settings().workers;
         let unavailable = self.settings().rollout.unavailable as usize;
         let Some(o) = self.workers.get(&old) else {
             return;
         };
+        let on_trial = o.on_trial();
         let exempt = self.stopped
             || self.app_asked.contains(&old)
             || o.leaving
             || !o.alive
-            || (o.replaces.is_some() && !self.is_ready(old))
+            || on_trial
             || o.slot.0 as usize >= target;
         if exempt {
             return;
         }
-        let Some(new) = self.replacement_of(old) else {
-            let detail = format!("{old} asked to leave: no stop, no command, no replacement");
-            return self.violation(Property::Rollout, detail);
-        };
-        if self.is_ready(new) {
+        let held = self.held_by(old);
+        let early = !self.has_ready_peer(old, &held);
+        if let Some(o) = self.workers.get_mut(&old) {
+            o.asked_early = early;
+            o.held_when_asked = held;
+        }
+        if !early {
             return;
         }
-        if let Some(o) = self.workers.get_mut(&old) {
-            o.asked_early = true;
+        let slot = self.workers[&old].slot;
+        if self
+            .slots
+            .get(&slot)
+            .is_some_and(|s| s.occupant == Some(old))
+        {
+            // Its replacement failed before the ask came out (a spawn that failed at once):
+            // the core emptied the slot at that failure, as this ask does now.
+            self.slot_lost(slot, old, false);
         }
-        let early: Vec<WorkerId> = (self.workers.values())
-            .filter(|w| w.asked_early && w.alive)
-            .filter(|w| self.replacement_of(w.id).is_some_and(|n| !self.is_ready(n)))
-            .map(|w| w.id)
+        self.resolve_early_asks();
+        let out: BTreeSet<SlotId> = (self.workers.values())
+            .filter(|w| w.asked_early && w.alive && (w.slot.0 as usize) < target)
+            .map(|w| w.slot)
             .collect();
-        if early.len() > unavailable {
-            let needs = &self.workers[&new].needs;
+        if out.len() > unavailable {
             let detail = format!(
-                "{old} asked to leave before its replacement {new} listens on {needs:?}: \
-                 {early:?} are out early, {unavailable} may be"
+                "{old} asked to leave while nobody else in its slot listens on {:?}: \
+                 {out:?} are out early, {unavailable} may be",
+                self.workers[&old].held_when_asked
             );
             self.violation(Property::Rollout, detail);
         }
     }
 
-    /// The live replacement started for `old`, if any.
-    fn replacement_of(&self, old: WorkerId) -> Option<WorkerId> {
-        (self.workers.values())
-            .rev()
-            .find(|w| w.replaces == Some(old) && w.alive)
+    /// Workers asked to leave early whose slot has a ready worker now count no more, even if
+    /// that one leaves later (by itself, or crashing: no ask of the primary's).
+    fn resolve_early_asks(&mut self) {
+        let resolved: Vec<WorkerId> = (self.workers.values())
+            .filter(|w| w.asked_early && self.has_ready_peer(w.id, &w.held_when_asked))
             .map(|w| w.id)
+            .collect();
+        for worker in resolved {
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.asked_early = false;
+            }
+        }
     }
 
-    /// The replacement serves and listens on everything the worker it replaces held.
-    fn is_ready(&self, new: WorkerId) -> bool {
-        self.workers
-            .get(&new)
-            .is_some_and(|w| w.alive && !w.leaving && w.needs.is_subset(&w.listening))
+    /// The listeners the worker holds: its handoff sockets, the shared listeners it was
+    /// granted and did not close.
+    fn held_by(&self, worker: WorkerId) -> BTreeSet<ListenerId> {
+        let Some(w) = self.workers.get(&worker) else {
+            return BTreeSet::new();
+        };
+        let shared = (w.granted.iter())
+            .filter(|(l, (_, d))| *d == Delivery::Shared && !w.closing.contains(l))
+            .map(|(&l, _)| l);
+        w.handoffs.keys().copied().chain(shared).collect()
+    }
+
+    /// Another worker of the worker's slot serves and listens on all of `held`.
+    fn has_ready_peer(&self, worker: WorkerId, held: &BTreeSet<ListenerId>) -> bool {
+        let Some(slot) = self.workers.get(&worker).map(|w| w.slot) else {
+            return false;
+        };
+        self.workers.values().any(|w| {
+            w.id != worker
+                && w.slot == slot
+                && w.alive
+                && !w.leaving
+                && held.is_subset(&w.listening)
+        })
     }
 
     /// After every action: at least `min_ready` workers serve and listen on every listener.
@@ -1274,19 +1378,14 @@ impl Sim {
             );
         }
         let now = self.now;
-        // A worker still serves the slot: the new one is its replacement.
-        let replaces = (self.slots.get(&slot))
-            .and_then(|state| state.occupant)
-            .filter(|&o| self.workers.get(&o).is_some_and(|w| w.alive && !w.leaving));
-        let needs: BTreeSet<ListenerId> = replaces
-            .and_then(|o| self.workers.get(&o))
-            .map(|o| {
-                let shared = (o.granted.iter())
-                    .filter(|(l, (_, d))| *d == Delivery::Shared && !o.closing.contains(l))
-                    .map(|(&l, _)| l);
-                o.handoffs.keys().copied().chain(shared).collect()
-            })
-            .unwrap_or_default();
+        // A worker still serves the slot: the new one is its replacement. (Not necessarily
+        // the last one spawned there: a failed replacement gives the slot back at once,
+        // while it still lives.)
+        let replaces = (self.workers.values())
+            .rev()
+            .find(|w| w.slot == slot && w.alive && !w.leaving)
+            .map(|w| w.id);
+        let needs = replaces.map(|o| self.held_by(o)).unwrap_or_default();
         let state = self.slots.entry(slot).or_default();
         state.previous = replaces;
         let mut complaints = Vec::new();
@@ -1352,6 +1451,7 @@ impl Sim {
                 replaces,
                 needs,
                 asked_early: false,
+                held_when_asked: BTreeSet::new(),
                 heartbeat_at: None,
                 first_handed: None,
                 last_ack: None,
@@ -1467,6 +1567,16 @@ impl Sim {
         w.requests.remove(&ack);
         w.granted.insert(listener, (local_addr, delivery));
         w.closing.remove(&listener);
+        let send_listening = w.script.send_listening;
+        // A replacement on its way must listen on this one too.
+        for n in self.workers.values_mut() {
+            if n.replaces == Some(worker) && n.alive && n.on_trial() {
+                n.needs.insert(listener);
+            }
+        }
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
         let mut complaints = Vec::new();
         if let Delivery::Handoff { window: granted } = delivery {
             w.handoffs.insert(listener, VecDeque::new());
@@ -1474,7 +1584,6 @@ impl Sim {
                 complaints.push(format!("granted window {granted}, configured {window}"));
             }
         }
-        let send_listening = w.script.send_listening;
         if w.alive && w.control_open {
             let granted = ListenGranted {
                 listener,
@@ -1710,6 +1819,11 @@ impl Sim {
                 self.recycling.insert(*worker);
             }
             Event::RolloutStarted { .. } => self.rollout_seen = true,
+            Event::RolloutAborted { .. } => {
+                for w in self.workers.values_mut() {
+                    w.asked_early = false;
+                }
+            }
             _ => {}
         }
         for detail in complaints {
