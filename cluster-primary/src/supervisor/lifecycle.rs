@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use cluster_ipc::{ListenerId, SlotId, WorkerId};
 
+#[cfg(test)]
+use super::Sabotage;
 use super::workers::{Slot, Worker};
 use super::{Action, Refusal, Supervisor};
 use crate::config::Respawn;
@@ -327,6 +329,9 @@ impl Supervisor {
                 .map(|w| w.id)
                 .collect();
             for worker in removed {
+                if sabotaged!(self, ScaleDownKeepsWorkers) {
+                    continue;
+                }
                 self.forget_replacement(worker);
                 if let Some(rollout) = self.rollouts.current.as_mut() {
                     if let Some(at) = rollout.queue.iter().position(|&w| w == worker) {
@@ -434,10 +439,11 @@ impl Supervisor {
         let listens = |w: &Worker| {
             replacement.needs.is_subset(&w.listening_on) && held_now.is_subset(&w.listening_on)
         };
-        let ready = self
-            .workers
-            .get(&new)
-            .is_some_and(|w| w.control_open && !w.leaving.is_leaving() && listens(w));
+        let ready = self.workers.get(&new).is_some_and(|w| {
+            w.control_open
+                && !w.leaving.is_leaving()
+                && (listens(w) || sabotaged!(self, RetireBeforeReady))
+        });
         if !ready {
             return;
         }
@@ -702,6 +708,10 @@ impl Supervisor {
         });
         // Nothing more for it; what it holds un-acked goes to the others now.
         for listener in self.handoffs_of(worker) {
+            if sabotaged!(self, KeepHungConnections) {
+                self.drain_worker_in(listener, worker);
+                continue;
+            }
             self.handoff_closed(worker, listener);
         }
         let shared: Vec<ListenerId> = self
@@ -751,7 +761,7 @@ impl Supervisor {
             self.failure_times.pop_front();
         }
         let failures = self.failure_times.len();
-        if failures >= limit as usize && !self.stopping {
+        if failures >= limit as usize && !self.stopping && !sabotaged!(self, CrashLoopNeverTrips) {
             tracing::error!(
                 failures,
                 ?within,

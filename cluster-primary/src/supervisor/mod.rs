@@ -9,7 +9,6 @@
 //! inputs give the same actions, which is what lets the tests drive it with scripted workers
 //! and a fake clock.
 
-mod lifecycle;
 mod listeners;
 mod workers;
 
@@ -212,6 +211,15 @@ pub(crate) enum Sabotage {
     SkipBackoff,
     /// A stop forgets pending connections instead of closing them.
     DropPendingOnStop,
+    /// A replacement is ready as soon as it says Hello, listening or not: the worker it
+    /// replaces drains too early.
+    RetireBeforeReady,
+    /// A hung worker keeps its un-acked connections until it dies.
+    KeepHungConnections,
+    /// A scale-down forgets the workers of the slots it removes instead of draining them.
+    ScaleDownKeepsWorkers,
+    /// The crash-loop guard never trips.
+    CrashLoopNeverTrips,
 }
 
 /// True when the tests planted `flaw`; always false outside them.
@@ -224,6 +232,9 @@ macro_rules! sabotaged {
         planted
     }};
 }
+
+// Declared after `sabotaged!`, which it uses (a macro is seen only below its definition).
+mod lifecycle;
 
 /// The primary's whole decision state.
 #[derive(Debug)]

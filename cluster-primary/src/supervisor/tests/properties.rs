@@ -1,17 +1,22 @@
 //! Random event sequences through the simulator, checked after every step.
 //!
 //! A case is a configuration (1 to 4 workers, a window of 1 to 4, a policy, one or two
-//! addresses, respawn on or off, ...) and up to 80 operations: clients connect, workers
-//! ack, return, close a listener, die, exit, leave, retire or break the protocol, the primary
-//! disconnects a worker or stops, time passes. Worker and listener numbers are taken modulo
+//! addresses, a respawn policy, a roll-out's surge and unavailable counts, a hang timeout or
+//! none, recycling after some connections or not, ...) and up to 80 operations: clients
+//! connect, workers ack, return, hand back, close a listener, die, exit, fail to boot, leave,
+//! retire, send heartbeats or break the protocol, the primary disconnects a worker, reloads,
+//! scales, forks or stops, time passes. Worker and listener numbers are taken modulo
 //! what exists, so almost every operation does something. After every operation the
 //! simulator's checks run ([`Sim::check`]: (a) conservation of connections, with the policy's
 //! own view; nothing pending and accept on while a worker has credit; the bookkeeping the
 //! core reports; no more workers than slots) besides the ones it makes as each action is
 //! carried out ((b) no handoff to a worker that is leaving, gone or unknown; (d) no timer in
-//! the past after `handle_timeout`; respawn backoff; signals; event order). At the end,
-//! nothing breaks any more and time passes through every timeout: (c) the cluster is back
-//! to its size, or finished when it had to be.
+//! the past after `handle_timeout`; respawn backoff; signals; event order; a worker being
+//! replaced asked to leave only once its replacement is ready, or within the unavailable
+//! count; a hung worker really hung). At rest, no more replacements beside their workers than
+//! the surge (and recycling) allows. At the end, nothing breaks any more (workers ack what
+//! they are handed, if a hang timeout is set) and time passes through every timeout: (c)
+//! the cluster is back to its size, or finished when it had to be.
 //!
 //! Failing seeds are saved to `properties.proptest-regressions` beside this file (under
 //! version control) and replayed before any new case.
@@ -29,7 +34,7 @@ use proptest::test_runner::{FileFailurePersistence, TestCaseError, TestRng, Test
 
 use super::settings;
 use super::sim::{Hello, OnDisconnect, PORT, Place, Property, Script, Sim, Violation, addr};
-use crate::config::Policy;
+use crate::config::{Policy, Recycle, Respawn, Rollout};
 use crate::event::{Event, ExitStatus};
 use crate::signal::Signal;
 use crate::supervisor::{Action, Sabotage, Settings};
@@ -92,6 +97,20 @@ pub(super) enum Op {
     NextTimeout,
     /// The cluster stops.
     Stop { graceful: bool },
+    /// A rolling restart.
+    Reload,
+    /// The number of workers changes.
+    Scale { to: u8 },
+    /// One more worker, in a slot of its own.
+    Fork,
+    /// A worker hands back one of the connections it acked (any live worker's).
+    HandBack { pick: u8 },
+    /// A worker sends a heartbeat, counting this many connections.
+    Heartbeat { worker: u8, connections: u8 },
+    /// The next worker never says `Listening`.
+    NextNeverListens,
+    /// A worker that did not listen yet exits with the boot-failure code.
+    BootFails { worker: u8 },
 }
 
 /// A configuration and the events to feed it.
@@ -101,12 +120,20 @@ pub(super) struct Case {
     pub(super) window: u32,
     pub(super) least_connections: bool,
     pub(super) shared: bool,
-    pub(super) respawn: bool,
+    pub(super) respawn: Respawn,
     pub(super) addrs: usize,
     pub(super) on_disconnect: OnDisconnect,
     pub(super) accept_batch: usize,
+    /// The roll-out's surge and unavailable counts.
+    pub(super) rollout: (u32, u32),
+    pub(super) hang: bool,
+    /// Recycle after this many connections, with this jitter.
+    pub(super) recycle: Option<(u64, u64)>,
     pub(super) ops: Vec<Op>,
 }
+
+/// The hang timeout of the cases that have one.
+const HANG_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Case {
     fn settings(&self) -> Settings {
@@ -122,42 +149,81 @@ impl Case {
             } else {
                 ListenMode::RoundRobin
             },
-            respawn: if self.respawn {
-                crate::config::Respawn::Always
-            } else {
-                crate::config::Respawn::Never
+            respawn: self.respawn,
+            rollout: Rollout {
+                surge: self.rollout.0,
+                unavailable: self.rollout.1,
+            },
+            hang_timeout: self.hang.then_some(HANG_TIMEOUT),
+            recycle: Recycle {
+                after_connections: self.recycle.map(|(after, _)| after),
+                jitter: self.recycle.map_or(0, |(_, jitter)| jitter),
+                max_memory: None,
             },
             ..settings(self.workers)
         }
     }
 }
 
+/// An operation: a union of unions, the likeliest arms first. A union forks the case RNG
+/// (slow, in a debug build) for every arm before the one it picks, for every operation
+/// generated: this order, and the rare operations grouped, keep that cheap.
 fn op() -> impl Strategy<Value = Op> {
     let pick = any::<u8>;
     prop_oneof![
         12 => (pick(), 1u8..=4).prop_map(|(listener, count)| Op::Connect { listener, count }),
         10 => (pick(), pick(), pick())
             .prop_map(|(worker, listener, count)| Op::Ack { worker, listener, count }),
+        11 => worker_op(),
+        9 => lifecycle_op(),
+        3 => (pick(), any::<bool>()).prop_map(|(worker, eof_first)| Op::Crash { worker, eof_first }),
+        3 => Just(Op::NextTimeout),
+        2 => (0u16..1_500).prop_map(|millis| Op::Wait { millis }),
         2 => (pick(), pick(), pick())
             .prop_map(|(worker, listener, mask)| Op::Return { worker, listener, mask }),
-        1 => (pick(), pick()).prop_map(|(worker, listener)| Op::CloseListener { worker, listener }),
-        3 => (pick(), any::<bool>()).prop_map(|(worker, eof_first)| Op::Crash { worker, eof_first }),
-        1 => pick().prop_map(|worker| Op::Exit { worker }),
-        1 => pick().prop_map(|worker| Op::Disconnecting { worker }),
-        1 => pick().prop_map(|worker| Op::Retire { worker }),
-        1 => pick().prop_map(|worker| Op::PrimaryDisconnect { worker }),
-        1 => pick().prop_map(|worker| Op::CloseControl { worker }),
-        1 => (pick(), pick()).prop_map(|(worker, how)| Op::Break { worker, how }),
-        1 => (pick(), pick()).prop_map(|(worker, which)| Op::Listen { worker, which }),
-        1 => (pick(), 0u8..8).prop_map(|(worker, open)| Op::LoadReport { worker, open }),
-        1 => pick().prop_map(|worker| Op::Message { worker }),
-        1 => pick().prop_map(|listener| Op::FdsExhausted { listener }),
-        1 => Just(Op::NextSpawnFails),
-        1 => Just(Op::NextNeverSaysHello),
-        1 => Just(Op::NextGrantFails),
-        1 => Just(Op::NextWrongVersion),
-        2 => (0u16..1_500).prop_map(|millis| Op::Wait { millis }),
-        3 => Just(Op::NextTimeout),
+        4 => next_worker_op(),
+    ]
+}
+
+/// What one worker does now and then, and running out of fds.
+fn worker_op() -> impl Strategy<Value = Op> {
+    let pick = any::<u8>;
+    prop_oneof![
+        (pick(), pick()).prop_map(|(worker, listener)| Op::CloseListener { worker, listener }),
+        pick().prop_map(|worker| Op::Exit { worker }),
+        pick().prop_map(|worker| Op::Disconnecting { worker }),
+        pick().prop_map(|worker| Op::Retire { worker }),
+        pick().prop_map(|worker| Op::PrimaryDisconnect { worker }),
+        pick().prop_map(|worker| Op::CloseControl { worker }),
+        (pick(), pick()).prop_map(|(worker, how)| Op::Break { worker, how }),
+        (pick(), pick()).prop_map(|(worker, which)| Op::Listen { worker, which }),
+        (pick(), 0u8..8).prop_map(|(worker, open)| Op::LoadReport { worker, open }),
+        pick().prop_map(|worker| Op::Message { worker }),
+        pick().prop_map(|listener| Op::FdsExhausted { listener }),
+    ]
+}
+
+/// How the next worker goes wrong.
+fn next_worker_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        Just(Op::NextSpawnFails),
+        Just(Op::NextNeverSaysHello),
+        Just(Op::NextGrantFails),
+        Just(Op::NextWrongVersion),
+    ]
+}
+
+/// Roll-outs, scaling, hand-backs, heartbeats and failed boots.
+fn lifecycle_op() -> impl Strategy<Value = Op> {
+    let pick = any::<u8>;
+    prop_oneof![
+        2 => Just(Op::Reload),
+        2 => (pick(), 0u8..8).prop_map(|(worker, connections)| Op::Heartbeat { worker, connections }),
+        1 => (1u8..=5).prop_map(|to| Op::Scale { to }),
+        1 => Just(Op::Fork),
+        2 => pick().prop_map(|pick| Op::HandBack { pick }),
+        1 => Just(Op::NextNeverListens),
+        1 => pick().prop_map(|worker| Op::BootFails { worker }),
     ]
 }
 
@@ -168,6 +234,18 @@ pub(super) fn case() -> impl Strategy<Value = Case> {
         1 => Just(OnDisconnect::Exit),
         1 => Just(OnDisconnect::Hang),
     ];
+    let respawn = prop_oneof![
+        17 => Just(Respawn::Always),
+        1 => Just(Respawn::OnFailure),
+        2 => Just(Respawn::Never),
+    ];
+    // A roll-out needs a surge or an unavailable count (the configuration refuses neither).
+    let rollout = prop_oneof![
+        3 => Just((1, 0)),
+        1 => Just((2, 0)),
+        1 => Just((0, 1)),
+        1 => Just((1, 1)),
+    ];
     (
         (
             1usize..=4,
@@ -175,11 +253,11 @@ pub(super) fn case() -> impl Strategy<Value = Case> {
             any::<bool>(),
             prop::bool::weighted(0.1),
         ),
+        (respawn, 1usize..=2, on_disconnect, 1usize..=3),
         (
-            prop::bool::weighted(0.85),
-            1usize..=2,
-            on_disconnect,
-            1usize..=3,
+            rollout,
+            prop::bool::weighted(0.3),
+            prop::option::weighted(0.35, (2u64..=6, 0u64..=3)),
         ),
         prop::collection::vec(op(), 1..80),
         prop::option::weighted(0.25, (any::<prop::sample::Index>(), any::<bool>())),
@@ -188,6 +266,7 @@ pub(super) fn case() -> impl Strategy<Value = Case> {
             |(
                 (workers, window, least_connections, shared),
                 (respawn, addrs, on_disconnect, accept_batch),
+                (rollout, hang, recycle),
                 mut ops,
                 stop,
             )| {
@@ -203,6 +282,9 @@ pub(super) fn case() -> impl Strategy<Value = Case> {
                     addrs,
                     on_disconnect,
                     accept_batch,
+                    rollout,
+                    hang,
+                    recycle,
                     ops,
                 }
             },
@@ -265,6 +347,10 @@ pub(super) fn simulate(case: &Case, flaw: Option<Sabotage>) -> (Sim, Failures) {
         collect(&mut sim, index + 1);
     }
     sim.calm();
+    if case.hang {
+        // Workers that never ack would be found hung, and their replacements after them.
+        sim.default_script.auto_ack = true;
+    }
     sim.settle();
     sim.check_converged();
     collect(&mut sim, case.ops.len() + 1);
@@ -471,6 +557,50 @@ fn apply(sim: &mut Sim, op: &Op) {
             sim.next_timeout();
         }
         Op::Stop { graceful } => sim.stop(graceful),
+        Op::Reload => {
+            let _ = sim.reload();
+        }
+        Op::Scale { to } => {
+            let _ = sim.set_workers(usize::from(to));
+        }
+        Op::Fork => {
+            let _ = sim.fork(vec![("FORKED".into(), "1".into())]);
+        }
+        Op::HandBack { pick } => {
+            let served: Vec<(WorkerId, ListenerId, ConnId)> = (sim.conns.iter())
+                .filter_map(|(&id, c)| match c.place {
+                    Place::Served(w) if sim.workers[&w].alive => Some((w, c.listener, id)),
+                    _ => None,
+                })
+                .collect();
+            if let Some((w, l, conn)) = nth(&served, pick) {
+                sim.hand_back(w, l, conn);
+            }
+        }
+        Op::Heartbeat {
+            worker,
+            connections,
+        } => {
+            if let Some(w) = talking(sim, worker) {
+                sim.heartbeat(w, u64::from(connections));
+            }
+        }
+        Op::NextNeverListens => sim.scripts.push_back(Script {
+            send_listening: false,
+            ..sim.default_script.clone()
+        }),
+        Op::BootFails { worker } => {
+            let starting: Vec<WorkerId> = (sim.workers.values())
+                .filter(|w| w.alive && !w.listened)
+                .map(|w| w.id)
+                .collect();
+            if let Some(w) = nth(&starting, worker) {
+                sim.exit(
+                    w,
+                    ExitStatus::Code(cluster_ipc::env::BOOT_FAILURE_EXIT_CODE),
+                );
+            }
+        }
     }
 }
 
@@ -543,6 +673,7 @@ fn the_cases_reach_the_states_that_matter() {
                 }
             )
         });
+        let has = |f: &dyn Fn(&Event) -> bool| sim.events.iter().any(|(_, e)| f(e));
         let places: Vec<Place> = sim.conns.values().map(|c| c.place).collect();
         let released_after_ack = sim
             .released()
@@ -576,6 +707,28 @@ fn the_cases_reach_the_states_that_matter() {
                 "more workers spawned than slots",
                 sim.workers.len() > case.workers,
             ),
+            (
+                "rolled out",
+                has(&|e| matches!(e, Event::RolloutFinished { .. })),
+            ),
+            (
+                "two roll-outs",
+                (sim.events.iter())
+                    .filter(|(_, e)| matches!(e, Event::RolloutStarted { .. }))
+                    .count()
+                    >= 2,
+            ),
+            (
+                "roll-out aborted, not by a stop",
+                has(
+                    &|e| matches!(e, Event::RolloutAborted { reason, .. } if !reason.contains("stopping")),
+                ),
+            ),
+            ("scaled", has(&|e| matches!(e, Event::Scaled { .. }))),
+            ("hung", has(&|e| matches!(e, Event::Hung { .. }))),
+            ("recycled", has(&|e| matches!(e, Event::Recycling { .. }))),
+            ("handed back", sim.handed_back > 0),
+            ("stopped by itself", sim.self_stopped),
         ];
         for (name, hit) in features {
             *seen.entry(name).or_default() += u32::from(hit);

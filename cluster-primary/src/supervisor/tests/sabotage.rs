@@ -6,20 +6,26 @@ use proptest::test_runner::{
     Config as ProptestConfig, FileFailurePersistence, TestCaseError, TestError, TestRng, TestRunner,
 };
 
+use std::time::Duration;
+
 use cluster_ipc::WorkerId;
 use cluster_ipc::proto::ToPrimary;
 
 use super::properties::{Case, SOURCE, case, run_case};
 use super::settings;
 use super::sim::{OnDisconnect, Property, Script, Sim};
-use crate::supervisor::Sabotage;
+use crate::supervisor::{Ending, Fatal, Sabotage, Settings};
 
-const FLAWS: [Sabotage; 5] = [
+/// The flaws the property run catches (and a seed of the regression file each).
+const FLAWS: [Sabotage; 8] = [
     Sabotage::ForgetRedispatchOnDeath,
     Sabotage::HandToDisconnecting,
     Sabotage::CountAckTwice,
     Sabotage::SkipBackoff,
     Sabotage::DropPendingOnStop,
+    Sabotage::RetireBeforeReady,
+    Sabotage::KeepHungConnections,
+    Sabotage::ScaleDownKeepsWorkers,
 ];
 
 /// A runner with a fixed seed (a test that must fail must not depend on luck) and no
@@ -76,6 +82,21 @@ fn the_properties_catch_skipping_the_backoff() {
 #[test]
 fn the_properties_catch_dropping_pending_connections_on_stop() {
     assert_caught(Sabotage::DropPendingOnStop, Property::Conservation);
+}
+
+#[test]
+fn the_properties_catch_draining_a_worker_before_its_replacement_is_ready() {
+    assert_caught(Sabotage::RetireBeforeReady, Property::Rollout);
+}
+
+#[test]
+fn the_properties_catch_a_hung_worker_keeping_its_connections() {
+    assert_caught(Sabotage::KeepHungConnections, Property::Hung);
+}
+
+#[test]
+fn the_properties_catch_a_scale_down_that_keeps_its_workers() {
+    assert_caught(Sabotage::ScaleDownKeepsWorkers, Property::Convergence);
 }
 
 // ----- the same flaws, through scenarios -----
@@ -152,6 +173,121 @@ fn a_scenario_catches_each_flaw() {
         sim.stop(true);
         sim.settle();
     });
+}
+
+// ----- the lifecycle flaws, through scenarios -----
+
+/// The scenario runs clean on the correct core and breaks `property` under `flaw`.
+fn assert_lifecycle_scenario_catches(
+    flaw: Sabotage,
+    property: Property,
+    settings: &Settings,
+    scenario: impl Fn(&mut Sim),
+) {
+    let run = |flaw: Option<Sabotage>| {
+        let mut sim = Sim::with_script(settings.clone(), Script::default());
+        if let Some(flaw) = flaw {
+            sim.sup.sabotage(flaw);
+        }
+        sim.start();
+        scenario(&mut sim);
+        sim
+    };
+    run(None).assert_clean();
+    let mut sim = run(Some(flaw));
+    sim.check();
+    assert!(
+        sim.broke(property),
+        "{flaw:?} not caught as {property:?}: {:#?}",
+        sim.violations
+    );
+}
+
+#[test]
+fn a_scenario_catches_draining_a_worker_before_its_replacement_is_ready() {
+    let w = WorkerId;
+    // The replacement says Hello, and listens only when told: the old worker must wait.
+    assert_lifecycle_scenario_catches(
+        Sabotage::RetireBeforeReady,
+        Property::Rollout,
+        &settings(2),
+        |sim| {
+            sim.default_script.send_listening = false;
+            sim.reload().unwrap();
+            assert!(sim.workers[&w(3)].online);
+            sim.say_listening(w(3));
+            sim.say_listening(w(4));
+        },
+    );
+}
+
+#[test]
+fn a_scenario_catches_a_hung_worker_keeping_its_connections() {
+    let w = WorkerId;
+    let settings = Settings {
+        hang_timeout: Some(Duration::from_secs(3)),
+        ..settings(2)
+    };
+    // Worker 1 acks nothing for 3 s: what it holds goes to worker 2 at once.
+    assert_lifecycle_scenario_catches(
+        Sabotage::KeepHungConnections,
+        Property::Hung,
+        &settings,
+        |sim| {
+            let l = sim.the_listener();
+            sim.connect(l, 2);
+            sim.ack_all(w(2));
+            sim.advance(Duration::from_secs(3));
+        },
+    );
+}
+
+#[test]
+fn a_scenario_catches_a_scale_down_that_keeps_its_workers() {
+    assert_lifecycle_scenario_catches(
+        Sabotage::ScaleDownKeepsWorkers,
+        Property::Convergence,
+        &settings(3),
+        |sim| sim.set_workers(2).unwrap(),
+    );
+}
+
+#[test]
+fn a_scenario_catches_a_crash_loop_guard_that_never_trips() {
+    // Three crashes within 10 s stop the cluster, with the reason.
+    let run = |flaw: Option<Sabotage>| {
+        let settings = Settings {
+            crash_loop: (3, Duration::from_secs(10)),
+            ..settings(2)
+        };
+        let mut sim = Sim::with_script(settings, Script::default());
+        if let Some(flaw) = flaw {
+            sim.sup.sabotage(flaw);
+        }
+        sim.start();
+        for _ in 0..3 {
+            let worker = sim.serving()[0];
+            sim.crash(worker);
+        }
+        sim.settle();
+        sim
+    };
+    let mut clean = run(None);
+    assert!(clean.finished);
+    assert!(
+        matches!(
+            clean.sup.ending(),
+            Ending::Fatal(Fatal::CrashLoop { failures: 3, .. })
+        ),
+        "{:?}",
+        clean.sup.ending()
+    );
+    clean.assert_clean();
+    let broken = run(Some(Sabotage::CrashLoopNeverTrips));
+    assert!(
+        !broken.finished && !broken.sup.is_stopping(),
+        "CrashLoopNeverTrips not caught: the cluster stopped"
+    );
 }
 
 // ----- the regression file -----
