@@ -15,9 +15,9 @@ use cluster_ipc::proto::{
 use cluster_ipc::{Channel, Kind, ListenerId};
 use cluster_worker::{Error, ListenMode, Listener, Stream, Worker};
 use support::{
-    FakePrimary, WAIT, connect_worker, deadline, finish, messages_to_end, no_leak, options,
-    read_to_end, round_robin_listener, send_batch, send_batch_with_peers, tcp_connections,
-    wait_until_blocked,
+    FakePrimary, WAIT, connect_worker, deadline, expect_closed_by_a_bad_frame, finish,
+    messages_to_end, no_leak, options, read_to_end, round_robin_listener, send_batch,
+    send_batch_with_peers, tcp_connections, wait_until_blocked,
 };
 
 fn handoff_message(handoff: &mut Channel<PrimaryHandoff>) -> HandoffToPrimary {
@@ -323,16 +323,7 @@ fn a_malformed_batch_closes_the_listener_and_leaves_the_fds_to_the_primary() {
                 &[fds[0].as_fd()],
             )
             .unwrap();
-        let err = listener.accept_timeout(WAIT).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
-        assert!(listener.is_closed());
-        assert_eq!(
-            messages_to_end(&mut handoff),
-            [HandoffToPrimary::ConnectionsReturned { count: 0 }]
-        );
-        primary.expect(ToPrimary::CloseListener {
-            listener: ListenerId(9),
-        });
+        expect_closed_by_a_bad_frame(&listener, &mut handoff, &mut primary, 9);
         drop((listener, fds));
         finish(worker, primary);
     });

@@ -340,3 +340,24 @@ pub fn wait_until_blocked(tid: i32) {
         ProcStat::of_thread(tid).is_some_and(|stat| stat.state == 'S')
     });
 }
+
+/// The listener met a frame it could not take: `accept` fails with `InvalidData`, the
+/// listener is closed, nothing was acked (it returns an empty batch, then its end of file:
+/// what was sent is still the primary's), and the primary hears it closed.
+pub fn expect_closed_by_a_bad_frame(
+    listener: &cluster_worker::Listener,
+    handoff: &mut Channel<PrimaryHandoff>,
+    primary: &mut FakePrimary,
+    id: u64,
+) {
+    let err = listener.accept_timeout(WAIT).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    assert!(listener.is_closed());
+    assert_eq!(
+        messages_to_end(handoff),
+        [HandoffToPrimary::ConnectionsReturned { count: 0 }]
+    );
+    primary.expect(ToPrimary::CloseListener {
+        listener: ListenerId(id),
+    });
+}
