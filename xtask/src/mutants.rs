@@ -11,8 +11,9 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 
 /// The files whose mutants count: the core, without its tests.
-const CORE_FILES: [&str; 3] = [
+const CORE_FILES: [&str; 4] = [
     "cluster-primary/src/supervisor/mod.rs",
+    "cluster-primary/src/supervisor/lifecycle.rs",
     "cluster-primary/src/supervisor/listeners.rs",
     "cluster-primary/src/supervisor/workers.rs",
 ];
