@@ -371,6 +371,27 @@ fn a_replacement_that_fails_aborts_the_rollout_and_the_old_workers_keep_serving(
 }
 
 #[test]
+fn a_worker_that_is_gone_before_its_turn_leaves_the_rollouts_count() {
+    let mut sim = cluster_then_quiet(settings(3), Script::default());
+    assert_eq!(sim.reload(), Ok(1));
+    // While w1's replacement starts, w2 dies: its respawn (w5) runs the new program already,
+    // so the roll-out has two workers to replace, not three.
+    sim.crash(w(2));
+    while next_replacement_listens(&mut sim) {}
+    assert_eq!(
+        lifecycle_events(&sim),
+        [
+            "Started 1 of 3",
+            "Step 1: w1 -> w4, 1/3",
+            "Step 1: w3 -> w6, 2/2",
+            "Finished 1",
+        ]
+    );
+    sim.settle();
+    sim.assert_clean();
+}
+
+#[test]
 fn a_reload_during_a_rollout_is_queued_and_several_are_one() {
     let mut sim = cluster_then_quiet(settings(2), Script::default());
     sim.min_ready = Some(2);
@@ -1213,4 +1234,13 @@ fn disconnecting_a_worker_being_replaced_lets_its_replacement_take_the_slot() {
     sim.settle();
     assert_eq!(sim.serving(), ws(3..=4));
     sim.assert_clean();
+}
+
+#[test]
+fn jitter_spreads_over_its_whole_range_and_no_further() {
+    use crate::supervisor::lifecycle::jitter_for;
+    let values: std::collections::BTreeSet<u64> = (1..=64).map(|id| jitter_for(w(id), 1)).collect();
+    assert_eq!(values, [0, 1].into(), "both ends of 0..=1 are reached");
+    assert!((1..=1000).all(|id| jitter_for(w(id), 10) <= 10));
+    assert_eq!(jitter_for(w(7), 0), 0);
 }
