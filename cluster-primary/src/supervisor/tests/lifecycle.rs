@@ -392,6 +392,49 @@ fn a_worker_that_is_gone_before_its_turn_leaves_the_rollouts_count() {
 }
 
 #[test]
+fn a_scale_down_during_a_rollout_takes_the_removed_workers_out_of_it() {
+    let mut sim = cluster_then_quiet(settings(3), Script::default());
+    assert_eq!(sim.reload(), Ok(1));
+    // w4 is on its way for w1; w2 and w3 wait their turn, and their slots go.
+    assert_eq!(sim.set_workers(1), Ok(()));
+    while next_replacement_listens(&mut sim) {}
+    assert_eq!(
+        lifecycle_events(&sim),
+        [
+            "Started 1 of 3",
+            "Scaled 3 -> 1",
+            "Step 1: w1 -> w4, 1/1",
+            "Finished 1",
+        ]
+    );
+    assert_eq!(sim.serving(), ws([4]));
+    sim.settle();
+    sim.assert_clean();
+}
+
+#[test]
+fn a_scale_down_during_a_rollout_still_replaces_the_workers_it_keeps() {
+    let mut sim = cluster_then_quiet(settings(3), Script::default());
+    assert_eq!(sim.reload(), Ok(1));
+    // Only w3's slot goes: w2 is still to be replaced.
+    assert_eq!(sim.set_workers(2), Ok(()));
+    while next_replacement_listens(&mut sim) {}
+    assert_eq!(
+        lifecycle_events(&sim),
+        [
+            "Started 1 of 3",
+            "Scaled 3 -> 2",
+            "Step 1: w1 -> w4, 1/2",
+            "Step 1: w2 -> w5, 2/2",
+            "Finished 1",
+        ]
+    );
+    assert_eq!(sim.serving(), ws([4, 5]));
+    sim.settle();
+    sim.assert_clean();
+}
+
+#[test]
 fn a_reload_during_a_rollout_is_queued_and_several_are_one() {
     let mut sim = cluster_then_quiet(settings(2), Script::default());
     sim.min_ready = Some(2);
