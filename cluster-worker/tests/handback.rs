@@ -13,30 +13,12 @@ use cluster_ipc::ListenerId;
 use cluster_ipc::proto::{
     Delivery, Envelope, HandoffToPrimary, ListenAddr, MAX_UNREAD_LEN, ToPrimary,
 };
-use cluster_worker::{ListenMode, Stream};
+use cluster_worker::ListenMode;
 use support::{
-    FakePrimary, WAIT, connect_worker, deadline, expect_closed_by_a_bad_frame, finish,
-    messages_to_end, no_leak, options, round_robin_listener, send_batch, send_resumed,
-    tcp_connections,
+    FakePrimary, WAIT, assert_connected, connect_worker, deadline, expect_closed_by_a_bad_frame,
+    finish, is_nonblocking, messages_to_end, no_leak, options, round_robin_listener, send_batch,
+    send_resumed, tcp_connections,
 };
-
-fn is_nonblocking(fd: impl AsFd) -> bool {
-    let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
-    nix::fcntl::OFlag::from_bits_retain(flags).contains(nix::fcntl::OFlag::O_NONBLOCK)
-}
-
-/// Checks that `stream` is the server side of `client`: a byte each way.
-fn assert_connected(stream: &mut Stream, client: &mut TcpStream, tag: u8) {
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    client.set_read_timeout(Some(WAIT)).unwrap();
-    client.write_all(&[tag]).unwrap();
-    let mut byte = [0u8];
-    stream.read_exact(&mut byte).unwrap();
-    assert_eq!(byte[0], tag);
-    stream.write_all(&[tag + 100]).unwrap();
-    client.read_exact(&mut byte).unwrap();
-    assert_eq!(byte[0], tag + 100);
-}
 
 /// Checks that `fd` is the server side of `client`: a byte from the client arrives on it.
 fn assert_fd_of(fd: &OwnedFd, client: &mut TcpStream, tag: u8) {

@@ -13,33 +13,15 @@ use cluster_ipc::proto::{
     ToWorker,
 };
 use cluster_ipc::{Channel, Kind, ListenerId};
-use cluster_worker::{Error, ListenMode, Listener, Stream, Worker};
+use cluster_worker::{Error, ListenMode, Listener, Worker};
 use support::{
-    FakePrimary, WAIT, connect_worker, deadline, expect_closed_by_a_bad_frame, finish,
-    messages_to_end, no_leak, options, read_to_end, round_robin_listener, send_batch,
-    send_batch_with_peers, tcp_connections, wait_until_blocked,
+    FakePrimary, WAIT, assert_connected, connect_worker, deadline, expect_closed_by_a_bad_frame,
+    finish, is_nonblocking, messages_to_end, no_leak, options, read_to_end, round_robin_listener,
+    send_batch, send_batch_with_peers, tcp_connections, wait_until_blocked,
 };
 
 fn handoff_message(handoff: &mut Channel<PrimaryHandoff>) -> HandoffToPrimary {
     handoff.recv(deadline()).unwrap().msg
-}
-
-/// Checks that `stream` is the server side of `client`: a byte each way.
-fn assert_connected(stream: &mut Stream, client: &mut TcpStream, tag: u8) {
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    client.set_read_timeout(Some(WAIT)).unwrap();
-    client.write_all(&[tag]).unwrap();
-    let mut byte = [0u8];
-    stream.read_exact(&mut byte).unwrap();
-    assert_eq!(byte[0], tag);
-    stream.write_all(&[tag + 100]).unwrap();
-    client.read_exact(&mut byte).unwrap();
-    assert_eq!(byte[0], tag + 100);
-}
-
-fn is_nonblocking(fd: impl AsFd) -> bool {
-    let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
-    nix::fcntl::OFlag::from_bits_retain(flags).contains(nix::fcntl::OFlag::O_NONBLOCK)
 }
 
 fn current_tid() -> i32 {

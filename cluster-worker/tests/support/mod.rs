@@ -361,3 +361,23 @@ pub fn expect_closed_by_a_bad_frame(
         listener: ListenerId(id),
     });
 }
+
+/// Whether the fd's open file is in non-blocking mode.
+pub fn is_nonblocking(fd: impl AsFd) -> bool {
+    let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+    nix::fcntl::OFlag::from_bits_retain(flags).contains(nix::fcntl::OFlag::O_NONBLOCK)
+}
+
+/// Checks that `stream` is the server side of `client`: a byte each way.
+pub fn assert_connected(stream: &mut cluster_worker::Stream, client: &mut TcpStream, tag: u8) {
+    use std::io::{Read, Write};
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    client.write_all(&[tag]).unwrap();
+    let mut byte = [0u8];
+    stream.read_exact(&mut byte).unwrap();
+    assert_eq!(byte[0], tag);
+    stream.write_all(&[tag + 100]).unwrap();
+    client.read_exact(&mut byte).unwrap();
+    assert_eq!(byte[0], tag + 100);
+}

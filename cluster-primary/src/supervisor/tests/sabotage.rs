@@ -101,33 +101,14 @@ fn the_properties_catch_a_scale_down_that_keeps_its_workers() {
 
 // ----- the same flaws, through scenarios -----
 
-/// A started cluster with `flaw` planted, if any.
-fn started(flaw: Option<Sabotage>, workers: usize, window: u32) -> Sim {
-    let settings = crate::supervisor::Settings {
-        window: std::num::NonZeroU32::new(window).unwrap(),
-        ..settings(workers)
-    };
-    let mut sim = Sim::with_script(settings, Script::default());
-    if let Some(flaw) = flaw {
-        sim.sup.sabotage(flaw);
-    }
-    sim.start();
-    sim
-}
-
-/// The scenario that runs clean on the correct core breaks `property` under `flaw`.
+/// The scenario, on two workers with a window of two, runs clean on the correct core and
+/// breaks `property` under `flaw`.
 fn assert_scenario_catches(flaw: Sabotage, property: Property, scenario: impl Fn(&mut Sim)) {
-    let mut clean = started(None, 2, 2);
-    scenario(&mut clean);
-    clean.assert_clean();
-    let mut sim = started(Some(flaw), 2, 2);
-    scenario(&mut sim);
-    sim.check();
-    assert!(
-        sim.broke(property),
-        "{flaw:?} not caught as {property:?}: {:#?}",
-        sim.violations
-    );
+    let settings = Settings {
+        window: std::num::NonZeroU32::new(2).unwrap(),
+        ..settings(2)
+    };
+    assert_scenario_catches_with(flaw, property, &settings, scenario);
 }
 
 #[test]
@@ -177,8 +158,9 @@ fn a_scenario_catches_each_flaw() {
 
 // ----- the lifecycle flaws, through scenarios -----
 
-/// The scenario runs clean on the correct core and breaks `property` under `flaw`.
-fn assert_lifecycle_scenario_catches(
+/// The scenario, on a cluster of `settings`, runs clean on the correct core and breaks
+/// `property` under `flaw`.
+fn assert_scenario_catches_with(
     flaw: Sabotage,
     property: Property,
     settings: &Settings,
@@ -207,7 +189,7 @@ fn assert_lifecycle_scenario_catches(
 fn a_scenario_catches_draining_a_worker_before_its_replacement_is_ready() {
     let w = WorkerId;
     // The replacement says Hello, and listens only when told: the old worker must wait.
-    assert_lifecycle_scenario_catches(
+    assert_scenario_catches_with(
         Sabotage::RetireBeforeReady,
         Property::Rollout,
         &settings(2),
@@ -229,7 +211,7 @@ fn a_scenario_catches_a_hung_worker_keeping_its_connections() {
         ..settings(2)
     };
     // Worker 1 acks nothing for 3 s: what it holds goes to worker 2 at once.
-    assert_lifecycle_scenario_catches(
+    assert_scenario_catches_with(
         Sabotage::KeepHungConnections,
         Property::Hung,
         &settings,
@@ -244,7 +226,7 @@ fn a_scenario_catches_a_hung_worker_keeping_its_connections() {
 
 #[test]
 fn a_scenario_catches_a_scale_down_that_keeps_its_workers() {
-    assert_lifecycle_scenario_catches(
+    assert_scenario_catches_with(
         Sabotage::ScaleDownKeepsWorkers,
         Property::Convergence,
         &settings(3),
