@@ -193,13 +193,17 @@ pub(crate) struct Identity {
 /// control thread never decides one is due by itself: a worker whose serving path stopped
 /// sends none, however alive its control thread is.
 pub(crate) struct Heartbeat {
-    /// The interval in milliseconds; 0 when the primary wants no heartbeats.
-    interval_ms: u64,
-    /// What `next_due_ms` counts from.
+    /// The interval in nanoseconds; 0 when the primary wants no heartbeats.
+    interval_ns: u64,
+    /// What `next_due_ns` counts from.
+    ///
+    /// Nanoseconds, not milliseconds: a clock truncated to whole milliseconds lets two beats
+    /// go up to a millisecond less than an interval apart (a beat at 10.9 ms, due again at
+    /// "60", sent at 60.0 ms), which breaks "at most once per interval".
     epoch: Instant,
-    /// When the next heartbeat is due, in milliseconds since `epoch`. 0 at first: the first
-    /// accept says at once that the serving path is alive.
-    next_due_ms: AtomicU64,
+    /// When the next heartbeat is due, in nanoseconds since `epoch` (u64 lasts 584 years).
+    /// 0 at first: the first accept says at once that the serving path is alive.
+    next_due_ns: AtomicU64,
     /// A heartbeat is due and the control thread has not sent it yet.
     requested: AtomicBool,
     /// Connections accepted so far, on every listener.
@@ -208,44 +212,44 @@ pub(crate) struct Heartbeat {
 
 impl Heartbeat {
     fn new(interval: Option<Duration>) -> Heartbeat {
-        let interval_ms = interval.map_or(0, |interval| {
-            // A sub-millisecond interval still means "wanted": at most once per millisecond.
-            u64::try_from(interval.as_millis())
+        let interval_ns = interval.map_or(0, |interval| {
+            // A zero interval still means "wanted" (`None` is "no heartbeats").
+            u64::try_from(interval.as_nanos())
                 .unwrap_or(u64::MAX)
                 .max(1)
         });
         Heartbeat {
-            interval_ms,
+            interval_ns,
             epoch: Instant::now(),
-            next_due_ms: AtomicU64::new(0),
+            next_due_ns: AtomicU64::new(0),
             requested: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
         }
     }
 
-    /// Milliseconds since `epoch`. `Instant::now` reads the monotonic clock through the vDSO
+    /// Nanoseconds since `epoch`. `Instant::now` reads the monotonic clock through the vDSO
     /// on Linux: no system call.
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Raises `requested` if a heartbeat is due, at most once per interval whatever the
     /// number of threads; true if this call raised it (the control thread must be woken).
     fn beat(&self) -> bool {
-        if self.interval_ms == 0 {
+        if self.interval_ns == 0 {
             return false;
         }
-        let due = self.next_due_ms.load(Ordering::Relaxed);
-        let now = self.now_ms();
+        let due = self.next_due_ns.load(Ordering::Relaxed);
+        let now = self.now_ns();
         if now < due {
             return false;
         }
         // One of the threads that found it due wins; the others have nothing to do.
         if self
-            .next_due_ms
+            .next_due_ns
             .compare_exchange(
                 due,
-                now.saturating_add(self.interval_ms),
+                now.saturating_add(self.interval_ns),
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             )
@@ -258,11 +262,11 @@ impl Heartbeat {
 
     /// How long until the next heartbeat is due; `None` when none are wanted.
     fn due_in(&self) -> Option<Duration> {
-        if self.interval_ms == 0 {
+        if self.interval_ns == 0 {
             return None;
         }
-        let due = self.next_due_ms.load(Ordering::Relaxed);
-        Some(Duration::from_millis(due.saturating_sub(self.now_ms())))
+        let due = self.next_due_ns.load(Ordering::Relaxed);
+        Some(Duration::from_nanos(due.saturating_sub(self.now_ns())))
     }
 }
 
@@ -862,5 +866,49 @@ impl std::fmt::Debug for WorkerState {
             .field("primary_pid", &self.primary_pid)
             .field("phase", &self.lock().phase)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::Heartbeat;
+
+    /// Calls `beat` until it raises a heartbeat; returns when the successful call started and
+    /// when it returned, which bracket the clock reading it decided on.
+    fn beat_when_due(heartbeat: &Heartbeat) -> (Instant, Instant) {
+        loop {
+            let before = Instant::now();
+            if heartbeat.beat() {
+                return (before, Instant::now());
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Regression: a clock truncated to whole milliseconds let beats go up to a millisecond
+    /// less than an interval apart (CI saw three beats of a 50 ms interval within 99.7 ms).
+    /// The bound is a lower one on a monotonic clock, so a slow machine cannot break it.
+    #[test]
+    fn beats_are_never_closer_than_one_interval() {
+        let interval = Duration::from_millis(3);
+        let heartbeat = Heartbeat::new(Some(interval));
+        let (mut previous_start, _) = beat_when_due(&heartbeat);
+        heartbeat
+            .requested
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..10 {
+            let (started, returned) = beat_when_due(&heartbeat);
+            assert!(
+                returned - previous_start >= interval,
+                "two heartbeats {:?} apart, interval {interval:?}",
+                returned - previous_start
+            );
+            heartbeat
+                .requested
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            previous_start = started;
+        }
     }
 }
