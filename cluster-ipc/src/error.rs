@@ -260,3 +260,67 @@ impl From<Error> for io::Error {
         io::Error::new(kind, err)
     }
 }
+
+/// An error and its causes on one line, for a log or a terminal: `"spawn worker failed: No
+/// such file or directory (os error 2)"`. A cause whose text the line already holds (an error
+/// that quotes its source in its own message) is not repeated.
+///
+/// ```
+/// use std::io;
+///
+/// let err = cluster_ipc::Error::Io {
+///     op: "bind",
+///     source: io::Error::from(io::ErrorKind::AddrInUse),
+/// };
+/// assert_eq!(
+///     cluster_ipc::ErrorChain(&err).to_string(),
+///     "bind failed: address in use"
+/// );
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut line = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !line.contains(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            source = cause.source();
+        }
+        f.write_str(&line)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::{Error, ErrorChain};
+
+    /// An error that quotes its source in its own message, as some libraries' errors do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("listen refused: {0}")]
+    struct Quoting(#[source] io::Error);
+
+    #[test]
+    fn a_chain_names_each_cause_once() {
+        let quoting = Quoting(io::Error::from(io::ErrorKind::AddrInUse));
+        assert_eq!(
+            ErrorChain(&quoting).to_string(),
+            "listen refused: address in use"
+        );
+        let plain = Error::Io {
+            op: "sendmsg",
+            source: io::Error::from(io::ErrorKind::BrokenPipe),
+        };
+        assert_eq!(
+            ErrorChain(&plain).to_string(),
+            "sendmsg failed: broken pipe"
+        );
+    }
+}

@@ -79,7 +79,7 @@ mod sys;
 pub use mio as __mio;
 
 pub use channel::{Channel, DEFAULT_MAX_QUEUED_BYTES, MAX_INBOX_FRAMES, Raw, Transport};
-pub use error::Error;
+pub use error::{Error, ErrorChain};
 pub use frame::{
     Decoder, Frame, Header, Kind, Limits, Reassembler, Status, encode_body, encode_message,
     encode_raw, fragments,

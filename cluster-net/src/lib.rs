@@ -46,6 +46,7 @@ mod net;
 
 use std::time::{Duration, Instant};
 
+use cluster_ipc::ErrorChain;
 use serde::Serialize;
 
 pub use cluster_ipc as ipc;
@@ -299,21 +300,6 @@ const EXIT_GRACE: Duration = Duration::from_secs(10);
 
 /// The exit code of a worker whose closure returned an error.
 pub const WORKER_FAILED_EXIT_CODE: i32 = 1;
-
-/// An error with its causes, one after the other, for a log line.
-struct ErrorChain<'a>(&'a Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = std::error::Error::source(self.0);
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
-}
 
 /// The worker side as the closure sees it: a cluster worker, or this process alone.
 #[derive(Debug)]

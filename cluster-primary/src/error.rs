@@ -58,6 +58,25 @@ pub enum Error {
         /// What the last failure was (`exit code 1`, `killed by SIGSEGV`, `hung: ...`).
         last: String,
     },
+    /// The primary cannot listen on an address a worker asked for, for a reason a respawn
+    /// cannot fix: the address is in use, binding it is not permitted, or it is not an
+    /// address of this host. The cluster stopped.
+    #[error("cannot listen on {addr}: {}", describe_listen_errno(*errno))]
+    ListenFailed {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error number the bind got (`EADDRINUSE`, `EACCES`, ...).
+        errno: i32,
+    },
+    /// The worker program cannot be executed: it does not exist, is not executable, or is
+    /// not a program. The cluster stopped.
+    #[error("cannot execute the worker program {}: {}", program.display(), describe_exec_errno(*errno))]
+    ProgramNotExecutable {
+        /// The program.
+        program: std::path::PathBuf,
+        /// The OS error number the exec got (`ENOENT`, `EACCES`, `ENOEXEC`, ...).
+        errno: i32,
+    },
     /// The cluster stopped, but not cleanly: workers were still running when the stop's
     /// time ran out (or the stop was immediate) and were killed, or gave up at their drain
     /// timeout with connections still open
@@ -90,6 +109,38 @@ impl Error {
     pub(crate) fn io(op: &'static str, source: io::Error) -> Error {
         Error::Io { op, source }
     }
+
+    /// The OS error number behind this error, if the OS reported one.
+    pub(crate) fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Why a bind failed, in words that say what to do about the common cases.
+fn describe_listen_errno(errno: i32) -> String {
+    match errno {
+        libc::EADDRINUSE => "address in use (another process listens there)".to_owned(),
+        libc::EACCES | libc::EPERM => {
+            "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".to_owned()
+        }
+        libc::EADDRNOTAVAIL => {
+            "address not available (no interface of this host has it)".to_owned()
+        }
+        other => io::Error::from_raw_os_error(other).to_string(),
+    }
+}
+
+/// Why an exec failed.
+fn describe_exec_errno(errno: i32) -> String {
+    match errno {
+        libc::ENOENT => "no such file".to_owned(),
+        libc::EACCES => "permission denied (is it executable?)".to_owned(),
+        libc::ENOEXEC => "not an executable this system can run".to_owned(),
+        other => io::Error::from_raw_os_error(other).to_string(),
+    }
 }
 
 impl From<Error> for io::Error {
@@ -102,6 +153,10 @@ impl From<Error> for io::Error {
                     Error::InvalidConfig { .. } => io::ErrorKind::InvalidInput,
                     Error::NoSuchWorker { .. } => io::ErrorKind::NotFound,
                     Error::TimedOut { .. } => io::ErrorKind::TimedOut,
+                    Error::ListenFailed { errno, .. }
+                    | Error::ProgramNotExecutable { errno, .. } => {
+                        io::Error::from_raw_os_error(errno).kind()
+                    }
                     _ => io::ErrorKind::BrokenPipe,
                 };
                 io::Error::new(kind, other)

@@ -176,6 +176,15 @@ impl Primary {
                 within,
                 last,
             }),
+            Ending::Fatal(Fatal::ListenFailed { addr, errno }) => {
+                Err(Error::ListenFailed { addr, errno })
+            }
+            Ending::Fatal(Fatal::ProgramNotExecutable { errno }) => {
+                Err(Error::ProgramNotExecutable {
+                    program: self.cluster.shell.config.program.clone(),
+                    errno,
+                })
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use cluster_ipc::proto::{
     ListenRefused, MAX_UNREAD_LEN, PeerAddr, PrimaryControl, PrimaryHandoff, ToPrimary, ToWorker,
     handoff_limits,
 };
-use cluster_ipc::{Channel, ConnId, ListenerId, Transport, WorkerId};
+use cluster_ipc::{Channel, ConnId, ErrorChain, ListenerId, Transport, WorkerId};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
@@ -197,14 +197,14 @@ impl Shell {
             Action::Spawn { worker, slot, env } => match self.spawn(worker, slot, &env) {
                 Ok(pid) => core.handle_spawned(worker, pid),
                 Err(err) => {
-                    tracing::error!(%worker, %slot, %err, "could not start a worker");
-                    core.handle_spawn_failed(worker, now);
+                    tracing::error!(%worker, %slot, error = %ErrorChain(&err), "could not start a worker");
+                    core.handle_spawn_failed(worker, err.raw_os_error(), now);
                 }
             },
             Action::Send { worker, ack, msg } => self.send(worker, ack, &msg, &[]),
             Action::Bind { listener, addr } => {
                 let result = self.bind(listener, addr);
-                core.handle_bound(listener, result);
+                core.handle_bound(listener, result, now);
             }
             Action::Grant {
                 worker,
@@ -362,7 +362,7 @@ impl Shell {
     ) -> Result<SocketAddr, ListenRefused> {
         let bind_error = |err: io::Error| ListenRefused {
             errno: err.raw_os_error().unwrap_or(libc::EINVAL),
-            message: format!("bind {addr}: {err}"),
+            message: err.to_string(),
         };
         let socket = bind_tcp(addr, self.config.backlog).map_err(bind_error)?;
         let local_addr = socket.local_addr().map_err(bind_error)?;

@@ -59,7 +59,7 @@ pub enum Error {
         detail: String,
     },
     /// The primary refused to listen on an address.
-    #[error("listen on {addr} refused: {message} ({})", io::Error::from_raw_os_error(*errno))]
+    #[error("listen on {addr} refused: {message}")]
     ListenRefused {
         /// The address asked for.
         addr: SocketAddr,

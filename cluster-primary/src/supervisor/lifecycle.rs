@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cluster_ipc::{ListenerId, SlotId, WorkerId};
@@ -38,6 +39,54 @@ pub(crate) enum Fatal {
         within: Duration,
         last: String,
     },
+    /// The primary cannot listen on an address a worker asked for, for a reason a respawn
+    /// cannot fix (see [`unfixable_listen`]).
+    ListenFailed { addr: SocketAddr, errno: i32 },
+    /// The worker program cannot be executed (see [`unfixable_spawn`]).
+    ProgramNotExecutable { errno: i32 },
+}
+
+impl Fatal {
+    /// What kind of failure it is, in a few words (the error `run` returns has the details).
+    fn kind(&self) -> &'static str {
+        match self {
+            Fatal::BootFailed { .. } => "worker boot failed",
+            Fatal::CrashLoop { .. } => "crash loop",
+            Fatal::ListenFailed { .. } => "cannot listen",
+            Fatal::ProgramNotExecutable { .. } => "worker program cannot be executed",
+        }
+    }
+}
+
+/// Whether a bind that failed with `errno` would fail the same way on every retry: the
+/// address is taken, forbidden, not this host's, or not an address at all. Anything else
+/// (out of fds, out of memory) may pass, and goes the way of any worker failure.
+pub(crate) fn unfixable_listen(errno: i32) -> bool {
+    [
+        libc::EADDRINUSE,
+        libc::EACCES,
+        libc::EPERM,
+        libc::EADDRNOTAVAIL,
+        libc::EAFNOSUPPORT,
+        libc::EINVAL,
+    ]
+    .contains(&errno)
+}
+
+/// Whether a spawn that failed with `errno` would fail the same way on every retry: the
+/// program is missing, not executable, or not a program. Out of processes or memory may pass.
+pub(crate) fn unfixable_spawn(errno: i32) -> bool {
+    [
+        libc::ENOENT,
+        libc::EACCES,
+        libc::EPERM,
+        libc::ENOEXEC,
+        libc::ENOTDIR,
+        libc::EISDIR,
+        libc::ELOOP,
+        libc::ENAMETOOLONG,
+    ]
+    .contains(&errno)
 }
 
 /// How the supervision ended, once [`Action::Finished`] was given.
@@ -504,7 +553,7 @@ impl Supervisor {
                 if state.worker == Some(new) {
                     state.worker = None;
                     state.failures += 1;
-                    self.schedule_respawn(slot, now);
+                    self.schedule_respawn(slot, new, now);
                 }
             }
         }
@@ -762,12 +811,6 @@ impl Supervisor {
         }
         let failures = self.failure_times.len();
         if failures >= limit as usize && !self.stopping && !sabotaged!(self, CrashLoopNeverTrips) {
-            tracing::error!(
-                failures,
-                ?within,
-                last = why,
-                "workers keep failing; stopping the cluster"
-            );
             self.fail(
                 Fatal::CrashLoop {
                     failures,
@@ -779,9 +822,14 @@ impl Supervisor {
         }
     }
 
-    /// Stops the cluster for a failure that a respawn cannot fix.
+    /// Stops the cluster for a failure that a respawn cannot fix. The cause is not logged
+    /// here: the primary's `run` returns it, for the program to report once.
     pub(crate) fn fail(&mut self, fatal: Fatal, now: Instant) {
         if self.fatal.is_none() {
+            tracing::warn!(
+                failure = fatal.kind(),
+                "a failure that respawning cannot fix; stopping the cluster"
+            );
             self.fatal = Some(fatal);
         }
         self.stop(true, now);

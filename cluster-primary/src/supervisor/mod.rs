@@ -427,8 +427,16 @@ impl Supervisor {
         }
     }
 
-    /// The worker's process could not be started; nothing of it exists.
-    pub(crate) fn handle_spawn_failed(&mut self, worker: WorkerId, now: Instant) {
+    /// The worker's process could not be started (the OS said `errno`, when it said
+    /// anything); nothing of it exists. A program that cannot be executed stops the cluster,
+    /// unless only a roll-out's replacement failed: the roll-out is aborted and the workers
+    /// already running keep serving.
+    pub(crate) fn handle_spawn_failed(
+        &mut self,
+        worker: WorkerId,
+        errno: Option<i32>,
+        now: Instant,
+    ) {
         let why = "its program could not be started";
         let replacement = self.rollouts.replacements.contains_key(&worker);
         if replacement {
@@ -438,6 +446,10 @@ impl Supervisor {
             return;
         };
         if !replacement {
+            // Stopping first, so that the slot is not refilled with what cannot run.
+            if let Some(errno) = errno.filter(|&errno| lifecycle::unfixable_spawn(errno)) {
+                self.fail(Fatal::ProgramNotExecutable { errno }, now);
+            }
             self.slot_failed(record.slot, worker, now);
         }
         self.count_failure(why, now);
@@ -488,7 +500,6 @@ impl Supervisor {
             };
             self.replacement_failed(worker, &why, now);
         } else if boot_failed && !self.stopping {
-            tracing::error!(%worker, %status, "worker boot failed; stopping the cluster");
             let exit_code = cluster_ipc::env::BOOT_FAILURE_EXIT_CODE;
             self.fail(Fatal::BootFailed { worker, exit_code }, now);
         }
@@ -587,8 +598,9 @@ impl Supervisor {
         &mut self,
         listener: ListenerId,
         result: Result<SocketAddr, ListenRefused>,
+        now: Instant,
     ) {
-        self.on_bound(listener, result);
+        self.on_bound(listener, result, now);
     }
 
     /// The fd of an [`Action::Grant`] could not be made: the worker's request is refused.
@@ -728,6 +740,7 @@ impl Supervisor {
             slot.respawn_at = None;
         }
         self.abort_rollouts_for_stop(now);
+        self.withdraw_spawns();
         for listener in self.listeners.ids() {
             self.change_policy(listener, RoundRobin::shutdown);
             // The policy says nothing about accepting once shut down: turn it off here.
@@ -946,14 +959,49 @@ impl Supervisor {
         }
     }
 
-    /// The answer to a bind: the workers waiting for it join, or are refused.
-    fn on_bound(&mut self, listener: ListenerId, result: Result<SocketAddr, ListenRefused>) {
+    /// The answer to a bind: the workers waiting for it join, or are refused. A bind that
+    /// no retry can fix (the address is taken, forbidden, not this host's) stops the
+    /// cluster, unless only roll-out replacements asked for it: a new version that listens
+    /// somewhere it cannot aborts its roll-out, and the old workers keep serving.
+    fn on_bound(
+        &mut self,
+        listener: ListenerId,
+        result: Result<SocketAddr, ListenRefused>,
+        now: Instant,
+    ) {
+        let addr = self.listeners.get(listener).map(|l| l.key.addr);
         let waiting = self.listeners.bound(listener, result.clone());
-        for (worker, ack, mode) in waiting {
-            match &result {
-                Ok(_) => self.join_and_grant(worker, ack, listener, mode),
-                Err(refused) => self.refuse_listen(worker, ack, refused.clone()),
+        let refused = match result {
+            Ok(_) => {
+                for (worker, ack, mode) in waiting {
+                    self.join_and_grant(worker, ack, listener, mode);
+                }
+                return;
             }
+            Err(refused) => refused,
+        };
+        let fatal = addr.filter(|_| {
+            lifecycle::unfixable_listen(refused.errno)
+                && !self.stopping
+                && waiting
+                    .iter()
+                    .any(|(worker, _, _)| !self.rollouts.replacements.contains_key(worker))
+        });
+        let refused = match fatal {
+            Some(addr) => {
+                let errno = refused.errno;
+                // The workers are told to go first, so that the refusal reaches workers that
+                // know they are leaving: they end quietly, and the cause is reported once,
+                // by the primary.
+                self.fail(Fatal::ListenFailed { addr, errno }, now);
+                ListenRefused::shutting_down(format!(
+                    "the cluster is stopping: the primary cannot listen on {addr}"
+                ))
+            }
+            None => refused,
+        };
+        for (worker, ack, _) in waiting {
+            self.refuse_listen(worker, ack, refused.clone());
         }
     }
 
@@ -1418,6 +1466,29 @@ impl Supervisor {
 
     // ----- lifecycle -----
 
+    /// Takes back the spawns the shell has not carried out yet (a stop decided while the
+    /// start's spawns were queued): a worker that was never started needs no stopping.
+    fn withdraw_spawns(&mut self) {
+        let mut withdrawn = Vec::new();
+        self.actions.retain(|action| match action {
+            Action::Spawn { worker, .. } => {
+                withdrawn.push(*worker);
+                false
+            }
+            _ => true,
+        });
+        for worker in withdrawn {
+            self.rollouts.replacements.remove(&worker);
+            if let Some(record) = self.workers.remove(&worker) {
+                if let Some(state) = self.slot_mut(record.slot) {
+                    if state.worker == Some(worker) {
+                        state.worker = None;
+                    }
+                }
+            }
+        }
+    }
+
     fn spawn_into(&mut self, slot: SlotId, now: Instant) -> WorkerId {
         let worker = WorkerId(self.next_worker);
         self.next_worker += 1;
@@ -1528,7 +1599,7 @@ impl Supervisor {
         if asked || !respawn || self.stopping {
             return;
         }
-        self.schedule_respawn(slot, now);
+        self.schedule_respawn(slot, worker, now);
     }
 
     /// `worker`'s process could not be started: its slot, if it still has it (a roll-out
@@ -1540,11 +1611,12 @@ impl Supervisor {
         state.worker = None;
         state.failures += 1;
         if self.settings.respawn != Respawn::Never && !self.stopping {
-            self.schedule_respawn(slot, now);
+            self.schedule_respawn(slot, worker, now);
         }
     }
 
-    fn schedule_respawn(&mut self, slot: SlotId, now: Instant) {
+    /// Refills `slot`, which `gone` left, at once or after the backoff its failures earned.
+    fn schedule_respawn(&mut self, slot: SlotId, gone: WorkerId, now: Instant) {
         let Some(failures) = self.slot_mut(slot).map(|state| state.failures) else {
             return;
         };
@@ -1557,10 +1629,14 @@ impl Supervisor {
         if let Some(state) = self.slot_mut(slot) {
             state.restarts += 1;
         }
+        if failures > 1 {
+            tracing::warn!(%slot, replaces = %gone, failures, ?delay, "respawning after a backoff: the slot keeps failing");
+        } else {
+            tracing::info!(%slot, replaces = %gone, ?delay, "respawning");
+        }
         if delay.is_zero() {
             self.spawn_into(slot, now);
         } else {
-            tracing::warn!(%slot, failures, ?delay, "slot keeps failing; backing off");
             if let Some(state) = self.slot_mut(slot) {
                 state.respawn_at = Some(now + delay);
             }

@@ -7,10 +7,10 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::time::Duration;
 
-use cluster_ipc::proto::{ToPrimary, ToWorker};
+use cluster_ipc::proto::{ListenRefused, ToPrimary, ToWorker};
 use cluster_ipc::{ConnId, ListenerId, SlotId, WorkerId};
 
-use super::sim::{OnDisconnect, Place, Script, Sim, addr};
+use super::sim::{OnDisconnect, PORT, Place, Script, Sim, addr};
 use super::{READINESS_TIMEOUT, SHUTDOWN_TIMEOUT, settings};
 use crate::config::{Recycle, Respawn, Rollout};
 use crate::event::{Event, ExitStatus, Memory};
@@ -309,6 +309,8 @@ fn a_replacement_that_fails_aborts_the_rollout_and_the_old_workers_keep_serving(
         "boot failure",
         "never listens",
         "spawn fails",
+        "program missing",
+        "listens where it cannot",
         "crashes",
         "hangs",
     ] {
@@ -319,15 +321,31 @@ fn a_replacement_that_fails_aborts_the_rollout_and_the_old_workers_keep_serving(
         let mut sim = cluster_then_quiet(settings, Script::default());
         let l = sim.the_listener();
         sim.min_ready = Some(4);
-        if how == "spawn fails" {
-            sim.scripts.push_back(Script {
+        match how {
+            "spawn fails" | "program missing" => sim.scripts.push_back(Script {
                 spawn_fails: true,
+                spawn_errno: (how == "program missing").then_some(libc::ENOENT),
                 ..Script::default()
-            });
+            }),
+            "listens where it cannot" => {
+                // The new version listens on one more address, which is taken.
+                sim.bind_errors
+                    .insert(addr(9000), ListenRefused::address_in_use("taken"));
+                sim.scripts.push_back(Script {
+                    send_listening: false,
+                    ..Script::listening_on(&[addr(9000), addr(PORT)])
+                });
+            }
+            _ => {}
         }
         sim.reload().unwrap();
         match how {
             "boot failure" => sim.exit(w(5), ExitStatus::Code(3)),
+            "listens where it cannot" => {
+                assert!(!sim.sup.is_stopping(), "only the roll-out fails");
+                // Its code cannot go on without the address: it fails.
+                sim.exit(w(5), ExitStatus::Code(1));
+            }
             "never listens" => {
                 sim.advance(READINESS_TIMEOUT - MS);
                 assert!(lifecycle_events(&sim).len() == 1, "{how}: not yet");
@@ -737,6 +755,127 @@ fn a_boot_failure_at_the_start_stops_the_cluster() {
         })
     );
     sim.assert_clean();
+}
+
+/// Binds that fail for a reason no retry can fix, and some that may pass.
+const UNFIXABLE_BINDS: [i32; 4] = [
+    libc::EADDRINUSE,
+    libc::EACCES,
+    libc::EADDRNOTAVAIL,
+    libc::EINVAL,
+];
+const PASSING_BINDS: [i32; 3] = [libc::EMFILE, libc::ENFILE, libc::ENOBUFS];
+
+#[test]
+fn a_bind_no_retry_can_fix_stops_the_cluster_with_the_address_and_the_cause() {
+    for errno in UNFIXABLE_BINDS {
+        let mut sim = Sim::new(settings(2));
+        sim.defer_binds = true;
+        let refused = ListenRefused {
+            errno,
+            message: "no".into(),
+        };
+        sim.bind_errors.insert(addr(PORT), refused);
+        sim.start();
+        sim.answer_binds();
+        assert!(sim.sup.is_stopping(), "errno {errno}");
+        for worker in [w(1), w(2)] {
+            // Told to go before it is refused: it ends quietly, and the cause is reported
+            // once, by the primary.
+            let inbox = &sim.workers[&worker].inbox;
+            let disconnect = inbox
+                .iter()
+                .position(|(_, m)| matches!(m, ToWorker::Disconnect));
+            let refusal = inbox
+                .iter()
+                .position(|(_, m)| matches!(m, ToWorker::ListenRefused(_)));
+            assert!(disconnect < refusal, "errno {errno}: {inbox:?}");
+            assert_eq!(
+                sim.workers[&worker].refused[0].1.errno,
+                libc::ESHUTDOWN,
+                "errno {errno}"
+            );
+        }
+        sim.settle();
+        assert!(sim.finished);
+        assert_eq!(spawns(&sim).len(), 2, "errno {errno}: no respawn");
+        assert_eq!(
+            sim.sup.ending(),
+            Ending::Fatal(Fatal::ListenFailed {
+                addr: addr(PORT),
+                errno
+            })
+        );
+        sim.assert_clean();
+    }
+}
+
+#[test]
+fn a_bind_that_may_pass_is_refused_and_the_cluster_goes_on() {
+    for errno in PASSING_BINDS {
+        let mut sim = Sim::new(settings(2));
+        let refused = ListenRefused {
+            errno,
+            message: "not now".into(),
+        };
+        sim.bind_errors.insert(addr(PORT), refused.clone());
+        sim.start();
+        assert!(!sim.sup.is_stopping(), "errno {errno}");
+        assert_eq!(sim.workers[&w(1)].refused, [(addr(PORT), refused)]);
+        sim.bind_errors.clear();
+        sim.crash(w(1));
+        sim.crash(w(2));
+        sim.settle();
+        assert_eq!(
+            sim.serving().len(),
+            2,
+            "errno {errno}: respawned, listening"
+        );
+        sim.assert_clean();
+    }
+}
+
+#[test]
+fn a_program_that_cannot_be_executed_stops_the_cluster() {
+    for (errno, fatal) in [
+        (Some(libc::ENOENT), true),
+        (Some(libc::EACCES), true),
+        (Some(libc::ENOEXEC), true),
+        (Some(libc::EAGAIN), false),
+        (Some(libc::ENOMEM), false),
+        (None, false),
+    ] {
+        let mut sim = Sim::new(settings(2));
+        sim.scripts.push_back(Script {
+            spawn_fails: true,
+            spawn_errno: errno,
+            ..Script::default()
+        });
+        sim.start();
+        assert_eq!(sim.sup.is_stopping(), fatal, "errno {errno:?}");
+        sim.settle();
+        if fatal {
+            assert!(sim.finished);
+            assert_eq!(
+                spawns(&sim).len(),
+                1,
+                "errno {errno:?}: nothing more started"
+            );
+            assert_eq!(
+                sim.sup.ending(),
+                Ending::Fatal(Fatal::ProgramNotExecutable {
+                    errno: errno.unwrap_or_default()
+                })
+            );
+        } else {
+            assert_eq!(
+                sim.serving().len(),
+                2,
+                "errno {errno:?}: the slot is refilled"
+            );
+        }
+        sim.assert_clean();
+    }
 }
 
 #[test]

@@ -184,6 +184,11 @@ fn a_worker_asked_to_go_before_its_process_existed_is_told_once_it_does() {
     let now = std::time::Instant::now();
     sup.start(now);
     // The stop comes between the Spawn action and its answer.
+    let spawn = sup.poll_action();
+    assert!(
+        matches!(spawn, Some(crate::supervisor::Action::Spawn { .. })),
+        "{spawn:?}"
+    );
     sup.stop(true, now);
     let before: Vec<_> = std::iter::from_fn(|| sup.poll_action()).collect();
     assert!(
@@ -204,6 +209,23 @@ fn a_worker_asked_to_go_before_its_process_existed_is_told_once_it_does() {
     );
     // And it is killed only at the shutdown timeout.
     assert_eq!(sup.poll_timeout(), Some(now + super::SHUTDOWN_TIMEOUT));
+}
+
+#[test]
+fn a_stop_before_the_shell_took_a_spawn_withdraws_it() {
+    let mut sup = Supervisor::new(settings(2));
+    let now = std::time::Instant::now();
+    sup.start(now);
+    sup.stop(true, now);
+    let actions: Vec<_> = std::iter::from_fn(|| sup.poll_action()).collect();
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, crate::supervisor::Action::Spawn { .. })),
+        "{actions:?}"
+    );
+    assert!(sup.is_finished());
+    assert_eq!(sup.ending(), crate::supervisor::Ending::Clean);
 }
 
 #[test]

@@ -142,6 +142,8 @@ pub(super) enum OnDisconnect {
 pub(super) struct Script {
     /// The spawn fails: the process never exists.
     pub(super) spawn_fails: bool,
+    /// The OS's reason when the spawn fails (`None`: a failure without an errno).
+    pub(super) spawn_errno: Option<i32>,
     pub(super) hello: Hello,
     /// What it asks to listen on after its Welcome, in order.
     pub(super) listen: Vec<(SocketAddr, Option<ListenMode>)>,
@@ -158,6 +160,7 @@ impl Default for Script {
     fn default() -> Script {
         Script {
             spawn_fails: false,
+            spawn_errno: None,
             hello: Hello::Auto,
             listen: vec![(addr(PORT), None)],
             send_listening: true,
@@ -1419,7 +1422,8 @@ impl Sim {
             .unwrap_or_else(|| self.default_script.clone());
         if script.spawn_fails {
             self.slot_lost(slot, worker, false);
-            self.sup.handle_spawn_failed(worker, now);
+            self.sup
+                .handle_spawn_failed(worker, script.spawn_errno, now);
             return;
         }
         let pid = 10_000 + worker.0 as u32;
@@ -1539,7 +1543,8 @@ impl Sim {
                 Ok(bound)
             }
         };
-        self.sup.handle_bound(listener, result);
+        let now = self.now;
+        self.sup.handle_bound(listener, result, now);
     }
 
     fn on_grant(
