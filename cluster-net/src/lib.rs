@@ -20,6 +20,13 @@
 //! The crates underneath are re-exported for everything beyond the common case: [`primary`],
 //! [`worker`], [`ipc`] and [`sched`].
 //!
+//! # Features
+//!
+//! The `cli` feature builds `clusterctl`, the command-line client of the primary's control
+//! socket: `clusterctl status` shows the workers and the cluster, and `reload`, `scale N`,
+//! `stop` and `metrics` do what they say (`clusterctl --help`, or the binary's docs, tell
+//! more). It brings in clap and serde_json for the binary alone; the library uses neither.
+//!
 //! # Example
 //!
 //! ```no_run
