@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::num::NonZeroU32;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cluster_ipc::Limits;
@@ -440,6 +440,21 @@ impl Builder {
                 std::env::current_exe().map_err(|source| Error::io("current_exe", source))?
             }
         };
+        check_program(&program)?;
+        if let Some(dir) = &self.cwd {
+            if !dir.is_dir() {
+                return Err(invalid(&format!(
+                    "the workers' directory {} is not a directory this process can reach \
+                     (Builder::current_dir)",
+                    dir.display()
+                )));
+            }
+        }
+        if self.start_timeout.is_zero() {
+            return Err(invalid(
+                "the start timeout must be more than 0: no worker could say Hello in time",
+            ));
+        }
         let args = self
             .args
             .unwrap_or_else(|| std::env::args_os().skip(1).collect());
@@ -468,9 +483,90 @@ impl Builder {
     }
 }
 
+/// Refuses a worker program that could not be executed: missing, a directory, or not
+/// executable by this process. A bare name is looked up on `PATH`, as the spawn will.
+fn check_program(program: &Path) -> Result<(), Error> {
+    let not_executable = |errno: i32| Error::ProgramNotExecutable {
+        program: program.to_owned(),
+        errno,
+    };
+    let bare_name = program.components().count() == 1 && !program.has_root();
+    let candidates: Vec<PathBuf> = if bare_name {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .collect()
+    } else {
+        vec![program.to_owned()]
+    };
+    let mut last = libc::ENOENT;
+    for candidate in candidates {
+        if candidate.is_dir() {
+            last = libc::EISDIR;
+            continue;
+        }
+        match nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK) {
+            Ok(()) => return Ok(()),
+            Err(errno) if errno != nix::errno::Errno::ENOENT => last = errno as i32,
+            Err(_) => {}
+        }
+    }
+    Err(not_executable(last))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_program_that_cannot_be_executed_is_refused_at_build() {
+        let missing = Builder::new().workers(1).program("/nonexistent/worker");
+        match missing.settle() {
+            Err(err @ Error::ProgramNotExecutable { errno, .. }) => {
+                assert_eq!(errno, libc::ENOENT);
+                let text = err.to_string();
+                assert!(text.contains("/nonexistent/worker"), "{text}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let directory = Builder::new().workers(1).program("/");
+        assert!(matches!(
+            directory.settle(),
+            Err(Error::ProgramNotExecutable {
+                errno: libc::EISDIR,
+                ..
+            })
+        ));
+        // A file that is not executable (this crate's manifest).
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        assert!(matches!(
+            Builder::new().workers(1).program(manifest).settle(),
+            Err(Error::ProgramNotExecutable {
+                errno: libc::EACCES,
+                ..
+            })
+        ));
+        // A bare name is looked up on PATH, as the spawn does.
+        assert!(Builder::new().workers(1).program("sh").settle().is_ok());
+        assert!(matches!(
+            Builder::new()
+                .workers(1)
+                .program("no-such-program-anywhere")
+                .settle(),
+            Err(Error::ProgramNotExecutable {
+                errno: libc::ENOENT,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_missing_working_directory_and_a_zero_start_timeout_are_refused() {
+        let reason = refusal(Builder::new().workers(1).current_dir("/nonexistent/dir"));
+        assert!(reason.contains("/nonexistent/dir"), "{reason}");
+        let reason = refusal(Builder::new().workers(1).start_timeout(Duration::ZERO));
+        assert!(reason.contains("start timeout"), "{reason}");
+    }
 
     fn refusal(builder: Builder) -> String {
         match builder.settle() {

@@ -228,8 +228,10 @@ pub struct WorkerInfo {
     /// How long ago it was spawned.
     #[serde(rename = "uptime_ms", serialize_with = "as_millis")]
     pub uptime: Duration,
-    /// How many connections it acknowledged (round-robin listeners).
+    /// How many connections were handed to it (round-robin listeners), acknowledged or not.
     pub connections_handed: u64,
+    /// How many of them it acknowledged: it took them (round-robin listeners).
+    pub connections_acked: u64,
     /// Connections handed to it and not yet acknowledged (round-robin listeners): the
     /// primary still holds its copies, and gives them to another worker if this one leaves.
     pub in_flight: usize,
@@ -263,6 +265,35 @@ pub struct Status {
     pub target_workers: usize,
     /// The rolling restart in progress: its number, and workers replaced / to replace.
     pub rollout: Option<RolloutProgress>,
+    /// What the primary did since it started, counted.
+    pub counters: Counters,
+}
+
+/// What the primary did since it started: monotonic counters, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Counters {
+    /// Connections the primary accepted on its round-robin listeners.
+    pub accepted: u64,
+    /// Connections handed to workers (one connection handed again after its worker died
+    /// counts again).
+    pub handed: u64,
+    /// Connections workers acknowledged: taken by a worker, the primary's copy closed.
+    pub acked: u64,
+    /// Handed connections a worker never took (it died or hung first), put back in the
+    /// queue for another worker.
+    pub redispatched: u64,
+    /// Connections workers took and gave back unserved, for another worker: keep-alive
+    /// connections handed back at a request boundary by a draining worker, and connections
+    /// a worker that closed its listener had not served yet.
+    pub returned: u64,
+    /// Connections the primary closed unserved because the cluster stopped.
+    pub closed_on_stop: u64,
+    /// Workers that exited, for any reason.
+    pub exits: u64,
+    /// Workers whose exit counted as a failure (a crash, a fault signal, hung, a boot
+    /// failure).
+    pub failures: u64,
 }
 
 /// How far a rolling restart got.
@@ -290,7 +321,8 @@ mod tests {
                 slot: SlotId(1),
                 state: WorkerState::Listening,
                 uptime: Duration::from_millis(1500),
-                connections_handed: 10,
+                connections_handed: 12,
+                connections_acked: 10,
                 in_flight: 2,
                 open_connections: None,
                 restarts: 1,
@@ -307,6 +339,10 @@ mod tests {
                 done: 1,
                 total: 2,
             }),
+            counters: Counters {
+                accepted: 12,
+                ..Counters::default()
+            },
         };
         let json = serde_json::to_value(&status).unwrap();
         let worker = &json["workers"][0];
@@ -317,5 +353,8 @@ mod tests {
         assert_eq!(worker["memory"]["uss"], 1024);
         assert_eq!(json["listening"][0], "127.0.0.1:8080");
         assert_eq!(json["rollout"]["done"], 1);
+        assert_eq!(worker["connections_handed"], 12);
+        assert_eq!(worker["connections_acked"], 10);
+        assert_eq!(json["counters"]["accepted"], 12);
     }
 }

@@ -120,7 +120,7 @@ pub use config::{
 };
 pub use error::Error;
 pub use event::{
-    Event, ExitStatus, Memory, Message, RolloutProgress, Status, WorkerInfo, WorkerState,
+    Counters, Event, ExitStatus, Memory, Message, RolloutProgress, Status, WorkerInfo, WorkerState,
 };
 pub use primary::{Handle, Primary};
 pub use signal::Signal;

@@ -604,7 +604,7 @@ impl Supervisor {
         let Some(record) = self.workers.get(&worker) else {
             return;
         };
-        let taken = record.connections_handed.max(record.reported_connections);
+        let taken = record.connections_acked.max(record.reported_connections);
         if record.recycle_at.is_some_and(|limit| taken >= limit) {
             self.recycle(worker, format!("took {taken} connections"), now);
         }

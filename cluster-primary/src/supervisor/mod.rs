@@ -28,7 +28,7 @@ use cluster_ipc::proto::{
 use cluster_ipc::{ConnId, ListenerId, SlotId, WorkerId};
 
 use crate::config::{Config, Policy, Recycle, Respawn, Rollout as RolloutLimits};
-use crate::event::{Event, ExitStatus, Status, WorkerInfo, WorkerState};
+use crate::event::{Counters, Event, ExitStatus, Status, WorkerInfo, WorkerState};
 use crate::signal::Signal;
 
 pub(crate) use lifecycle::{Ending, Fatal};
@@ -248,6 +248,8 @@ pub(crate) struct Supervisor {
     finished: bool,
     ready_sent: bool,
     restarts: u64,
+    /// What happened to connections and workers so far, for status and metrics.
+    counters: Counters,
     actions: VecDeque<Action>,
     rollouts: Rollouts,
     /// When recent failures happened, for the crash-loop guard.
@@ -284,6 +286,7 @@ impl Supervisor {
             finished: false,
             ready_sent: false,
             restarts: 0,
+            counters: Counters::default(),
             actions: VecDeque::new(),
             rollouts: Rollouts::default(),
             failure_times: VecDeque::new(),
@@ -479,6 +482,8 @@ impl Supervisor {
         let boot_failed = status == ExitStatus::Code(cluster_ipc::env::BOOT_FAILURE_EXIT_CODE)
             && !record.reached_listening
             && !record.leaving.asked;
+        self.counters.exits += 1;
+        self.counters.failures += u64::from(failure.is_some());
         match &failure {
             Some(why) => tracing::warn!(%worker, pid, %status, why, "worker failed"),
             None => tracing::info!(%worker, pid, %status, after_disconnect, "worker exited"),
@@ -636,6 +641,7 @@ impl Supervisor {
         for &conn in conns {
             rr.incoming(conn);
         }
+        self.counters.accepted += conns.len() as u64;
         self.dispatch_later(listener);
     }
 
@@ -661,6 +667,7 @@ impl Supervisor {
         let outcome = match msg {
             HandoffToPrimary::ConnectionsAck { count } => self.on_ack(worker, listener, count, now),
             HandoffToPrimary::ConnectionsReturned { count } if count as usize == returned.len() => {
+                self.counters.returned += returned.len() as u64;
                 if let Some(rr) = self.listeners.round_robin(listener) {
                     rr.requeue_front(&returned);
                 } else {
@@ -716,6 +723,7 @@ impl Supervisor {
             );
             return;
         };
+        self.counters.returned += 1;
         let open = !self.stopping && self.listeners.get(listener).is_some();
         match self.listeners.round_robin(listener).filter(|_| open) {
             Some(rr) => {
@@ -837,6 +845,7 @@ impl Supervisor {
             state: worker.state,
             uptime: now.saturating_duration_since(worker.spawned_at),
             connections_handed: worker.connections_handed,
+            connections_acked: worker.connections_acked,
             in_flight: self.listeners.in_flight(worker.id),
             open_connections: worker.reported_open,
             restarts,
@@ -857,6 +866,7 @@ impl Supervisor {
             stopping: self.stopping,
             target_workers: self.slots.len(),
             rollout: self.rollouts.progress(),
+            counters: self.counters,
         }
     }
 
@@ -1272,8 +1282,9 @@ impl Supervisor {
         let acked = rr
             .acked(worker, count as usize)
             .map_err(|err| format!("ack of {count}: {err}"))?;
+        self.counters.acked += acked.len() as u64;
         if let Some(record) = self.workers.get_mut(&worker) {
-            record.connections_handed += acked.len() as u64;
+            record.connections_acked += acked.len() as u64;
             if !acked.is_empty() {
                 // It makes progress: the hang clock starts again for what it still holds.
                 record.stalled_since = None;
@@ -1381,12 +1392,19 @@ impl Supervisor {
             return;
         };
         let decided = rr.take_actions();
+        if self.stopping {
+            self.counters.closed_on_stop += decided.close.len() as u64;
+        }
         if !decided.close.is_empty() && !sabotaged!(self, DropPendingOnStop) {
             self.actions.push_back(Action::Release {
                 conns: decided.close,
             });
         }
         for (worker, conns) in decided.handoffs {
+            self.counters.handed += conns.len() as u64;
+            if let Some(record) = self.workers.get_mut(&worker) {
+                record.connections_handed += conns.len() as u64;
+            }
             self.stamp_stalls = true;
             self.actions.push_back(Action::HandOff {
                 worker,
@@ -1449,6 +1467,11 @@ impl Supervisor {
             .push_back(Action::CloseHandoff { worker, listener });
         self.listeners.leave(listener, worker);
         if !sabotaged!(self, ForgetRedispatchOnDeath) {
+            let unacked = self
+                .listeners
+                .round_robin(listener)
+                .map(|rr| rr.in_flight(worker).unwrap_or(0));
+            self.counters.redispatched += unacked.unwrap_or(0) as u64;
             self.change_policy(listener, |rr| {
                 if let Err(err) = rr.worker_left(worker) {
                     tracing::error!(%worker, %err, "scheduler did not know a leaving worker");

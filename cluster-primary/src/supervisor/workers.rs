@@ -48,7 +48,10 @@ pub(crate) struct Worker {
     pub(crate) handoffs: BTreeSet<ListenerId>,
     /// Shared listeners it holds.
     pub(crate) shared: BTreeSet<ListenerId>,
+    /// Connections handed to it (sent over its handoff sockets), acknowledged or not.
     pub(crate) connections_handed: u64,
+    /// Connections it acknowledged.
+    pub(crate) connections_acked: u64,
     /// The open-connection count it last reported.
     pub(crate) reported_open: Option<u32>,
     /// The `Disconnect` event was given.
@@ -90,6 +93,7 @@ impl Worker {
             handoffs: BTreeSet::new(),
             shared: BTreeSet::new(),
             connections_handed: 0,
+            connections_acked: 0,
             reported_open: None,
             disconnect_reported: false,
             heartbeat_at: None,

@@ -24,7 +24,7 @@ fn accounted(status: &Status) -> usize {
     let workers: u64 = status
         .workers
         .iter()
-        .map(|w| w.connections_handed + w.in_flight as u64)
+        .map(|w| w.connections_acked + w.in_flight as u64)
         .sum();
     usize::try_from(workers).unwrap() + status.pending_connections
 }
@@ -50,7 +50,7 @@ fn round_robin_spreads_1000_connections_evenly_over_4_workers() {
     wait_until("the primary counted every ack", || {
         let status = cluster.status();
         status.workers.iter().all(|w| {
-            counts.get(&w.id.0).copied() == Some(usize::try_from(w.connections_handed).unwrap())
+            counts.get(&w.id.0).copied() == Some(usize::try_from(w.connections_acked).unwrap())
         })
     });
     cluster.stop();
@@ -77,7 +77,7 @@ fn connections_handed_to_a_worker_that_closes_its_listener_are_served_by_another
     wait_until("the closer holds a full window", || {
         info(&cluster.status(), closer).in_flight == WINDOW
     });
-    assert_eq!(info(&cluster.status(), closer).connections_handed, 0);
+    assert_eq!(info(&cluster.status(), closer).connections_acked, 0);
 
     cluster.send(closer, &msg("go", []));
     let (_, fields) = cluster.wait_message(Some(closer), "closed");
@@ -141,7 +141,7 @@ fn a_worker_sigkilled_with_unacked_connections_loses_none_of_them() {
     // The proof: the victim really holds `WINDOW` connections it never acknowledged.
     let status = cluster.status();
     assert_eq!(info(&status, victim.id).in_flight, WINDOW, "{status:#?}");
-    assert_eq!(info(&status, victim.id).connections_handed, 0);
+    assert_eq!(info(&status, victim.id).connections_acked, 0);
     assert_eq!(status.pending_connections, 0);
 
     signal(victim.pid, Signal::SIGKILL);
@@ -163,7 +163,7 @@ fn a_worker_sigkilled_with_unacked_connections_loses_none_of_them() {
     assert_eq!(cluster.status().restarts, 0);
     // The survivor acknowledged every one of them (acks are read asynchronously).
     wait_until("the survivor's acks are counted", || {
-        usize::try_from(info(&cluster.status(), other).connections_handed).unwrap() == clients.len()
+        usize::try_from(info(&cluster.status(), other).connections_acked).unwrap() == clients.len()
     });
     cluster.stop();
 }

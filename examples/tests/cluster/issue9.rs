@@ -240,7 +240,7 @@ fn least_connections_gives_new_connections_to_the_worker_with_fewest_open() {
             .status()
             .workers
             .iter()
-            .map(|w| w.connections_handed)
+            .map(|w| w.connections_acked)
             .sum::<u64>()
             == 4
     });

@@ -136,7 +136,7 @@ fn shared_mode_serves_connections_from_several_workers() {
     }
     // The primary hands nothing out in shared mode: the workers accepted by themselves.
     let status = cluster.status();
-    assert!(status.workers.iter().all(|w| w.connections_handed == 0));
+    assert!(status.workers.iter().all(|w| w.connections_acked == 0));
     // And it keeps serving, one connection after another.
     for _ in 0..10 {
         let stream = connect(addr);

@@ -1054,7 +1054,7 @@ fn a_worker_is_recycled_after_its_connections_and_drains_once_its_replacement_is
     }
     assert!(lifecycle_events(&sim).is_empty());
     assert_eq!(
-        sim.sup.worker(w(1), sim.now).unwrap().connections_handed,
+        sim.sup.worker(w(1), sim.now).unwrap().connections_acked,
         limit - 1
     );
     sim.connect(l, 1);

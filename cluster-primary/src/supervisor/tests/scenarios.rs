@@ -272,7 +272,7 @@ fn connections_go_round_and_are_released_once_acked() {
     sim.ack(w(1), l, 1);
     assert_eq!(sim.released(), [ConnId(2), ConnId(1)]);
     let info = sim.sup.worker(w(1), sim.now).unwrap();
-    assert_eq!((info.connections_handed, info.in_flight), (1, 0));
+    assert_eq!((info.connections_acked, info.in_flight), (1, 0));
     sim.assert_clean();
 }
 

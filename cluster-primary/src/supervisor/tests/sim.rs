@@ -2021,6 +2021,7 @@ impl Sim {
             self.check_liveness(&mut complaints);
         }
         self.check_slots(&mut complaints);
+        self.check_counters(&mut complaints);
         for w in self.workers.values().filter(|w| w.hung && !w.reaped) {
             let held = self.in_flight_at(w.id);
             let core = self
@@ -2034,6 +2035,27 @@ impl Sim {
         }
         for (property, detail) in complaints {
             self.violation(property, detail);
+        }
+    }
+
+    /// The core's counters add up: every connection it handed out was acked, put back for
+    /// another worker, or is still in flight.
+    fn check_counters(&self, complaints: &mut Vec<(Property, String)>) {
+        let status = self.sup.status(self.now);
+        let counters = status.counters;
+        let in_flight: usize = status.workers.iter().map(|w| w.in_flight).sum();
+        let accounted = counters.acked + counters.redispatched + in_flight as u64;
+        if counters.handed != accounted {
+            let detail = format!(
+                "handed {} != acked {} + redispatched {} + in flight {in_flight}",
+                counters.handed, counters.acked, counters.redispatched
+            );
+            complaints.push((Property::Conservation, detail));
+        }
+        let acked: u64 = status.workers.iter().map(|w| w.connections_acked).sum();
+        if acked > counters.acked {
+            let detail = format!("workers acked {acked}, the counter says {}", counters.acked);
+            complaints.push((Property::Conservation, detail));
         }
     }
 
