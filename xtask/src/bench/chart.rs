@@ -148,6 +148,8 @@ mod tests {
             errors: BTreeMap::new(),
             per_worker: BTreeMap::new(),
             balance_max_over_min: None,
+            balance: None,
+            balance_not_applicable: None,
             primary_peak_rss_mib: None,
             primary_cpu_us_per_conn: None,
             round_primary_cpu_us_per_conn: Vec::new(),

@@ -51,7 +51,7 @@ pub(crate) enum ScenarioName {
     Keepalive,
     /// The seed's benchmark: a CPU-bound handler, single process against 1 and N workers.
     Cpu,
-    /// Per-worker max/min of round-robin and shared.
+    /// How evenly round-robin and shared spread connections: per-worker shares and max/min.
     Balance,
     /// SIGKILL of the only worker to the first answer from its replacement.
     Respawn,
@@ -280,10 +280,12 @@ fn ratios(scenarios: &[Scenario], workers: usize) -> Ratios {
     let node_rr = format!("node rr {workers}w");
     let figure =
         |scenario: &str, name: &str| find(scenario).and_then(|s| s.figures.get(name).copied());
-    let balance = |target: &str| {
-        find("balance")
-            .and_then(|s| s.run(target))
-            .and_then(|r| r.balance_max_over_min)
+    let balance_run = |target: &str| find("balance").and_then(|s| s.run(target));
+    let balance = |target: &str| balance_run(target).and_then(|r| r.balance_max_over_min);
+    let max_share = |target: &str| {
+        balance_run(target)
+            .and_then(|r| r.balance.as_ref())
+            .map(|b| b.max_share)
     };
     Ratios {
         rr_close_vs_node_rr: ratio(
@@ -301,6 +303,8 @@ fn ratios(scenarios: &[Scenario], workers: usize) -> Ratios {
         ),
         rr_balance_max_over_min: balance(&rr),
         shared_balance_max_over_min: balance(&shared),
+        rr_balance_max_share: max_share(&rr),
+        shared_balance_max_share: max_share(&shared),
         respawn_median_ms: figure("respawn", "respawn_ms_median"),
         node_respawn_median_ms: figure("respawn", "node_respawn_ms_median"),
         primary_rss_mib: figure("memory", "primary_peak_rss_mib"),

@@ -195,10 +195,14 @@ fn rollout_server(
     }
     scenario
         .runs
-        .push(run_of(ctx, server.label(), false, close));
-    scenario
-        .runs
-        .push(run_of(ctx, format!("{server} keep-alive"), true, keep));
+        .push(run_of(ctx, server.label(), false, close, ROLLOUT_BALANCE));
+    scenario.runs.push(run_of(
+        ctx,
+        format!("{server} keep-alive"),
+        true,
+        keep,
+        ROLLOUT_BALANCE,
+    ));
     Ok(())
 }
 
@@ -381,7 +385,9 @@ fn scale_server(
     scenario
         .samples
         .insert(format!("{prefix}scale_down_ms"), down);
-    scenario.runs.push(run_of(ctx, server.label(), false, load));
+    scenario
+        .runs
+        .push(run_of(ctx, server.label(), false, load, SCALE_BALANCE));
     Ok(())
 }
 
@@ -462,10 +468,22 @@ fn load_spec(ctx: &Context, addr: SocketAddr, keep_alive: bool, timing: Timing) 
     }
 }
 
+/// Why a roll-out's run has no balance: each worker answered only part of the window.
+const ROLLOUT_BALANCE: &str = "workers replaced";
+
+/// Why a scaling run has no balance: the count of workers changed under it.
+const SCALE_BALANCE: &str = "workers added, removed";
+
 /// A run for the tables: the load over the whole measured window (the operations and the
-/// time between them). Balance is left out (old and new workers answered in turn), and the
-/// primary's CPU is not watched.
-fn run_of(ctx: &Context, target: String, keep_alive: bool, load: LoadResult) -> Run {
+/// time between them). Balance is left out, and says why (`no_balance`: old and new workers
+/// answered in turn), and the primary's CPU is not watched.
+fn run_of(
+    ctx: &Context,
+    target: String,
+    keep_alive: bool,
+    load: LoadResult,
+    no_balance: &'static str,
+) -> Run {
     let round = Round {
         load,
         primary_peak_rss_mib: None,
@@ -480,6 +498,8 @@ fn run_of(ctx: &Context, target: String, keep_alive: bool, load: LoadResult) -> 
         std::slice::from_ref(&round),
     );
     run.balance_max_over_min = None;
+    run.balance = None;
+    run.balance_not_applicable = Some(no_balance);
     run.primary_cpu_watched = false;
     run
 }

@@ -59,10 +59,20 @@ pub(crate) struct Run {
     pub(crate) round_rps: Vec<f64>,
     pub(crate) latency_us: Latency,
     pub(crate) errors: BTreeMap<String, u64>,
-    /// Answers per worker process id.
+    /// Answers per worker process id, over all rounds (each round is a fresh server, with
+    /// its own workers). A worker that answered nothing has no entry.
     pub(crate) per_worker: BTreeMap<u32, u64>,
-    /// The busiest worker's count over the least busy one's (over the expected workers).
+    /// The busiest worker's count over the least busy one's, counting every expected worker
+    /// (the median over the rounds). `null` where that is infinite (a worker answered
+    /// nothing: [`Run::balance`] still has figures then), or where balance does not apply.
     pub(crate) balance_max_over_min: Option<f64>,
+    /// How the median round's answers spread over the workers; `null` for one worker, where
+    /// a round got no answers, and where balance does not apply.
+    pub(crate) balance: Option<Balance>,
+    /// Why balance does not apply to this run, where it does not (the operations scenarios:
+    /// old and new workers answered in turn).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) balance_not_applicable: Option<&'static str>,
     /// The primary's peak resident memory after the run, where measured.
     pub(crate) primary_peak_rss_mib: Option<f64>,
     /// The primary's user+system CPU time per connection completed, in microseconds: the
@@ -85,7 +95,10 @@ impl Run {
     /// One run made of interleaved rounds (each against a fresh server): requests/s is the
     /// median round's, so that one disturbed round does not move it; latencies, errors and
     /// per-worker counts add up over the rounds; balance and the primary's CPU per connection
-    /// are the median round's (and only there when every round has them).
+    /// are the median round's (and only there when every round has them): max/min the median
+    /// of the rounds' (an infinite one counting as the largest), the shares those of the
+    /// round whose busiest worker's share is the median (the larger middle one for an even
+    /// count of rounds).
     pub(crate) fn from_rounds(
         target: String,
         workers: usize,
@@ -111,10 +124,11 @@ impl Run {
             }
         }
         let round_rps: Vec<f64> = rounds.iter().map(|round| round.load.rps()).collect();
-        let balances: Vec<f64> = rounds
+        let balances: Option<Vec<Balance>> = rounds
             .iter()
-            .filter_map(|round| balance(&round.load.per_pid, workers))
+            .map(|round| Balance::of(&round.load.per_pid, workers))
             .collect();
+        let balances = balances.filter(|balances| !balances.is_empty());
         let cpu: Vec<(f64, u64)> = rounds
             .iter()
             .filter_map(|round| {
@@ -147,7 +161,12 @@ impl Run {
             ),
             errors,
             per_worker,
-            balance_max_over_min: (balances.len() == rounds.len()).then(|| median(&balances)),
+            balance_max_over_min: balances.as_deref().and_then(|balances| {
+                let ratios: Vec<f64> = balances.iter().map(Balance::max_over_min).collect();
+                Some(median(&ratios)).filter(|ratio| ratio.is_finite())
+            }),
+            balance: balances.map(Balance::median_round),
+            balance_not_applicable: None,
             primary_peak_rss_mib: rounds
                 .iter()
                 .filter_map(|round| round.primary_peak_rss_mib)
@@ -185,16 +204,126 @@ pub(crate) fn median(samples: &[f64]) -> f64 {
     }
 }
 
-/// max/min of the per-worker counts, counting a worker that got nothing as 0 (infinite
-/// imbalance: `None`).
-fn balance(per_pid: &BTreeMap<u32, u64>, workers: usize) -> Option<f64> {
-    if workers < 2 || per_pid.len() < workers {
-        return None;
-    }
-    let max = *per_pid.values().max()?;
-    let min = *per_pid.values().min()?;
-    (min > 0).then(|| max as f64 / min as f64)
+/// How one round's answers spread over the workers of a server: each worker's count and
+/// share, busiest first. Finite whatever the spread, unlike max/min, which a worker that got
+/// nothing makes infinite (as `EPOLLEXCLUSIVE`'s LIFO wakeups can under keep-alive load).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct Balance {
+    /// The workers the server ran: the scenario's count, not the process ids that answered.
+    pub(crate) workers: usize,
+    /// Answers per worker, busiest first: one per worker that answered, then a 0 for each
+    /// worker that did not (the load generator sees only the workers that answer).
+    pub(crate) counts: Vec<u64>,
+    /// `counts` as shares of the round's answers, from 0 to 1.
+    pub(crate) shares: Vec<f64>,
+    /// The busiest worker's share: `even_share` when the load is spread evenly, 1 when one
+    /// worker answered everything.
+    pub(crate) max_share: f64,
+    /// What each worker's share would be in an even spread: 1/workers.
+    pub(crate) even_share: f64,
+    /// Workers that answered nothing.
+    pub(crate) idle_workers: usize,
 }
+
+impl Balance {
+    /// The spread of `per_pid` (answers per process id) over `workers` workers; `None` for
+    /// fewer than 2 workers (nothing to balance) or no answers at all.
+    pub(crate) fn of(per_pid: &BTreeMap<u32, u64>, workers: usize) -> Option<Balance> {
+        let total: u64 = per_pid.values().sum();
+        if workers < 2 || total == 0 {
+            return None;
+        }
+        let mut counts: Vec<u64> = per_pid.values().copied().filter(|&c| c > 0).collect();
+        let idle_workers = workers.saturating_sub(counts.len());
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        counts.extend(std::iter::repeat_n(0, idle_workers));
+        let shares: Vec<f64> = counts
+            .iter()
+            .map(|&count| count as f64 / total as f64)
+            .collect();
+        Some(Balance {
+            workers,
+            max_share: shares[0],
+            even_share: 1.0 / workers as f64,
+            counts,
+            shares,
+            idle_workers,
+        })
+    }
+
+    /// The busiest worker's count over the least busy one's: infinite where a worker
+    /// answered nothing.
+    pub(crate) fn max_over_min(&self) -> f64 {
+        match (self.counts.first(), self.counts.last()) {
+            (Some(&max), Some(&min)) if min > 0 => max as f64 / min as f64,
+            _ => f64::INFINITY,
+        }
+    }
+
+    /// Of the rounds' spreads, the one whose busiest worker's share is the median (the larger
+    /// middle one for an even count). `balances` is not empty.
+    fn median_round(mut balances: Vec<Balance>) -> Balance {
+        balances.sort_by(|a, b| a.max_share.total_cmp(&b.max_share));
+        let middle = balances.len() / 2;
+        balances.swap_remove(middle)
+    }
+
+    /// The shares for the tables, in percent, busiest first (`71.3/28.7`), with how many
+    /// workers got nothing.
+    fn shares_text(&self) -> String {
+        let shares: Vec<String> = self.shares.iter().map(|&share| percent(share)).collect();
+        let mut text = shares.join("/");
+        if self.idle_workers > 0 {
+            let _ = write!(
+                text,
+                " ({} of {} got nothing)",
+                self.idle_workers, self.workers
+            );
+        }
+        text
+    }
+}
+
+/// A share (0 to 1) in percent with one decimal, without a trailing `.0`; never rounded to 0
+/// or 100 when it is not.
+fn percent(share: f64) -> String {
+    let percent = share * 100.0;
+    if share > 0.0 && percent < 0.05 {
+        "<0.1".into()
+    } else if share < 1.0 && percent >= 99.95 {
+        ">99.9".into()
+    } else {
+        let text = format!("{percent:.1}");
+        text.strip_suffix(".0").map_or(text.clone(), str::to_owned)
+    }
+}
+
+/// A run's max/min for the tables: `∞` where a worker answered nothing (the shares say more),
+/// `n/a` where there is nothing to balance.
+fn max_over_min_cell(run: &Run) -> String {
+    match (run.balance_max_over_min, &run.balance) {
+        (Some(ratio), _) => format!("{ratio:.2}"),
+        (None, Some(_)) => "∞".into(),
+        (None, None) => "n/a".into(),
+    }
+}
+
+/// A run's shares for the tables, or why it has none.
+fn shares_cell(run: &Run) -> String {
+    match (&run.balance, run.balance_not_applicable) {
+        (_, Some(why)) => format!("n/a ({why})"),
+        (Some(balance), None) => balance.shares_text(),
+        (None, None) if run.workers < 2 => "n/a (1 worker)".into(),
+        (None, None) => "n/a (no answers)".into(),
+    }
+}
+
+/// What the balance columns mean (a line each on the terminal, a paragraph in Markdown).
+const BALANCE_LEGEND: [&str; 3] = [
+    "shares %: each worker's share of the answers, busiest first (even: 100/workers each), of",
+    "the round whose busiest worker's share is the median; max/min: the busiest worker's count",
+    "over the least busy one's (median round), infinite (∞) where a worker answered nothing.",
+];
 
 /// One scenario's results.
 #[derive(Debug, Clone, Serialize)]
@@ -279,8 +408,14 @@ pub(crate) struct Ratios {
     pub(crate) rr1_close_vs_node_rr: Option<f64>,
     pub(crate) rr_close_vs_single: Option<f64>,
     pub(crate) shared_close_vs_single: Option<f64>,
+    /// `null` where a worker answered nothing (infinite) or the run is missing: the
+    /// `_max_share` beside it is there in the first case.
     pub(crate) rr_balance_max_over_min: Option<f64>,
     pub(crate) shared_balance_max_over_min: Option<f64>,
+    /// The busiest worker's share of the answers (0 to 1; 1/workers is an even spread, 1 is
+    /// one worker answering everything), balance scenario, median round.
+    pub(crate) rr_balance_max_share: Option<f64>,
+    pub(crate) shared_balance_max_share: Option<f64>,
     pub(crate) respawn_median_ms: Option<f64>,
     pub(crate) node_respawn_median_ms: Option<f64>,
     pub(crate) primary_rss_mib: Option<f64>,
@@ -325,6 +460,12 @@ impl Ratios {
                 self.shared_balance_max_over_min,
                 "",
             ),
+            ("rr_balance_max_share", self.rr_balance_max_share, ""),
+            (
+                "shared_balance_max_share",
+                self.shared_balance_max_share,
+                "",
+            ),
             ("respawn_median_ms", self.respawn_median_ms, "<= 10"),
             ("node_respawn_median_ms", self.node_respawn_median_ms, ""),
             ("primary_rss_mib", self.primary_rss_mib, "<= 5"),
@@ -359,6 +500,21 @@ impl Ratios {
             ),
             ("scale_failed_requests", self.scale_failed_requests, "0"),
         ]
+    }
+
+    /// A ratio for the tables: `null` where it is missing, but `∞` for a max/min whose run
+    /// is there (its max share is) with a worker that answered nothing.
+    fn cell(&self, name: &str, value: Option<f64>) -> String {
+        let infinite = match name {
+            "rr_balance_max_over_min" => self.rr_balance_max_share.is_some(),
+            "shared_balance_max_over_min" => self.shared_balance_max_share.is_some(),
+            _ => false,
+        };
+        match value {
+            Some(value) => shown(value),
+            None if infinite => "∞".into(),
+            None => "null".into(),
+        }
     }
 }
 
@@ -441,6 +597,7 @@ impl Report {
     /// The terminal table.
     pub(crate) fn table(&self) -> String {
         let mut out = String::new();
+        let mut balance_legend = true;
         for scenario in &self.scenarios {
             if scenario.runs.is_empty() && scenario.figures.is_empty() {
                 continue;
@@ -450,36 +607,46 @@ impl Report {
                 let _ = writeln!(out, "  {about}");
             }
             let cpu = scenario.has_primary_cpu();
+            let shares: Vec<String> = scenario.runs.iter().map(shares_cell).collect();
+            let shares_width = shares.iter().map(|s| s.chars().count()).max().unwrap_or(0);
             if !scenario.runs.is_empty() {
-                let _ = write!(
-                    out,
-                    "  {:<22} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}",
-                    "target", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "max/min"
+                let mut line = format!(
+                    "  {:<22} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}  {:<shares_width$}",
+                    "target",
+                    "req/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "max ms",
+                    "errors",
+                    "max/min",
+                    "shares %"
                 );
-                let _ = writeln!(out, "{}", if cpu { "  primary µs/conn" } else { "" });
+                if cpu {
+                    line.push_str("  primary µs/conn");
+                }
+                let _ = writeln!(out, "{}", line.trim_end());
             }
-            for run in &scenario.runs {
-                let _ = write!(
-                    out,
-                    "  {:<22} {:>10.0} {:>9.2} {:>9.2} {:>9.1} {:>8} {:>8}",
+            for (run, shares) in scenario.runs.iter().zip(&shares) {
+                let mut line = format!(
+                    "  {:<22} {:>10.0} {:>9.2} {:>9.2} {:>9.1} {:>8} {:>8}  {:<shares_width$}",
                     run.target,
                     run.rps,
                     run.latency_us.p50 as f64 / 1000.0,
                     run.latency_us.p99 as f64 / 1000.0,
                     run.latency_us.max as f64 / 1000.0,
                     run.error_count(),
-                    run.balance_max_over_min
-                        .map_or("-".into(), |b| format!("{b:.2}")),
+                    max_over_min_cell(run),
+                    shares,
                 );
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    if cpu {
-                        format!("  {:>15}", primary_cpu_cell(run))
-                    } else {
-                        String::new()
-                    }
-                );
+                if cpu {
+                    let _ = write!(line, "  {:>15}", primary_cpu_cell(run));
+                }
+                let _ = writeln!(out, "{}", line.trim_end());
+            }
+            if !scenario.runs.is_empty() && std::mem::take(&mut balance_legend) {
+                for line in BALANCE_LEGEND {
+                    let _ = writeln!(out, "  {line}");
+                }
             }
             if cpu {
                 for line in PRIMARY_CPU_LEGEND {
@@ -493,7 +660,7 @@ impl Report {
         }
         let _ = writeln!(out, "\nratios (goal in brackets)");
         for (name, value, goal) in self.ratios.rows() {
-            let shown = value.map_or("null".into(), shown);
+            let shown = self.ratios.cell(name, value);
             let goal = if goal.is_empty() {
                 String::new()
             } else {
@@ -533,9 +700,10 @@ impl Report {
                 ""
             },
         );
+        let _ = writeln!(out, "Balance columns: {}\n", BALANCE_LEGEND.join(" "));
         let _ = writeln!(out, "## Ratios\n\n| ratio | value | goal |\n|---|---:|---|");
         for (name, value, goal) in self.ratios.rows() {
-            let shown = value.map_or("null".into(), shown);
+            let shown = self.ratios.cell(name, value);
             let _ = writeln!(out, "| `{name}` | {shown} | {goal} |");
         }
         for scenario in &self.scenarios {
@@ -547,7 +715,7 @@ impl Report {
             if !scenario.runs.is_empty() {
                 let _ = writeln!(
                     out,
-                    "| target | req/s (median round) | rounds | p50 ms | p99 ms | errors | max/min per worker |{}\n|---|---:|---|---:|---:|---:|---:|{}",
+                    "| target | req/s (median round) | rounds | p50 ms | p99 ms | errors | max/min per worker | shares % (busiest first) |{}\n|---|---:|---|---:|---:|---:|---:|---|{}",
                     if cpu {
                         " primary CPU µs/conn (median round) |"
                     } else {
@@ -558,7 +726,7 @@ impl Report {
                 for run in &scenario.runs {
                     let _ = write!(
                         out,
-                        "| {} | {:.0} | {} | {:.2} | {:.2} | {} | {} |",
+                        "| {} | {:.0} | {} | {:.2} | {:.2} | {} | {} | {} |",
                         run.target,
                         run.rps,
                         run.round_rps
@@ -569,8 +737,8 @@ impl Report {
                         run.latency_us.p50 as f64 / 1000.0,
                         run.latency_us.p99 as f64 / 1000.0,
                         run.error_count(),
-                        run.balance_max_over_min
-                            .map_or("-".into(), |b| format!("{b:.2}")),
+                        max_over_min_cell(run),
+                        shares_cell(run),
                     );
                     if cpu {
                         let _ = write!(out, " {} |", primary_cpu_cell(run));
@@ -733,11 +901,200 @@ mod tests {
         assert!(!report.table().contains("µs/conn"));
     }
 
+    fn answered(counts: &[(u32, u64)]) -> Round {
+        let mut round = round(counts.iter().map(|(_, count)| count).sum(), None);
+        round.load.per_pid = counts.iter().copied().collect();
+        round
+    }
+
     #[test]
-    fn balance_needs_every_worker_to_have_answered() {
-        let counts = BTreeMap::from([(1, 110), (2, 100)]);
-        assert_eq!(balance(&counts, 2), Some(1.1));
-        assert_eq!(balance(&counts, 3), None, "a worker that answered nothing");
-        assert_eq!(balance(&counts, 1), None);
+    fn one_worker_that_got_everything_has_the_whole_share() {
+        let balance = Balance::of(&BTreeMap::from([(7, 100), (8, 0)]), 2).unwrap();
+        assert_eq!(balance.counts, [100, 0]);
+        assert_eq!(balance.shares, [1.0, 0.0]);
+        assert_eq!(balance.max_share, 1.0);
+        assert_eq!(balance.even_share, 0.5);
+        assert_eq!(balance.idle_workers, 1);
+        assert_eq!(balance.max_over_min(), f64::INFINITY);
+        // The load generator never saw the other worker: the same figures.
+        let unseen = Balance::of(&BTreeMap::from([(7, 100)]), 2).unwrap();
+        assert_eq!(unseen.counts, [100, 0]);
+        assert_eq!(unseen.idle_workers, 1);
+        assert_eq!(unseen.max_share, 1.0);
+        assert_eq!(unseen.shares_text(), "100/0 (1 of 2 got nothing)");
+    }
+
+    #[test]
+    fn an_even_split_has_the_even_share() {
+        let balance = Balance::of(&BTreeMap::from([(1, 500), (2, 500)]), 2).unwrap();
+        assert_eq!(balance.max_share, balance.even_share);
+        assert_eq!(balance.idle_workers, 0);
+        assert_eq!(balance.max_over_min(), 1.0);
+        assert_eq!(balance.shares_text(), "50/50");
+        let four = BTreeMap::from([(1, 260), (2, 250), (3, 250), (4, 240)]);
+        let balance = Balance::of(&four, 4).unwrap();
+        assert_eq!(balance.even_share, 0.25);
+        assert_eq!(balance.shares_text(), "26/25/25/24");
+    }
+
+    #[test]
+    fn a_worker_missing_from_the_counts_is_counted_as_a_0() {
+        let counts = BTreeMap::from([(1, 100), (2, 300)]);
+        let balance = Balance::of(&counts, 3).unwrap();
+        assert_eq!(balance.counts, [300, 100, 0], "busiest first");
+        assert_eq!(balance.shares, [0.75, 0.25, 0.0]);
+        assert_eq!(balance.max_share, 0.75);
+        assert_eq!(balance.idle_workers, 1);
+        assert_eq!(balance.max_over_min(), f64::INFINITY);
+        assert_eq!(balance.shares_text(), "75/25/0 (1 of 3 got nothing)");
+        let all_there = Balance::of(&BTreeMap::from([(1, 110), (2, 100)]), 2).unwrap();
+        assert!((all_there.max_over_min() - 1.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn one_worker_or_no_answers_have_no_balance() {
+        assert_eq!(Balance::of(&BTreeMap::from([(1, 100)]), 1), None);
+        assert_eq!(Balance::of(&BTreeMap::new(), 2), None);
+        let alone = Run::from_rounds("rr 1w".into(), 1, false, 16, 0, &[answered(&[(1, 9)])]);
+        assert_eq!(alone.balance, None);
+        assert_eq!(alone.balance_max_over_min, None);
+        assert_eq!(max_over_min_cell(&alone), "n/a");
+        assert_eq!(shares_cell(&alone), "n/a (1 worker)");
+    }
+
+    #[test]
+    fn shares_never_round_to_0_or_100_when_they_are_not() {
+        assert_eq!(percent(0.0), "0");
+        assert_eq!(percent(0.0001), "<0.1");
+        assert_eq!(percent(0.9999), ">99.9");
+        assert_eq!(percent(1.0), "100");
+        assert_eq!(percent(0.7126), "71.3");
+    }
+
+    #[test]
+    fn a_run_where_one_worker_got_everything_shows_finite_figures() {
+        let run = Run::from_rounds(
+            "shared 2w".into(),
+            2,
+            true,
+            16,
+            0,
+            &[answered(&[(41, 70_000)])],
+        );
+        assert_eq!(run.balance_max_over_min, None);
+        let balance = run.balance.as_ref().unwrap();
+        assert_eq!(balance.max_share, 1.0);
+        assert_eq!(balance.idle_workers, 1);
+        assert_eq!(max_over_min_cell(&run), "∞");
+        assert_eq!(shares_cell(&run), "100/0 (1 of 2 got nothing)");
+        let json = serde_json::to_value(&run).unwrap();
+        assert_eq!(json["balance"]["counts"], serde_json::json!([70_000, 0]));
+        assert_eq!(json["balance"]["shares"], serde_json::json!([1.0, 0.0]));
+        assert_eq!(json["balance"]["max_share"], serde_json::json!(1.0));
+        assert_eq!(json["balance"]["even_share"], serde_json::json!(0.5));
+        assert_eq!(json["balance"]["idle_workers"], serde_json::json!(1));
+        assert!(json["balance_max_over_min"].is_null());
+        assert!(json.get("balance_not_applicable").is_none());
+
+        let mut keepalive = Scenario::new("keepalive", "Keep-alive");
+        let even = Run::from_rounds(
+            "rr 2w".into(),
+            2,
+            true,
+            16,
+            0,
+            &[answered(&[(1, 101), (2, 99)])],
+        );
+        keepalive.runs = vec![even, run];
+        let report = Report::for_tests(vec![keepalive]);
+        let table = report.table();
+        let markdown = report.markdown();
+        for text in [&table, &markdown] {
+            assert!(text.contains("1.02"), "{text}");
+            assert!(text.contains("50.5/49.5"), "{text}");
+            assert!(text.contains("∞"), "{text}");
+            assert!(text.contains("100/0 (1 of 2 got nothing)"), "{text}");
+            assert!(text.contains("busiest first"), "the legend: {text}");
+        }
+        assert!(
+            markdown.contains("| 0 | ∞ | 100/0 (1 of 2 got nothing) |"),
+            "{markdown}"
+        );
+        assert!(!markdown.contains("| - |"), "{markdown}");
+    }
+
+    #[test]
+    fn balance_is_the_median_rounds() {
+        let rounds = [
+            answered(&[(1, 60), (2, 40)]),
+            answered(&[(3, 100)]),
+            answered(&[(5, 55), (6, 45)]),
+        ];
+        let run = run_of("shared 2w", &rounds);
+        let balance = run.balance.unwrap();
+        assert_eq!(
+            balance.counts,
+            [60, 40],
+            "the middle max share of 0.55, 0.6 and 1"
+        );
+        // max/min: the median of 1.22, 1.5 and infinity.
+        assert_eq!(run.balance_max_over_min, Some(1.5));
+        // Two of three rounds with a worker that got nothing: max/min is infinite.
+        let rounds = [
+            answered(&[(1, 60), (2, 40)]),
+            answered(&[(3, 100)]),
+            answered(&[(5, 90)]),
+        ];
+        let run = run_of("shared 2w", &rounds);
+        assert_eq!(run.balance_max_over_min, None);
+        let balance = run.balance.unwrap();
+        assert_eq!((balance.max_share, balance.idle_workers), (1.0, 1));
+        // An even count of rounds: the larger middle one.
+        let rounds = [answered(&[(1, 60), (2, 40)]), answered(&[(3, 70), (4, 30)])];
+        assert_eq!(run_of("rr 2w", &rounds).balance.unwrap().counts, [70, 30]);
+        // A round without answers leaves the run without balance.
+        let rounds = [answered(&[(1, 60), (2, 40)]), answered(&[])];
+        let run = run_of("rr 2w", &rounds);
+        assert_eq!(run.balance, None);
+        assert_eq!(shares_cell(&run), "n/a (no answers)");
+    }
+
+    #[test]
+    fn a_run_whose_workers_changed_says_balance_does_not_apply() {
+        let mut run = run_of("rr 4w", &[answered(&[(1, 10), (2, 10)])]);
+        run.balance = None;
+        run.balance_max_over_min = None;
+        run.balance_not_applicable = Some("workers replaced");
+        assert_eq!(max_over_min_cell(&run), "n/a");
+        assert_eq!(shares_cell(&run), "n/a (workers replaced)");
+        let json = serde_json::to_value(&run).unwrap();
+        assert_eq!(json["balance_not_applicable"], "workers replaced");
+        assert!(json["balance"].is_null());
+    }
+
+    #[test]
+    fn a_balance_ratio_is_infinite_where_its_run_has_a_max_share() {
+        let ratios = Ratios {
+            rr_balance_max_over_min: Some(1.01),
+            shared_balance_max_share: Some(1.0),
+            ..Ratios::default()
+        };
+        assert_eq!(ratios.cell("rr_balance_max_over_min", Some(1.01)), "1.01");
+        assert_eq!(ratios.cell("shared_balance_max_over_min", None), "∞");
+        assert_eq!(ratios.cell("rr_balance_max_share", None), "null");
+        let report = Report {
+            ratios,
+            ..Report::for_tests(Vec::new())
+        };
+        assert!(
+            report
+                .markdown()
+                .contains("| `shared_balance_max_over_min` | ∞ |  |")
+        );
+        assert!(
+            report
+                .markdown()
+                .contains("| `shared_balance_max_share` | 1 |  |")
+        );
     }
 }

@@ -303,10 +303,13 @@ pub(crate) fn cpu(ctx: &mut Context) -> Result<Scenario> {
     Ok(scenario)
 }
 
-/// Scenario 4: how evenly round-robin and shared spread connections over workers. Uses the
-/// dispatch scenario's runs when it ran.
+/// Scenario 4: how evenly round-robin and shared spread connections over workers (each
+/// worker's share, and max/min). Uses the dispatch scenario's runs when it ran.
 pub(crate) fn balance(ctx: &mut Context, dispatch: Option<&Scenario>) -> Result<Scenario> {
-    let mut scenario = Scenario::new("balance", "Balance: per-worker max/min under load");
+    let mut scenario = Scenario::new(
+        "balance",
+        "Balance: how evenly workers share the load (per-worker shares, max/min)",
+    );
     let workers = ctx.workers;
     for server in [
         Server::Rr {
