@@ -53,10 +53,10 @@ mod net;
 
 use std::time::{Duration, Instant};
 
-use cluster_ipc::ErrorChain;
 use serde::Serialize;
 
 pub use cluster_ipc as ipc;
+pub use cluster_ipc::ErrorChain;
 pub use cluster_primary as primary;
 pub use cluster_primary::{
     BOOT_FAILURE_EXIT_CODE, Cluster as PrimaryCluster, Event, ExitStatus, ListenMode, Policy,
@@ -207,6 +207,13 @@ impl Builder {
     /// When workers are replaced to keep them fresh (see [`Recycle`]).
     pub fn recycle(mut self, recycle: Recycle) -> Builder {
         self.primary = self.primary.recycle(recycle);
+        self
+    }
+
+    /// Serves the control socket at `path` (see
+    /// [`cluster_primary::Builder::control_socket`]); `clusterctl` talks to it.
+    pub fn control_socket(mut self, path: impl Into<std::path::PathBuf>) -> Builder {
+        self.primary = self.primary.control_socket(path);
         self
     }
 

@@ -134,6 +134,7 @@ pub(crate) struct Config {
     pub(crate) recycle: Recycle,
     pub(crate) parent_death_signal: Option<Signal>,
     pub(crate) handle_signals: bool,
+    pub(crate) control_socket: Option<PathBuf>,
     /// The limits of every worker's control channel (the message limit is announced to the
     /// worker in `Welcome`).
     pub(crate) control_limits: Limits,
@@ -176,6 +177,7 @@ pub struct Builder {
     recycle: Recycle,
     parent_death_signal: Option<Signal>,
     handle_signals: bool,
+    control_socket: Option<PathBuf>,
     max_message_len: usize,
 }
 
@@ -201,6 +203,7 @@ impl Default for Builder {
             recycle: Recycle::default(),
             parent_death_signal: Some(Signal::SIGTERM),
             handle_signals: true,
+            control_socket: None,
             max_message_len: Limits::DEFAULT_MAX_MESSAGE_LEN,
         }
     }
@@ -386,6 +389,17 @@ impl Builder {
         self
     }
 
+    /// Serves the control socket at `path` while the primary runs: a Unix socket, mode
+    /// 0600, that answers its own user and root (checked with the peer's credentials) with
+    /// the cluster's status and metrics, and takes reload, scale and stop orders. The
+    /// protocol is in [`control`](crate::control); `clusterctl` (in `cluster-net`, feature
+    /// `cli`) is its command-line client. A stale socket file left by a killed primary is
+    /// replaced; one a live primary serves is refused. The file is removed when `run` ends.
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.control_socket = Some(path.into());
+        self
+    }
+
     /// Checks the settings and resolves the program.
     pub(crate) fn settle(self) -> Result<Config, Error> {
         let invalid = |reason: &str| Error::InvalidConfig {
@@ -450,6 +464,9 @@ impl Builder {
                 )));
             }
         }
+        if let Some(path) = &self.control_socket {
+            check_control_socket(path).map_err(|reason| invalid(&reason))?;
+        }
         if self.start_timeout.is_zero() {
             return Err(invalid(
                 "the start timeout must be more than 0: no worker could say Hello in time",
@@ -478,9 +495,35 @@ impl Builder {
             recycle: self.recycle,
             parent_death_signal: self.parent_death_signal,
             handle_signals: self.handle_signals,
+            control_socket: self.control_socket,
             control_limits,
         })
     }
+}
+
+/// Why the control socket cannot be made at `path`, if it cannot: its directory is missing,
+/// or the path is too long for a socket address (108 bytes on Linux, with the final NUL).
+fn check_control_socket(path: &Path) -> Result<(), String> {
+    const SUN_PATH_MAX: usize = 107;
+    let len = path.as_os_str().len();
+    if len > SUN_PATH_MAX {
+        return Err(format!(
+            "the control socket path {} is {len} bytes; a socket path holds at most \
+             {SUN_PATH_MAX} (Builder::control_socket)",
+            path.display()
+        ));
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if parent.is_some_and(|dir| !dir.is_dir()) {
+        return Err(format!(
+            "the control socket's directory {} does not exist (Builder::control_socket)",
+            parent
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a worker program that could not be executed: missing, a directory, or not
@@ -558,6 +601,26 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_control_socket_in_a_missing_directory_or_too_long_a_path_is_refused() {
+        let reason = refusal(
+            Builder::new()
+                .workers(1)
+                .control_socket("/nonexistent/ctl.sock"),
+        );
+        assert!(reason.contains("/nonexistent"), "{reason}");
+        let long = format!("/tmp/{}.sock", "x".repeat(120));
+        let reason = refusal(Builder::new().workers(1).control_socket(long));
+        assert!(reason.contains("at most 107"), "{reason}");
+        assert!(
+            Builder::new()
+                .workers(1)
+                .control_socket("ctl.sock")
+                .settle()
+                .is_ok()
+        );
     }
 
     #[test]

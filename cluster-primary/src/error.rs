@@ -77,6 +77,15 @@ pub enum Error {
         /// The OS error number the exec got (`ENOENT`, `EACCES`, `ENOEXEC`, ...).
         errno: i32,
     },
+    /// The control socket could not be opened at this path.
+    #[error("cannot open the control socket {}", path.display())]
+    ControlSocket {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The cluster stopped, but not cleanly: workers were still running when the stop's
     /// time ran out (or the stop was immediate) and were killed, or gave up at their drain
     /// timeout with connections still open

@@ -251,6 +251,8 @@ pub struct WorkerInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Status {
+    /// The primary's process id.
+    pub pid: u32,
     /// The live workers, by id.
     pub workers: Vec<WorkerInfo>,
     /// How many workers were started to replace one that exited.
@@ -315,6 +317,7 @@ mod tests {
     #[test]
     fn a_status_serializes_with_durations_in_milliseconds() {
         let status = Status {
+            pid: 4241,
             workers: vec![WorkerInfo {
                 id: WorkerId(3),
                 pid: 4242,

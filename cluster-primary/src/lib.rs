@@ -97,6 +97,7 @@
 
 mod cluster;
 mod config;
+pub mod control;
 mod error;
 mod event;
 mod listen;

@@ -11,9 +11,12 @@ use mio::{Events, Interest, Poll, Waker};
 use serde::Serialize;
 
 use crate::cluster::Cluster;
+use crate::control::server::ControlServer;
+use crate::control::{Failure, FailureKind, Request, failure_line, success_line};
 use crate::shell::{SIGNALS, Source, WAKER};
 use crate::supervisor::{Ending, Fatal};
 use crate::{Error, Signal};
+use cluster_ipc::ErrorChain;
 
 /// The signals the primary handles (see the README's signal table).
 const HANDLED_SIGNALS: [i32; 6] = [
@@ -37,8 +40,18 @@ pub struct Primary {
     cluster: Cluster,
     commands: Receiver<Command>,
     handle: Handle,
-    /// Handles waiting for the end of a roll-out, by its number.
-    rollout_waiters: Vec<(u64, SyncSender<Result<(), Error>>)>,
+    /// Who waits for the end of a roll-out, by its number.
+    rollout_waiters: Vec<(u64, Waiter)>,
+    /// The control socket, while the primary runs with one.
+    control: Option<ControlServer>,
+}
+
+/// Someone waiting for a roll-out to end.
+enum Waiter {
+    /// A [`Handle::reload`] call.
+    Handle(SyncSender<Result<(), Error>>),
+    /// A control socket client, by id.
+    Control(u64),
 }
 
 /// What a [`Handle`] asks the loop to do.
@@ -94,6 +107,7 @@ impl Primary {
                 limits,
             },
             rollout_waiters: Vec::new(),
+            control: None,
         })
     }
 
@@ -121,6 +135,8 @@ impl Primary {
         if self.cluster.shell.config.handle_signals {
             self.install_signals()?;
         }
+        self.open_control_socket()?;
+        self.log_start();
         self.cluster.core.start(Instant::now());
         self.cluster.pump();
         let mut events = Events::with_capacity(256);
@@ -155,6 +171,7 @@ impl Primary {
             self.run_commands();
         }
         self.dispatch_events(&mut on_event);
+        self.answer_rollout_waiters_at_the_end();
         match self.cluster.core.ending() {
             Ending::Clean => {
                 tracing::info!("primary stopped");
@@ -252,6 +269,18 @@ impl Primary {
                     .read_handoff(worker, listener, &mut cluster.core);
             }
             Source::Pidfd(worker) => cluster.shell.try_reap(worker, &mut cluster.core),
+            Source::ControlSocket => self.accept_control_clients(),
+            Source::ControlClient(client) => {
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    self.serve_control_client(client);
+                }
+                if event.is_writable() {
+                    if let Some(control) = self.control.as_mut() {
+                        control.flush(client);
+                    }
+                }
+                self.forget_closed_control_clients();
+            }
         }
         self.cluster.pump();
     }
@@ -303,32 +332,56 @@ impl Primary {
         }
     }
 
-    /// Answers the handles waiting for a roll-out that just ended.
+    /// Answers those waiting for a roll-out that just ended.
     fn notify_rollout_waiters(&mut self, event: &Event) {
-        let (id, outcome) = match event {
-            Event::RolloutFinished { rollout } => (*rollout, Ok(())),
-            Event::RolloutAborted { rollout, reason } => (
-                *rollout,
-                Err(Error::RolloutAborted {
-                    reason: reason.clone(),
-                }),
-            ),
+        let (id, aborted) = match event {
+            Event::RolloutFinished { rollout } => (*rollout, None),
+            Event::RolloutAborted { rollout, reason } => (*rollout, Some(reason.clone())),
             _ => return,
         };
-        self.rollout_waiters.retain(|(waiting_for, reply)| {
-            if *waiting_for != id {
-                return true;
+        let (done, waiting) = std::mem::take(&mut self.rollout_waiters)
+            .into_iter()
+            .partition(|(waiting_for, _)| *waiting_for == id);
+        self.rollout_waiters = waiting;
+        for (_, waiter) in done {
+            match waiter {
+                Waiter::Handle(reply) => {
+                    let answer = match &aborted {
+                        None => Ok(()),
+                        Some(reason) => Err(Error::RolloutAborted {
+                            reason: reason.clone(),
+                        }),
+                    };
+                    let _ = reply.try_send(answer);
+                }
+                Waiter::Control(client) => {
+                    let line = match &aborted {
+                        None => success_line(fields([("rollout", id.into())])),
+                        Some(reason) => failure_line(&Failure::new(
+                            FailureKind::RolloutAborted,
+                            format!("the roll-out was aborted: {reason}"),
+                        )),
+                    };
+                    self.reply_control(client, &line);
+                }
             }
-            let answer = match &outcome {
-                Ok(()) => Ok(()),
-                Err(Error::RolloutAborted { reason }) => Err(Error::RolloutAborted {
-                    reason: reason.clone(),
-                }),
-                Err(_) => Err(Error::NotRunning),
-            };
-            let _ = reply.try_send(answer);
-            false
-        });
+        }
+    }
+
+    /// The primary stops: whoever still waits for a roll-out hears that it will not end.
+    fn answer_rollout_waiters_at_the_end(&mut self) {
+        for (_, waiter) in std::mem::take(&mut self.rollout_waiters) {
+            match waiter {
+                Waiter::Handle(reply) => {
+                    let _ = reply.try_send(Err(Error::NotRunning));
+                }
+                Waiter::Control(client) => {
+                    let failure =
+                        Failure::new(FailureKind::NotRunning, "the primary stopped first");
+                    self.reply_control(client, &failure_line(&failure));
+                }
+            }
+        }
     }
 
     fn run_commands(&mut self) {
@@ -348,7 +401,7 @@ impl Primary {
                 }
                 Command::Reload { reply } => {
                     match cluster.reload() {
-                        Ok(id) => self.rollout_waiters.push((id, reply)),
+                        Ok(id) => self.rollout_waiters.push((id, Waiter::Handle(reply))),
                         Err(err) => {
                             let _ = reply.try_send(Err(err));
                         }
@@ -369,6 +422,140 @@ impl Primary {
             }
         }
     }
+}
+
+/// The control socket, seen from the loop: requests are read there, carried out here.
+impl Primary {
+    fn open_control_socket(&mut self) -> Result<(), Error> {
+        let Some(path) = self.cluster.shell.config.control_socket.clone() else {
+            return Ok(());
+        };
+        let token = self.cluster.shell.allocate_token(Source::ControlSocket);
+        let server = ControlServer::open(&path, &self.cluster.shell.registry, token)?;
+        self.control = Some(server);
+        Ok(())
+    }
+
+    fn accept_control_clients(&mut self) {
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        let shell = &mut self.cluster.shell;
+        let registry = match shell.registry.try_clone() {
+            Ok(registry) => registry,
+            Err(err) => {
+                tracing::warn!(error = %err, "control socket: cannot accept clients");
+                return;
+            }
+        };
+        control.accept(&registry, |client| {
+            shell.allocate_token(Source::ControlClient(client))
+        });
+        self.forget_closed_control_clients();
+    }
+
+    fn serve_control_client(&mut self, client: u64) {
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        for request in control.read(client) {
+            let answer = match request {
+                Ok(request) => self.carry_out_request(client, request),
+                Err(failure) => Some(failure_line(&failure)),
+            };
+            if let Some(line) = answer {
+                self.reply_control(client, &line);
+            }
+            self.cluster.pump();
+        }
+    }
+
+    /// Carries out one request; its reply line, or `None` when the answer comes later (a
+    /// reload, once the roll-out is over).
+    fn carry_out_request(&mut self, client: u64, request: Request) -> Option<String> {
+        let refused = |err: Error| {
+            let message = ErrorChain(&err).to_string();
+            Some(failure_line(&Failure::new(FailureKind::Refused, message)))
+        };
+        let cluster = &mut self.cluster;
+        match request {
+            Request::Status => {
+                let status = serde_json::to_value(cluster.status()).unwrap_or_default();
+                Some(success_line(fields([("status", status)])))
+            }
+            Request::Metrics => {
+                let metrics = cluster.status().to_prometheus();
+                Some(success_line(fields([("metrics", metrics.into())])))
+            }
+            Request::Scale { workers } => {
+                let from = cluster.core.target_workers();
+                tracing::info!(from, to = workers, "scaling asked on the control socket");
+                match cluster.set_workers(workers) {
+                    Ok(()) => Some(success_line(fields([
+                        ("from", from.into()),
+                        ("to", workers.into()),
+                    ]))),
+                    Err(err) => refused(err),
+                }
+            }
+            Request::Reload => {
+                tracing::info!("rolling restart asked on the control socket");
+                match cluster.reload() {
+                    Ok(id) => {
+                        self.rollout_waiters.push((id, Waiter::Control(client)));
+                        None
+                    }
+                    Err(err) => refused(err),
+                }
+            }
+            Request::Stop { graceful } => {
+                tracing::info!(graceful, "stop asked on the control socket");
+                // Answered first: the stop may end the loop before another turn.
+                self.reply_control(client, &success_line(fields([])));
+                self.cluster.stop(graceful);
+                None
+            }
+        }
+    }
+
+    fn reply_control(&mut self, client: u64, line: &str) {
+        if let Some(control) = self.control.as_mut() {
+            control.reply(client, line);
+        }
+        self.forget_closed_control_clients();
+    }
+
+    fn forget_closed_control_clients(&mut self) {
+        if let Some(control) = self.control.as_mut() {
+            for token in control.take_closed() {
+                self.cluster.shell.release_token(token);
+            }
+        }
+    }
+
+    /// The one line an operator reads at start: who, how many, how, where.
+    fn log_start(&self) {
+        let config = &self.cluster.shell.config;
+        tracing::info!(
+            pid = std::process::id(),
+            workers = config.workers,
+            mode = ?config.mode,
+            policy = ?config.policy,
+            program = %config.program.display(),
+            control = config.control_socket.as_ref().map(|p| p.display().to_string()),
+            "primary starting"
+        );
+    }
+}
+
+/// A reply's fields.
+fn fields<const N: usize>(
+    pairs: [(&str, serde_json::Value); N],
+) -> serde_json::Map<String, serde_json::Value> {
+    pairs
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect()
 }
 
 impl Builder {

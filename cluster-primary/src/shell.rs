@@ -37,6 +37,10 @@ pub(crate) enum Source {
     Control(WorkerId),
     Handoff(WorkerId, ListenerId),
     Pidfd(WorkerId),
+    /// The control socket's listener.
+    ControlSocket,
+    /// A control socket client.
+    ControlClient(u64),
 }
 
 pub(crate) const WAKER: Token = Token(0);
@@ -165,14 +169,14 @@ impl Shell {
         self.tokens.get(&token).copied()
     }
 
-    fn allocate_token(&mut self, source: Source) -> Token {
+    pub(crate) fn allocate_token(&mut self, source: Source) -> Token {
         let token = Token(self.next_token);
         self.next_token += 1;
         self.tokens.insert(token, source);
         token
     }
 
-    fn release_token(&mut self, token: Token) {
+    pub(crate) fn release_token(&mut self, token: Token) {
         self.tokens.remove(&token);
     }
 

@@ -81,6 +81,23 @@ pub struct ServerArgs {
     /// killed.
     #[arg(long, value_name = "SECONDS", default_value_t = cluster_net::primary::DEFAULT_SHUTDOWN_TIMEOUT.as_secs_f64())]
     pub shutdown_timeout: f64,
+    /// Serve a control socket at this path (mode 0600) for `clusterctl`: status, metrics,
+    /// reload, scale, stop.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<std::path::PathBuf>,
+    /// How log lines are written to stderr: text for people, JSON (one object per line) for
+    /// log shippers. `RUST_LOG` picks what is logged (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per event.
+    Json,
 }
 
 /// A size in bytes, with an optional K, M or G suffix (powers of 1024).
@@ -151,7 +168,7 @@ impl ServerArgs {
 
     /// A cluster builder with these flags applied.
     pub fn builder(&self) -> cluster_net::Builder {
-        cluster_net::Cluster::builder()
+        let builder = cluster_net::Cluster::builder()
             .workers(self.worker_count())
             .mode(self.listen_mode())
             .window(self.window)
@@ -165,7 +182,11 @@ impl ServerArgs {
                 after_connections: self.max_requests,
                 jitter: self.max_requests.map_or(0, |n| n / 10),
                 max_memory: self.max_memory,
-            })
+            });
+        match &self.control {
+            Some(path) => builder.control_socket(path),
+            None => builder,
+        }
     }
 
     /// The line the primary prints once every worker listens (an IPv6 host in brackets).
@@ -216,7 +237,13 @@ pub fn run(
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("{name}: {err}");
+            // Reported once, here: the library returns what ended the cluster without
+            // logging it.
+            let chain = cluster_net::ErrorChain(&err);
+            match args.log_format {
+                LogFormat::Text => eprintln!("{name}: {chain}"),
+                LogFormat::Json => tracing::error!(error = %chain, "{name} stopped"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -235,18 +262,22 @@ pub fn hello_body(pid: u32) -> String {
     body
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`: the primary's lifecycle, every
-/// worker start, exit, respawn and roll-out step, and every warning and error; nothing per
-/// connection).
-pub fn init_logging() {
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`: the primary's
+/// lifecycle, every worker start, exit, respawn and roll-out step, and every warning and
+/// error; nothing per connection).
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            builder.with_ansi(ansi).init();
+        }
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
 }
 
 #[cfg(test)]

@@ -859,6 +859,7 @@ impl Supervisor {
     /// A snapshot of the whole cluster.
     pub(crate) fn status(&self, now: Instant) -> Status {
         Status {
+            pid: self.settings.primary_pid,
             workers: self.workers(now),
             restarts: self.restarts,
             listening: self.listeners.addrs(),

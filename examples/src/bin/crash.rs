@@ -45,7 +45,7 @@ impl Handler for OneRequest<'_> {
 
 fn main() -> ExitCode {
     let args = ServerArgs::parse();
-    init_logging();
+    init_logging(args.log_format);
     let body = cluster_examples::hello_body(std::process::id());
     cluster_examples::run(
         "crash",

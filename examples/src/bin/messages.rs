@@ -58,7 +58,7 @@ impl Handler for Counting<'_> {
 
 fn main() -> ExitCode {
     let args = ServerArgs::parse();
-    init_logging();
+    init_logging(args.log_format);
     let mut total = 0u64;
     let count = move |cluster: &mut PrimaryCluster, event: &Event| {
         if let Event::Message { worker, message } = event {
