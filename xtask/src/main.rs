@@ -8,13 +8,16 @@
 //!   processes (see [`ipc_bench`]).
 //! - `cargo xtask mutants`: mutation testing of the primary's supervisor core (see
 //!   [`mutants`]).
+//! - `cargo xtask package`: every library crate packaged and built as a registry would get it
+//!   (see [`package`]).
 //!
-//! Both measure optimized code: from a debug build they build in release and re-run
+//! The first two measure optimized code: from a debug build they build in release and re-run
 //! themselves (see [`release`]).
 
 mod bench;
 mod ipc_bench;
 mod mutants;
+mod package;
 mod release;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +43,8 @@ enum Task {
     IpcBench(ipc_bench::Args),
     /// Mutation testing of the primary's supervisor core (installs cargo-mutants if needed).
     Mutants(mutants::Args),
+    /// Package every library crate and build each from its package alone (cargo package).
+    Package(package::Args),
     /// The receiving end of `ipc-bench`, started by it; not for direct use.
     #[command(hide = true)]
     IpcBenchPeer,
@@ -55,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::IpcBench(args) => ipc_bench::run(&args),
         Task::Mutants(args) => mutants::run(&args),
+        Task::Package(args) => package::run(&args),
         Task::IpcBenchPeer => ipc_bench::peer(),
     }
 }
