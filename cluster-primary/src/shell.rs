@@ -201,7 +201,7 @@ impl Shell {
             Action::Spawn { worker, slot, env } => match self.spawn(worker, slot, &env) {
                 Ok(pid) => core.handle_spawned(worker, pid),
                 Err(err) => {
-                    tracing::error!(%worker, %slot, error = %ErrorChain(&err), "could not start a worker");
+                    tracing::error!(worker = worker.0, slot = slot.0, error = %ErrorChain(&err), "could not start a worker");
                     core.handle_spawn_failed(worker, err.raw_os_error(), now);
                 }
             },
@@ -240,7 +240,7 @@ impl Shell {
                 group,
             } => {
                 if let Err(err) = self.signal(worker, signal, group) {
-                    tracing::debug!(%worker, %err, "could not signal a worker");
+                    tracing::debug!(worker = worker.0, %err, "could not signal a worker");
                 }
             }
             Action::MeasureMemory { workers } => {
@@ -341,7 +341,7 @@ impl Shell {
             return;
         };
         if let Err(err) = control.channel.send(ack, msg, fds) {
-            tracing::debug!(%worker, %err, "could not send to a worker");
+            tracing::debug!(worker = worker.0, %err, "could not send to a worker");
         }
         control.update_interest(&self.registry);
     }
@@ -453,7 +453,11 @@ impl Shell {
             .get_mut(&worker)
             .and_then(|io| io.handoffs.get_mut(&listener))
         else {
-            tracing::error!(%worker, %listener, "handoff to a worker without a handoff socket");
+            tracing::error!(
+                worker = worker.0,
+                listener = listener.0,
+                "handoff to a worker without a handoff socket"
+            );
             return;
         };
         let max_fds = handoff.channel.limits().max_fds().max(1);
@@ -485,7 +489,7 @@ impl Shell {
                 }
             };
             if let Err(err) = sent {
-                tracing::debug!(%worker, %err, "handoff failed; the batch waits for the socket's end");
+                tracing::debug!(worker = worker.0, %err, "handoff failed; the batch waits for the socket's end");
                 break;
             }
         }
@@ -684,7 +688,7 @@ impl Shell {
             Ok(Some(status)) => ExitStatus::from(status),
             Ok(None) => return,
             Err(err) => {
-                tracing::warn!(%worker, %err, "waitpid failed");
+                tracing::warn!(worker = worker.0, %err, "waitpid failed");
                 return;
             }
         };

@@ -412,7 +412,7 @@ impl Supervisor {
         }
         let from = self.slots.len();
         let worker = self.add_slot(env, now);
-        tracing::info!(%worker, from, to = from + 1, "worker forked");
+        tracing::info!(worker = worker.0, from, to = from + 1, "worker forked");
         self.emit(Event::Scaled { from, to: from + 1 });
         Ok(worker)
     }
@@ -458,7 +458,13 @@ impl Supervisor {
         if let Some(record) = self.workers.get_mut(&old) {
             record.replaced_by = Some(new);
         }
-        tracing::info!(%old, %new, %slot, ?purpose, "replacement started");
+        tracing::info!(
+            old = old.0,
+            new = new.0,
+            slot = slot.0,
+            ?purpose,
+            "replacement started"
+        );
         self.rollouts.replacements.insert(
             new,
             Replacement {
@@ -500,14 +506,25 @@ impl Supervisor {
             return;
         };
         let old = replacement.old;
-        tracing::info!(%old, %new, "replacement ready; the old worker drains");
+        tracing::info!(
+            old = old.0,
+            new = new.0,
+            "replacement ready; the old worker drains"
+        );
         self.ask_to_disconnect(old, now);
         if let Purpose::Rollout(id) = replacement.purpose {
             if let Some(rollout) = self.rollouts.current.as_mut().filter(|r| r.id == id) {
                 rollout.active.remove(&new);
                 rollout.done += 1;
                 let (done, total) = (rollout.done, rollout.total);
-                tracing::info!(rollout = id, %old, %new, done, total, "roll-out step");
+                tracing::info!(
+                    rollout = id,
+                    old = old.0,
+                    new = new.0,
+                    done,
+                    total,
+                    "roll-out step"
+                );
                 self.emit(Event::RolloutStep {
                     rollout: id,
                     old,
@@ -527,7 +544,7 @@ impl Supervisor {
             return;
         };
         let old = replacement.old;
-        tracing::warn!(%old, %new, why, "replacement failed");
+        tracing::warn!(old = old.0, new = new.0, why, "replacement failed");
         self.ask_to_disconnect(new, now);
         let slot = self.workers.get(&new).map(|w| w.slot);
         // It keeps its slot only if it still serves: not one hung (being killed) or whose
@@ -632,7 +649,7 @@ impl Supervisor {
         if let Some(record) = self.workers.get_mut(&worker) {
             record.recycle_at = None;
         }
-        tracing::info!(%worker, %reason, "recycling worker");
+        tracing::info!(worker = worker.0, %reason, "recycling worker");
         self.emit(Event::Recycling { worker, reason });
         self.start_replacement(worker, Purpose::Recycle, false, now);
     }
@@ -750,7 +767,7 @@ impl Supervisor {
         record.fault = Some(format!("hung: {reason}"));
         record.stalled_since = None;
         let (slot, leaving) = (record.slot, record.leaving.is_leaving());
-        tracing::error!(%worker, pid = record.pid, %reason, "worker hung; its connections go to others, then SIGABRT, SIGKILL");
+        tracing::error!(worker = worker.0, pid = record.pid, %reason, "worker hung; its connections go to others, then SIGABRT, SIGKILL");
         self.emit(Event::Hung {
             worker,
             reason: reason.clone(),

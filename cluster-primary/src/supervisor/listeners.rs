@@ -235,7 +235,7 @@ impl Listeners {
         let waiting = std::mem::take(&mut listener.waiting);
         match result {
             Ok(addr) => {
-                tracing::info!(%id, %addr, mode = ?listener.mode, "listening");
+                tracing::info!(listener = id.0, %addr, mode = ?listener.mode, "listening");
                 listener.local_addr = Some(addr);
             }
             Err(_) => {

@@ -381,7 +381,7 @@ impl Supervisor {
                 && !worker.reaped
                 && worker.spawned_at + start_timeout <= now
             {
-                tracing::error!(worker = %worker.id, "no Hello within the start timeout");
+                tracing::error!(worker = worker.id.0, "no Hello within the start timeout");
                 worker.fault = Some(format!("no Hello within {start_timeout:?}"));
                 worker.kill_at = Some(now);
             }
@@ -418,7 +418,7 @@ impl Supervisor {
         };
         record.pid = Some(pid);
         let (slot, asked) = (record.slot, record.leaving.asked);
-        tracing::info!(%worker, pid, %slot, "worker started");
+        tracing::info!(worker = worker.0, pid, slot = slot.0, "worker started");
         self.emit(Event::Fork { worker, pid, slot });
         if asked {
             // Asked to go (a stop) before its process existed: it could not be told then.
@@ -484,9 +484,17 @@ impl Supervisor {
             && !record.leaving.asked;
         self.counters.exits += 1;
         self.counters.failures += u64::from(failure.is_some());
+        // A signal nobody here sent (an operator's kill, the OOM killer) is worth a warning
+        // even when it is no failure of the worker's own.
+        let killed_from_outside = !record.leaving.asked && matches!(status, ExitStatus::Signal(_));
         match &failure {
-            Some(why) => tracing::warn!(%worker, pid, %status, why, "worker failed"),
-            None => tracing::info!(%worker, pid, %status, after_disconnect, "worker exited"),
+            Some(why) => tracing::warn!(worker = worker.0, pid, %status, why, "worker failed"),
+            None if killed_from_outside => {
+                tracing::warn!(worker = worker.0, pid, %status, "worker killed")
+            }
+            None => {
+                tracing::info!(worker = worker.0, pid, %status, after_disconnect, "worker exited")
+            }
         }
         self.emit(Event::Exit {
             worker,
@@ -648,7 +656,10 @@ impl Supervisor {
     /// Accepting on the listener failed for want of fds: pause it for a moment.
     pub(crate) fn handle_fds_exhausted(&mut self, listener: ListenerId, now: Instant) {
         if let Some(rr) = self.listeners.round_robin(listener) {
-            tracing::warn!(%listener, "out of file descriptors; pausing accept");
+            tracing::warn!(
+                listener = listener.0,
+                "out of file descriptors; pausing accept"
+            );
             rr.fd_backoff_until = Some(now + FD_EXHAUSTED_BACKOFF);
         }
         self.set_accepting(listener);
@@ -910,7 +921,7 @@ impl Supervisor {
             None
         };
         if let Some(reason) = refusal {
-            tracing::error!(%worker, %reason, "refusing worker");
+            tracing::error!(worker = worker.0, %reason, "refusing worker");
             self.send(
                 worker,
                 Some(seq),
@@ -937,7 +948,7 @@ impl Supervisor {
         self.send(worker, Some(seq), welcome);
         if let Some(record) = self.workers.get_mut(&worker) {
             // A pid namespace can make the worker's own pid differ from the one we know.
-            tracing::debug!(%worker, known = ?record.pid, reported = pid, "worker online");
+            tracing::debug!(worker = worker.0, known = ?record.pid, reported = pid, "worker online");
             record.state = WorkerState::Online;
         }
         self.emit(Event::Online { worker });
@@ -1003,11 +1014,14 @@ impl Supervisor {
                 let errno = refused.errno;
                 // The workers are told to go first, so that the refusal reaches workers that
                 // know they are leaving: they end quietly, and the cause is reported once,
-                // by the primary.
+                // by the primary. They still get the errno, as a bind of their own would.
                 self.fail(Fatal::ListenFailed { addr, errno }, now);
-                ListenRefused::shutting_down(format!(
-                    "the cluster is stopping: the primary cannot listen on {addr}"
-                ))
+                ListenRefused {
+                    errno,
+                    message: format!(
+                        "the cluster is stopping: the primary cannot listen on {addr}"
+                    ),
+                }
             }
             None => refused,
         };
@@ -1051,7 +1065,7 @@ impl Supervisor {
     }
 
     fn refuse_listen(&mut self, worker: WorkerId, ack: u64, refused: ListenRefused) {
-        tracing::info!(%worker, errno = refused.errno, message = %refused.message, "listen refused");
+        tracing::info!(worker = worker.0, errno = refused.errno, message = %refused.message, "listen refused");
         self.send(worker, Some(ack), ToWorker::ListenRefused(refused));
     }
 
@@ -1120,7 +1134,7 @@ impl Supervisor {
                 self.apply_dispatch(listener);
                 if let Some(rr) = self.listeners.round_robin(listener) {
                     if let Err(err) = rr.worker_joined(worker) {
-                        tracing::error!(%worker, %err, "scheduler refused a worker");
+                        tracing::error!(worker = worker.0, %err, "scheduler refused a worker");
                     }
                 }
                 WireDelivery::Handoff {
@@ -1176,7 +1190,7 @@ impl Supervisor {
             );
             return;
         };
-        tracing::debug!(%worker, reported = ?local_addr, %addr, "worker listening");
+        tracing::debug!(worker = worker.0, reported = ?local_addr, %addr, "worker listening");
         if let Some(record) = self.workers.get_mut(&worker) {
             if record.state == WorkerState::Online {
                 record.state = WorkerState::Listening;
@@ -1243,7 +1257,11 @@ impl Supervisor {
         }
         self.stop_dispatching_to(worker);
         if replace && !self.stopping {
-            tracing::info!(%worker, %slot, "worker retires; starting its replacement");
+            tracing::info!(
+                worker = worker.0,
+                slot = slot.0,
+                "worker retires; starting its replacement"
+            );
             self.spawn_into(slot, now);
         }
     }
@@ -1255,7 +1273,7 @@ impl Supervisor {
         for listener in self.handoffs_of(worker) {
             if let Some(rr) = self.listeners.round_robin(listener) {
                 if let Err(err) = rr.load_report(worker, open) {
-                    tracing::debug!(%worker, %err, "load report for a worker the policy does not know");
+                    tracing::debug!(worker = worker.0, %err, "load report for a worker the policy does not know");
                 }
             }
             self.dispatch_later(listener);
@@ -1312,7 +1330,11 @@ impl Supervisor {
         if self.workers.get(&worker).is_none_or(|w| w.reaped) {
             return;
         }
-        tracing::error!(%worker, what, "protocol violation; killing the worker");
+        tracing::error!(
+            worker = worker.0,
+            what,
+            "protocol violation; killing the worker"
+        );
         if let Some(record) = self.workers.get_mut(&worker) {
             record
                 .fault
@@ -1475,7 +1497,7 @@ impl Supervisor {
             self.counters.redispatched += unacked.unwrap_or(0) as u64;
             self.change_policy(listener, |rr| {
                 if let Err(err) = rr.worker_left(worker) {
-                    tracing::error!(%worker, %err, "scheduler did not know a leaving worker");
+                    tracing::error!(worker = worker.0, %err, "scheduler did not know a leaving worker");
                 }
             });
         }
@@ -1573,7 +1595,7 @@ impl Supervisor {
             if worker.kill_at.is_some_and(|at| at <= now) {
                 worker.kill_at = None;
                 if worker.pid.is_some() && !worker.reaped {
-                    tracing::warn!(worker = %worker.id, pid = worker.pid, "killing worker");
+                    tracing::warn!(worker = worker.id.0, pid = worker.pid, "killing worker");
                     worker.killed = true;
                     overdue.push(worker.id);
                     if self.stopping {
@@ -1654,9 +1676,15 @@ impl Supervisor {
             state.restarts += 1;
         }
         if failures > 1 {
-            tracing::warn!(%slot, replaces = %gone, failures, ?delay, "respawning after a backoff: the slot keeps failing");
+            tracing::warn!(
+                slot = slot.0,
+                replaces = gone.0,
+                failures,
+                ?delay,
+                "respawning after a backoff: the slot keeps failing"
+            );
         } else {
-            tracing::info!(%slot, replaces = %gone, ?delay, "respawning");
+            tracing::info!(slot = slot.0, replaces = gone.0, ?delay, "respawning");
         }
         if delay.is_zero() {
             self.spawn_into(slot, now);

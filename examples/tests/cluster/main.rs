@@ -9,12 +9,15 @@
 
 mod support;
 
+mod control;
 mod death;
 mod examples;
 mod handback;
 mod handoff;
+mod hello;
 mod issue9;
 mod lifecycle;
 mod listen;
 mod messages;
+mod observe;
 mod operations;

@@ -119,6 +119,21 @@ impl Harness {
     /// Starts the primary; `hook` runs on its loop for every event, before the test sees it.
     pub fn start_with(
         builder: Builder,
+        hook: impl FnMut(&mut Cluster, &Event) + Send + 'static,
+    ) -> Harness {
+        Harness::launch(move || builder.build(), hook)
+    }
+
+    /// Runs the primary `make` builds on the primary's thread (a test may change the world
+    /// between the build and the run there).
+    pub fn start_making(
+        make: impl FnOnce() -> Result<cluster_primary::Primary, cluster_primary::Error> + Send + 'static,
+    ) -> Harness {
+        Harness::launch(make, |_, _| {})
+    }
+
+    fn launch(
+        make: impl FnOnce() -> Result<cluster_primary::Primary, cluster_primary::Error> + Send + 'static,
         mut hook: impl FnMut(&mut Cluster, &Event) + Send + 'static,
     ) -> Harness {
         init();
@@ -129,7 +144,7 @@ impl Harness {
         std::thread::Builder::new()
             .name("primary".into())
             .spawn(move || {
-                let primary = match builder.build() {
+                let primary = match make() {
                     Ok(primary) => primary,
                     Err(err) => {
                         let _ = done_tx.send(Err(format!("build: {err}")));

@@ -190,7 +190,15 @@ pub fn exchange(path: &Path, request: &str, limits: Limits) -> Result<String, Er
     let mut line = Vec::with_capacity(request.len() + 1);
     line.extend_from_slice(request.as_bytes());
     line.push(b'\n');
-    stream.write_all(&line).map_err(send_error)?;
+    if let Err(err) = stream.write_all(&line) {
+        // A primary that refuses a client (another user, too many clients) answers and
+        // closes without reading: its answer is still there to read, and says why.
+        if err.kind() != io::ErrorKind::BrokenPipe {
+            return Err(send_error(err));
+        }
+        let deadline = Some(Instant::now() + Duration::from_secs(1));
+        return read_line(&mut stream, deadline).map_err(|_| send_error(err));
+    }
 
     let reply_deadline = limits.reply.and_then(|limit| start.checked_add(limit));
     read_line(&mut stream, reply_deadline).map_err(|failure| match failure {

@@ -790,11 +790,8 @@ fn a_bind_no_retry_can_fix_stops_the_cluster_with_the_address_and_the_cause() {
                 .iter()
                 .position(|(_, m)| matches!(m, ToWorker::ListenRefused(_)));
             assert!(disconnect < refusal, "errno {errno}: {inbox:?}");
-            assert_eq!(
-                sim.workers[&worker].refused[0].1.errno,
-                libc::ESHUTDOWN,
-                "errno {errno}"
-            );
+            // With the errno a bind of its own would have given.
+            assert_eq!(sim.workers[&worker].refused[0].1.errno, errno);
         }
         sim.settle();
         assert!(sim.finished);

@@ -1,0 +1,134 @@
+//! What an operator sees and gets: log lines at the default level for a worker's death and
+//! its replacement, failures a respawn cannot fix that stop the program at once with one
+//! message naming the cause (a taken port, a worker program that does not exist).
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cluster_primary::Signal;
+use nix::sys::wait::WaitStatus;
+
+use crate::hello::{HELLO, Hello};
+use crate::support::{Guard, Harness, Slot, TEST_PRIMARY, TEST_WORKER, builder, init, signal};
+
+#[test]
+fn a_worker_killed_with_sigkill_is_logged_at_the_default_level_with_its_replacement() {
+    let mut hello = Hello::start_with_default_log(&["--workers", "2"]);
+    let workers = hello.wait_workers(2, &BTreeSet::new());
+    let victim = *workers.first().unwrap();
+    signal(victim, Signal::SIGKILL);
+    let exit = hello
+        .wait_log_line(|line| line.contains(&format!("pid={victim} ")) && line.contains("status="));
+    assert!(exit.contains("SIGKILL"), "{exit}");
+    assert!(
+        exit.contains("WARN"),
+        "an unexpected death is a warning: {exit}"
+    );
+    let worker = exit
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("worker="))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("the worker is named: {exit}"));
+    let respawn = hello.wait_log_line(|line| line.contains("respawning"));
+    assert!(respawn.contains(&format!("replaces={worker}")), "{respawn}");
+    assert!(respawn.contains("delay="), "{respawn}");
+    let started = hello.wait_log_line(|line| line.contains("worker started"));
+    assert!(!started.contains(&format!("pid={victim} ")), "{started}");
+    hello.stop();
+}
+
+/// Runs `program` with `args` and no `RUST_LOG` (the default level), waits at most `within`
+/// for it to exit; its exit code and stderr.
+fn run_to_exit(program: &str, args: &[&str], within: Duration) -> (Option<i32>, String) {
+    init();
+    let _slot = Slot::take();
+    let mut child = Command::new(program)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut guard = Guard::new(child);
+    let started = Instant::now();
+    let status = cluster_test_support::reap(guard.pid(), within);
+    let elapsed = started.elapsed();
+    let code = match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        // The guard kills it.
+        other => panic!("{program} did not exit within {within:?} ({elapsed:?}): {other:?}"),
+    };
+    // Reaped already: nothing for the guard to do.
+    guard.child = None;
+    (code, reader.join().unwrap())
+}
+
+#[test]
+fn hello_on_a_taken_port_exits_non_zero_at_once_naming_the_address_and_the_cause_once() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let port = addr.port().to_string();
+    let (code, stderr) = run_to_exit(
+        HELLO,
+        &["--workers", "2", "--port", &port],
+        Duration::from_secs(5),
+    );
+    assert_ne!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stderr.to_lowercase().matches("in use").count(),
+        1,
+        "the cause once: {stderr}"
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains(&addr.to_string()), "{stderr}");
+    assert!(last.contains("address in use"), "{stderr}");
+}
+
+#[test]
+fn a_cluster_whose_worker_program_does_not_exist_exits_non_zero_naming_the_path() {
+    let missing = "/nonexistent/cluster-worker-program";
+    let (code, stderr) = run_to_exit(
+        TEST_PRIMARY,
+        &["--worker-program", missing, "--workers", "2"],
+        Duration::from_secs(5),
+    );
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains(missing), "{stderr}");
+    assert!(stderr.contains("no such file"), "{stderr}");
+}
+
+#[test]
+fn a_worker_program_removed_after_the_start_stops_the_cluster_naming_it() {
+    // Checked at build, gone by the spawn (a deploy that removed it): the spawn's ENOENT
+    // must reach the error, not be lost in a respawn loop.
+    let dir = std::env::temp_dir().join(format!("cluster-removed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let program = dir.join("worker");
+    std::fs::copy(TEST_WORKER, &program).unwrap();
+    let builder = builder(2).program(&program);
+    let removed = program.clone();
+    let mut cluster = Harness::start_making(move || {
+        let primary = builder.build();
+        std::fs::remove_file(&removed).unwrap();
+        primary
+    });
+    let result = cluster.wait_finished();
+    let _ = std::fs::remove_dir(&dir);
+    let err = result.expect_err("the cluster cannot run");
+    assert!(err.contains(&program.display().to_string()), "{err}");
+    assert!(
+        cluster.events().is_empty(),
+        "nothing started: {:?}",
+        cluster.events()
+    );
+}
