@@ -2,9 +2,10 @@
 # The end-to-end checks a new user would make by hand, as a script: ab against the clustered
 # hello, kill -9 of a worker, SIGTERM and SIGKILL to the primary, crash under ab, and the
 # zero-downtime operations: SIGHUP (with new-connection and keep-alive clients), SIGTTIN and
-# SIGTTOU, a boot failure, a hung and a crashing handler, recycling.
-# Needs ab (Debian: apache2-utils) and curl. Run from the workspace root after
-#   cargo build --release -p cluster-examples
+# SIGTTOU, a boot failure, a hung and a crashing handler, recycling; the default log of a
+# killed worker, a taken port, and clusterctl on the control socket.
+# Needs ab (Debian: apache2-utils), curl and python3. Run from the workspace root after
+#   cargo build --release -p cluster-examples && cargo build --release -p cluster-net --features cli
 set -u
 H=target/release/hello
 ms() { date +%s%3N; }
@@ -68,3 +69,23 @@ grep -E "Complete requests|Failed requests" /tmp/acc4.ab; stop
 echo "== --max-requests 1000 under ab -c 16 -n 30000"
 start --workers 4 --max-requests 1000; under_ab "-q -c 16 -n 30000"
 echo "workers recycled: $(grep -c 'recycling worker' /tmp/acc4.err)"; stop
+
+# ----- operate and observe -----
+echo "== kill -9 of a worker, at the default log level (no RUST_LOG)"
+H="env -u RUST_LOG target/release/hello"; start --workers 2; W=$(pgrep -P $P | head -1); kill -9 $W; sleep 0.5
+grep -E "pid=$W .*SIGKILL|respawning|worker started" /tmp/acc4.err | tail -3 | cut -c1-160; stop
+echo "== hello on a taken port"
+python3 -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); print(s.getsockname()[1], flush=True); time.sleep(30)' > /tmp/acc6.port & S=$!
+for i in $(seq 100); do [ -s /tmp/acc6.port ] && break; sleep 0.05; done
+T0=$(ms); $H --workers 2 --port $(cat /tmp/acc6.port) > /dev/null 2>/tmp/acc6.err; echo "exit code $? after $(( $(ms) - T0 )) ms"
+echo "'in use' printed $(grep -oi 'in use' /tmp/acc6.err | wc -l) time(s): $(tail -1 /tmp/acc6.err)"; kill $S
+echo "== clusterctl on hello --control, under ab"
+CTL=target/release/clusterctl; SOCK=/tmp/acc7.sock; rm -f $SOCK
+start --workers 2 --control $SOCK; ls -l $SOCK | cut -c1-10
+ab -q -c 8 -n 40000 -r http://127.0.0.1:$PORT/ > /tmp/acc7.ab 2>&1 & A=$!
+$CTL --socket $SOCK status; $CTL --socket $SOCK scale 3; sleep 0.5; echo "children: $(children $P)"
+printf 'garbage\n' | python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"garbage\n"); print("garbage ->", s.recv(500).decode().strip())' $SOCK
+$CTL --socket $SOCK reload; echo "reload exit code $?"
+$CTL --socket $SOCK metrics | grep -E "^cluster_(connections_(accepted|acked)_total|workers) "
+su nobody -s /bin/sh -c "$CTL --socket $SOCK status" 2>&1 | head -1
+wait $A; grep -E "Complete requests|Failed requests" /tmp/acc7.ab; stop

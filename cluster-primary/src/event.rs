@@ -166,6 +166,7 @@ impl From<std::process::ExitStatus> for ExitStatus {
 /// Where a worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum WorkerState {
     /// Spawned, no Hello yet.
     Starting,

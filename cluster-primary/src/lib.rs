@@ -72,6 +72,17 @@
 //!   connections or past a memory limit ([`Recycle`]), and hung workers
 //!   ([`Builder::hang_timeout`]: un-acknowledged connections go to others, then SIGABRT,
 //!   SIGKILL and a replacement).
+//! - Failures a respawn cannot fix stop the cluster at once: a listen the primary cannot make
+//!   (address in use, permission denied, not this host's address) gives
+//!   [`Error::ListenFailed`], a worker program that cannot be executed
+//!   [`Error::ProgramNotExecutable`]. `run` returns the error without logging it: the program
+//!   reports it once ([`cluster_ipc::ErrorChain`] prints it with its causes).
+//! - Operators: [`Builder::control_socket`] serves a Unix socket (mode 0600, peers checked by
+//!   uid) with line-delimited JSON requests for status, metrics, reload, scale and stop
+//!   ([`control`] documents the protocol; `clusterctl` in `cluster-net` is its client), and
+//!   [`Status::to_prometheus`] gives the counters as Prometheus text. The libraries log
+//!   through `tracing` (the primary's lifecycle at info, trouble at warn and error, nothing
+//!   per connection) and never install a subscriber.
 //! - SIGTERM or SIGINT stop the cluster gracefully (a second one, or SIGQUIT, at once);
 //!   workers get the shutdown timeout to finish, then SIGKILL. `run` returns `Ok` only for a
 //!   clean stop.

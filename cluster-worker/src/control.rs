@@ -240,7 +240,8 @@ impl ControlLoop {
         match envelope.msg {
             ToWorker::User(message) => return self.worker.deliver(message),
             ToWorker::Disconnect => {
-                tracing::info!("the primary asked this worker to disconnect");
+                // The primary logs the decision; this side of it is detail.
+                tracing::debug!("the primary asked this worker to disconnect");
                 self.begin_disconnect(DisconnectReason::Primary);
             }
             ToWorker::Heartbeat => self.send_control(Some(envelope.seq), &ToPrimary::Ack),
@@ -551,7 +552,8 @@ impl ControlLoop {
                 local_addr,
             },
         );
-        tracing::info!(
+        // The primary logs its listeners at info; each worker's is detail.
+        tracing::debug!(
             listener = id.0,
             addr = %listener.core().local_addr(),
             round_robin = listener.is_round_robin(),
@@ -570,7 +572,12 @@ impl ControlLoop {
             return;
         }
         self.disconnecting_since = Some(Instant::now());
-        tracing::info!(?reason, "disconnecting");
+        if reason == DisconnectReason::Primary {
+            tracing::debug!(?reason, "disconnecting");
+        } else {
+            // The worker's own decision: the primary learns it only from here.
+            tracing::info!(?reason, "disconnecting");
+        }
         if reason.announce() {
             self.send_control(None, &ToPrimary::Disconnecting);
         }
@@ -618,7 +625,12 @@ impl ControlLoop {
         }
         self.flush_before_exit();
         let code = self.worker.exit_code();
-        tracing::info!(why, code, "worker exiting");
+        // The primary logs every exit with its status; a failing one is worth a line here too.
+        if code == 0 {
+            tracing::debug!(why, code, "worker exiting");
+        } else {
+            tracing::warn!(why, code, "worker exiting");
+        }
         std::process::exit(code);
     }
 

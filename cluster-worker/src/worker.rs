@@ -220,7 +220,8 @@ impl Worker {
             .spawn(move || control.run())
             .map_err(|err| Error::io("spawn the control thread", err))?;
         state.set_control_join_handle(handle);
-        tracing::info!(
+        // The primary logs the start of each worker at info.
+        tracing::debug!(
             id = id.0,
             slot = slot.0,
             primary_pid = welcome.primary_pid,

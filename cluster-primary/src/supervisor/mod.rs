@@ -1675,16 +1675,17 @@ impl Supervisor {
         if let Some(state) = self.slot_mut(slot) {
             state.restarts += 1;
         }
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         if failures > 1 {
             tracing::warn!(
                 slot = slot.0,
                 replaces = gone.0,
                 failures,
-                ?delay,
+                delay_ms,
                 "respawning after a backoff: the slot keeps failing"
             );
         } else {
-            tracing::info!(slot = slot.0, replaces = gone.0, ?delay, "respawning");
+            tracing::info!(slot = slot.0, replaces = gone.0, delay_ms, "respawning");
         }
         if delay.is_zero() {
             self.spawn_into(slot, now);

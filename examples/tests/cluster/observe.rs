@@ -34,7 +34,7 @@ fn a_worker_killed_with_sigkill_is_logged_at_the_default_level_with_its_replacem
         .unwrap_or_else(|| panic!("the worker is named: {exit}"));
     let respawn = hello.wait_log_line(|line| line.contains("respawning"));
     assert!(respawn.contains(&format!("replaces={worker}")), "{respawn}");
-    assert!(respawn.contains("delay="), "{respawn}");
+    assert!(respawn.contains("delay_ms="), "{respawn}");
     let started = hello.wait_log_line(|line| line.contains("worker started"));
     assert!(!started.contains(&format!("pid={victim} ")), "{started}");
     hello.stop();
