@@ -132,3 +132,30 @@ fn a_worker_program_removed_after_the_start_stops_the_cluster_naming_it() {
         cluster.events()
     );
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line_the_error_included() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, stderr) = run_to_exit(
+        HELLO,
+        &["--workers", "1", "--port", &port, "--log-format", "json"],
+        Duration::from_secs(5),
+    );
+    assert_ne!(code, Some(0), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}")))
+        .collect();
+    let started = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "primary starting");
+    assert!(
+        started.is_some_and(|l| l["fields"]["workers"] == 1),
+        "{stderr}"
+    );
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    let error = last["fields"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("address in use"), "{stderr}");
+}
