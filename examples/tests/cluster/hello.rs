@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use cluster_primary::Signal;
 use nix::sys::wait::WaitStatus;
@@ -287,4 +288,37 @@ pub(crate) fn keep_alive_request(addr: SocketAddr, connection: &mut Option<TcpSt
         return Outcome::Failed(format!("write: {err}"));
     }
     read_response(stream)
+}
+
+/// Runs `program` with `args` and no `RUST_LOG` (the default level), waits at most `within`
+/// for it to exit; its exit code and stderr.
+pub(crate) fn run_to_exit(program: &str, args: &[&str], within: Duration) -> (Option<i32>, String) {
+    init();
+    let _slot = Slot::take();
+    let mut child = Command::new(program)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut guard = Guard::new(child);
+    let started = Instant::now();
+    let status = cluster_test_support::reap(guard.pid(), within);
+    let elapsed = started.elapsed();
+    let code = match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        // The guard kills it.
+        other => panic!("{program} did not exit within {within:?} ({elapsed:?}): {other:?}"),
+    };
+    // Reaped already: nothing for the guard to do.
+    guard.child = None;
+    (code, reader.join().unwrap())
 }

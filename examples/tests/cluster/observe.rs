@@ -3,16 +3,13 @@
 //! message naming the cause (a taken port, a worker program that does not exist).
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cluster_primary::Signal;
-use nix::sys::wait::WaitStatus;
 
-use crate::hello::{HELLO, Hello};
-use crate::support::{Guard, Harness, Slot, TEST_PRIMARY, TEST_WORKER, builder, init, signal};
+use crate::hello::{HELLO, Hello, run_to_exit};
+use crate::support::{Harness, TEST_PRIMARY, TEST_WORKER, builder, signal};
 
 #[test]
 fn a_worker_killed_with_sigkill_is_logged_at_the_default_level_with_its_replacement() {
@@ -38,39 +35,6 @@ fn a_worker_killed_with_sigkill_is_logged_at_the_default_level_with_its_replacem
     let started = hello.wait_log_line(|line| line.contains("worker started"));
     assert!(!started.contains(&format!("pid={victim} ")), "{started}");
     hello.stop();
-}
-
-/// Runs `program` with `args` and no `RUST_LOG` (the default level), waits at most `within`
-/// for it to exit; its exit code and stderr.
-fn run_to_exit(program: &str, args: &[&str], within: Duration) -> (Option<i32>, String) {
-    init();
-    let _slot = Slot::take();
-    let mut child = Command::new(program)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let mut guard = Guard::new(child);
-    let started = Instant::now();
-    let status = cluster_test_support::reap(guard.pid(), within);
-    let elapsed = started.elapsed();
-    let code = match status {
-        WaitStatus::Exited(_, code) => Some(code),
-        // The guard kills it.
-        other => panic!("{program} did not exit within {within:?} ({elapsed:?}): {other:?}"),
-    };
-    // Reaped already: nothing for the guard to do.
-    guard.child = None;
-    (code, reader.join().unwrap())
 }
 
 #[test]

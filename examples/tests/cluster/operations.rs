@@ -4,15 +4,13 @@
 //! load of concurrent clients that count every failed request.
 
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cluster_primary::{Event, Signal, WorkerId, WorkerState};
 use nix::sys::wait::WaitStatus;
 
-use crate::hello::{HELLO, Hello, Load, Outcome, get_once};
-use crate::support::{Guard, Harness, Slot, builder, greet, init, is_alive, signal, wait_until};
+use crate::hello::{HELLO, Hello, Load, Outcome, get_once, run_to_exit};
+use crate::support::{Harness, builder, greet, is_alive, signal, wait_until};
 
 #[test]
 fn sighup_replaces_every_worker_under_load_without_a_failed_request() {
@@ -165,29 +163,12 @@ fn get_crash_fails_only_its_own_request_and_its_worker_is_replaced() {
 
 #[test]
 fn workers_that_cannot_boot_stop_hello_with_a_message_and_a_non_zero_exit() {
-    init();
-    let _slot = Slot::take();
-    let mut child = Command::new(HELLO)
-        .args(["--workers", "2", "--port", "0", "--boot-fail"])
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let primary = child.id();
-    let mut guard = Guard::new(child);
-    // Reaped within the minute, or the test fails (and the guard kills it).
-    let status = cluster_test_support::reap(primary, Duration::from_secs(60));
-    guard.child = None;
-    assert_eq!(status, WaitStatus::Exited(crate::support::pid(primary), 1));
-    let stderr = reader.join().unwrap();
+    let (code, stderr) = run_to_exit(
+        HELLO,
+        &["--workers", "2", "--port", "0", "--boot-fail"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("hello: worker boot failed"),
         "the message names the cause: {stderr}"
