@@ -298,7 +298,164 @@ fn remove_stale(path: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream as StdStream;
+
     use super::*;
+
+    /// A server on a fresh path, with a poll to register in; the path's directory.
+    fn server(name: &str) -> (ControlServer, mio::Poll, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("cluster-ctl-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let server = ControlServer::open(&dir.join("ctl.sock"), poll.registry(), Token(1)).unwrap();
+        (server, poll, dir)
+    }
+
+    /// Connects a client and lets the server accept it; the client's id.
+    fn client(server: &mut ControlServer, poll: &mio::Poll) -> (StdStream, u64) {
+        let stream = StdStream::connect(&server.path).unwrap();
+        let before = server.next_client;
+        server.accept(poll.registry(), |id| Token(100 + id as usize));
+        assert_eq!(server.next_client, before + 1, "accepted");
+        (stream, before)
+    }
+
+    fn reply_line(stream: &StdStream) -> serde_json::Value {
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    #[test]
+    fn the_socket_is_private_and_removed_at_the_end() {
+        let (server, _poll, dir) = server("mode");
+        let path = server.path.clone();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(server);
+        assert!(!path.exists());
+        std::fs::remove_dir(dir).unwrap();
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_live_one_or_a_file_refused() {
+        let (live, poll, dir) = server("stale");
+        let path = live.path.clone();
+        // Live: refused.
+        assert!(matches!(
+            ControlServer::open(&path, poll.registry(), Token(2)),
+            Err(Error::ControlSocket { .. })
+        ));
+        // Stale (nobody listens, the file stays): replaced.
+        let stale = std::os::unix::net::UnixListener::bind(dir.join("old.sock")).unwrap();
+        drop(stale);
+        let replaced = ControlServer::open(&dir.join("old.sock"), poll.registry(), Token(3));
+        assert!(replaced.is_ok());
+        // Not a socket: refused, and left alone.
+        std::fs::write(dir.join("file"), "data").unwrap();
+        assert!(ControlServer::open(&dir.join("file"), poll.registry(), Token(4)).is_err());
+        assert_eq!(std::fs::read_to_string(dir.join("file")).unwrap(), "data");
+        drop((live, replaced));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn requests_split_or_batched_are_read_line_by_line_and_answered_in_order() {
+        let (mut server, poll, dir) = server("lines");
+        let (mut stream, id) = client(&mut server, &poll);
+        stream.write_all(b"{\"version\":1,\"comm").unwrap();
+        assert!(server.read(id).is_empty(), "half a line is no request");
+        stream
+            .write_all(b"and\":\"status\"}\r\n\n{\"version\":1,\"command\":\"metrics\"}\n")
+            .unwrap();
+        let requests = server.read(id);
+        assert_eq!(requests, [Ok(Request::Status), Ok(Request::Metrics)]);
+        server.reply(id, "{\"n\":1}\n");
+        server.reply(id, "{\"n\":2}\n");
+        let mut reader = BufReader::new(&stream);
+        let mut lines = String::new();
+        reader.read_line(&mut lines).unwrap();
+        reader.read_line(&mut lines).unwrap();
+        assert_eq!(lines, "{\"n\":1}\n{\"n\":2}\n");
+        drop(server);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_refused_and_its_client_closed() {
+        let (mut server, poll, dir) = server("long");
+        let (mut stream, id) = client(&mut server, &poll);
+        stream.write_all(&vec![b'x'; MAX_REQUEST_LEN + 10]).unwrap();
+        let mut requests = Vec::new();
+        while requests.is_empty() {
+            requests = server.read(id);
+        }
+        let failure = requests.pop().unwrap().unwrap_err();
+        assert_eq!(failure.kind, FailureKind::TooLong);
+        server.reply(id, &failure_line(&failure));
+        assert_eq!(reply_line(&stream)["kind"], "too_long");
+        assert_eq!(server.take_closed(), [Token(100 + id as usize)]);
+        drop(server);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn clients_past_the_limit_are_told_and_closed() {
+        let (mut server, poll, dir) = server("many");
+        let clients: Vec<_> = (0..MAX_CLIENTS)
+            .map(|_| client(&mut server, &poll))
+            .collect();
+        let extra = StdStream::connect(&server.path).unwrap();
+        server.accept(poll.registry(), |_| panic!("no token for a refused client"));
+        let reply = reply_line(&extra);
+        assert_eq!(reply["kind"], "refused", "{reply}");
+        assert!(
+            reply["error"].as_str().unwrap().contains("too many"),
+            "{reply}"
+        );
+        // One leaves: there is room again.
+        let (stream, id) = clients.into_iter().next().unwrap();
+        drop(stream);
+        assert!(server.read(id).is_empty());
+        assert_eq!(server.take_closed().len(), 1);
+        client(&mut server, &poll);
+        drop(server);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_its_replies_is_cut_off() {
+        let (mut server, poll, dir) = server("slow");
+        let (mut stream, id) = client(&mut server, &poll);
+        // Four requests a turn, a MiB of reply each: 128 MiB in all if nothing cut it off.
+        let status = "{\"version\":1,\"command\":\"status\"}\n".repeat(4);
+        let big_reply = format!("{}\n", "x".repeat(1024 * 1024));
+        let mut cut = false;
+        for _ in 0..32 {
+            if stream.write_all(status.as_bytes()).is_err() {
+                cut = true;
+                break;
+            }
+            for _ in server.read(id) {
+                server.reply(id, &big_reply);
+            }
+            if server.take_closed().contains(&Token(100 + id as usize)) {
+                cut = true;
+                break;
+            }
+        }
+        assert!(
+            cut,
+            "a client that never reads is closed, not buffered for ever"
+        );
+        drop(server);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn only_the_primarys_user_and_root_are_served() {
