@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::time::{Duration, Instant};
 
+use cluster_ipc::ErrorChain;
 use cluster_ipc::WorkerId;
 use cluster_ipc::proto::{Encoded, ToWorker};
 use mio::{Events, Interest, Poll, Waker};
@@ -421,7 +422,7 @@ impl Primary {
                 }
             };
             if let Err(err) = result {
-                tracing::warn!(%err, "a command from a handle failed");
+                tracing::warn!(error = %ErrorChain(&err), "a command from a handle failed");
             }
         }
     }
@@ -541,10 +542,12 @@ fn raise_fd_limit() {
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => {
             if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(%err, soft, hard, "could not raise the open-files limit");
+                tracing::warn!(error = %ErrorChain(&err), soft, hard, "could not raise the open-files limit");
             }
         }
         Ok(_) => {}
-        Err(err) => tracing::warn!(%err, "could not read the open-files limit"),
+        Err(err) => {
+            tracing::warn!(error = %ErrorChain(&err), "could not read the open-files limit")
+        }
     }
 }

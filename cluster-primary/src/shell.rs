@@ -90,7 +90,9 @@ impl<P> Registered<P> {
         };
         match registry.reregister(&mut self.channel, self.token, interest) {
             Ok(()) => self.writable = wants,
-            Err(err) => tracing::warn!(%err, "could not change a channel's interest"),
+            Err(err) => {
+                tracing::warn!(error = %ErrorChain(&err), "could not change a channel's interest")
+            }
         }
     }
 
@@ -240,7 +242,7 @@ impl Shell {
                 group,
             } => {
                 if let Err(err) = self.signal(worker, signal, group) {
-                    tracing::debug!(worker = worker.0, %err, "could not signal a worker");
+                    tracing::debug!(worker = worker.0, error = %ErrorChain(&err), "could not signal a worker");
                 }
             }
             Action::MeasureMemory { workers } => {
@@ -273,7 +275,7 @@ impl Shell {
         let control = match Registered::new(&self.registry, spawned.control, control_token) {
             Ok(control) => Some(control),
             Err(err) => {
-                tracing::error!(%err, "could not watch a worker's channel");
+                tracing::error!(error = %ErrorChain(&err), "could not watch a worker's channel");
                 self.release_token(control_token);
                 None
             }
@@ -287,7 +289,7 @@ impl Shell {
             ) {
                 Ok(()) => Some((pidfd, token)),
                 Err(err) => {
-                    tracing::warn!(%err, "could not watch a pidfd; falling back to SIGCHLD");
+                    tracing::warn!(error = %ErrorChain(&err), "could not watch a pidfd; falling back to SIGCHLD");
                     self.release_token(token);
                     None
                 }
@@ -341,7 +343,7 @@ impl Shell {
             return;
         };
         if let Err(err) = control.channel.send(ack, msg, fds) {
-            tracing::debug!(worker = worker.0, %err, "could not send to a worker");
+            tracing::debug!(worker = worker.0, error = %ErrorChain(&err), "could not send to a worker");
         }
         control.update_interest(&self.registry);
     }
@@ -489,7 +491,7 @@ impl Shell {
                 }
             };
             if let Err(err) = sent {
-                tracing::debug!(worker = worker.0, %err, "handoff failed; the batch waits for the socket's end");
+                tracing::debug!(worker = worker.0, error = %ErrorChain(&err), "handoff failed; the batch waits for the socket's end");
                 break;
             }
         }
@@ -509,7 +511,9 @@ impl Shell {
                 .register(&mut io.socket, io.token, Interest::READABLE)
             {
                 Ok(()) => io.accepting = true,
-                Err(err) => tracing::error!(%err, "could not register a listener"),
+                Err(err) => {
+                    tracing::error!(error = %ErrorChain(&err), "could not register a listener")
+                }
             }
             // Registering a socket with clients already waiting reports it ready at once.
         } else {
@@ -688,7 +692,7 @@ impl Shell {
             Ok(Some(status)) => ExitStatus::from(status),
             Ok(None) => return,
             Err(err) => {
-                tracing::warn!(worker = worker.0, %err, "waitpid failed");
+                tracing::warn!(worker = worker.0, error = %ErrorChain(&err), "waitpid failed");
                 return;
             }
         };
@@ -746,7 +750,7 @@ impl Shell {
                     }
                     // The client gave up before we got to it, or a transient network error:
                     // nothing to hand out, keep going.
-                    Err(err) => tracing::debug!(%err, "accept failed"),
+                    Err(err) => tracing::debug!(error = %ErrorChain(&err), "accept failed"),
                 }
             }
         } else {

@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
 
+use cluster_ipc::ErrorChain;
 use cluster_ipc::proto::PrimaryControl;
 use cluster_ipc::{Channel, SlotId, Transport, WorkerId};
 
@@ -57,7 +58,7 @@ pub(crate) fn spawn_worker(
     let pidfd = match sys::pidfd_open(child.id()) {
         Ok(pidfd) => pidfd,
         Err(err) => {
-            tracing::warn!(%err, "pidfd_open failed; falling back to SIGCHLD");
+            tracing::warn!(error = %ErrorChain(&err), "pidfd_open failed; falling back to SIGCHLD");
             None
         }
     };

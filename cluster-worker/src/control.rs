@@ -15,13 +15,13 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use cluster_ipc::ErrorChain;
 use cluster_ipc::proto::{Encoded, Envelope, ListenGranted, ToPrimary, ToWorker, WorkerControl};
 use cluster_ipc::{Channel, Completion, ListenerId, Requests};
 use mio::{Events, Interest, Poll, Token};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::Error;
-use crate::error::error_chain;
 use crate::listener::{Listener, ListenerCore};
 use crate::signal::SigtermPipe;
 use crate::state::{Answer, Command, DisconnectReason, Ticket, WorkerState, deadline_after};
@@ -131,7 +131,7 @@ impl ControlLoop {
                 if err.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                tracing::error!(error = %err, "the worker's control loop cannot poll");
+                tracing::error!(error = %ErrorChain(&err), "the worker's control loop cannot poll");
                 self.on_channel_closed(cluster_ipc::Error::Closed);
                 self.exit_if_asked("the control loop failed");
                 break;
@@ -266,7 +266,7 @@ impl ControlLoop {
         if self.channel.is_closed() {
             self.on_channel_closed(err);
         } else {
-            tracing::warn!(error = %error_chain(&err), "could not send {what} to the primary");
+            tracing::warn!(error = %ErrorChain(&err), "could not send {what} to the primary");
         }
     }
 
@@ -291,7 +291,9 @@ impl ControlLoop {
                 .reregister(&mut self.channel, CHANNEL, interest)
             {
                 Ok(()) => self.registered_for_write = wants_write,
-                Err(err) => tracing::error!(error = %err, "cannot reregister the control channel"),
+                Err(err) => {
+                    tracing::error!(error = %ErrorChain(&err), "cannot reregister the control channel")
+                }
             }
         }
     }
@@ -310,7 +312,7 @@ impl ControlLoop {
                 None
             }
             err => {
-                tracing::error!(error = %error_chain(&err), "the control channel failed");
+                tracing::error!(error = %ErrorChain(&err), "the control channel failed");
                 Some(err)
             }
         };
@@ -446,7 +448,7 @@ impl ControlLoop {
                     // The primary stopped reading; its end of file follows.
                     Error::ChannelClosed
                 } else {
-                    tracing::warn!(error = %error_chain(&err), "could not send a request");
+                    tracing::warn!(error = %ErrorChain(&err), "could not send a request");
                     Error::Ipc(err)
                 };
                 self.fail_pending(pending, error);
@@ -457,7 +459,7 @@ impl ControlLoop {
         // A fresh seq is never pending; should the table refuse it anyway, the caller hears
         // nothing and gives up at its own deadline.
         if let Err(err) = self.requests.register(seq, pending, Some(deadline)) {
-            tracing::error!(error = %err, "cannot track a request");
+            tracing::error!(error = %ErrorChain(&err), "cannot track a request");
         }
         true
     }
@@ -488,7 +490,7 @@ impl ControlLoop {
                         .and_then(expect_ack)
                         .map(|()| Answer::Retired);
                     if let Err(err) = &result {
-                        tracing::warn!(error = %err, "retiring without the primary's ack");
+                        tracing::warn!(error = %ErrorChain(err), "retiring without the primary's ack");
                     }
                     self.begin_disconnect(DisconnectReason::Retired);
                     self.worker.answer(ticket, result);

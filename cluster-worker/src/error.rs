@@ -202,15 +202,3 @@ impl From<Error> for io::Error {
         io::Error::new(err.kind(), err)
     }
 }
-
-/// An error and its sources on one line, for a protocol error's detail.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

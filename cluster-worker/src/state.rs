@@ -16,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
+use cluster_ipc::ErrorChain;
 use cluster_ipc::proto::{Encoded, ListenRequest, ToPrimary};
 use cluster_ipc::{Limits, ListenerId, SlotId, WorkerId};
 
@@ -378,7 +379,7 @@ impl WorkerState {
 
     fn wake(&self) {
         if let Err(err) = self.waker.wake() {
-            tracing::error!(error = %err, "cannot wake the worker's control thread");
+            tracing::error!(error = %ErrorChain(&err), "cannot wake the worker's control thread");
         }
     }
 

@@ -3,6 +3,7 @@
 //! business. Nothing here waits: a client that sends slowly, never reads, or floods is cut
 //! off at a bound, and the loop goes on.
 
+use cluster_ipc::ErrorChain;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -92,7 +93,7 @@ impl ControlServer {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => {
                     // Out of fds, most likely: the next readiness event tries again.
-                    tracing::warn!(error = %err, "control socket: accept failed");
+                    tracing::warn!(error = %ErrorChain(&err), "control socket: accept failed");
                     return;
                 }
             };
@@ -108,7 +109,7 @@ impl ControlServer {
             if let Err(err) =
                 registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
             {
-                tracing::warn!(error = %err, "control socket: could not watch a client");
+                tracing::warn!(error = %ErrorChain(&err), "control socket: could not watch a client");
                 self.closed.push(token);
                 continue;
             }

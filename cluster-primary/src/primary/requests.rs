@@ -30,7 +30,7 @@ impl Primary {
         let registry = match shell.registry.try_clone() {
             Ok(registry) => registry,
             Err(err) => {
-                tracing::warn!(error = %err, "control socket: cannot accept clients");
+                tracing::warn!(error = %ErrorChain(&err), "control socket: cannot accept clients");
                 return;
             }
         };

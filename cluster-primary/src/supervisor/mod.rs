@@ -25,7 +25,7 @@ use cluster_ipc::proto::{
     Delivery as WireDelivery, HandoffToPrimary, ListenAddr, ListenMode, ListenRefused,
     ListenRequest, PROTOCOL_VERSION, ToPrimary, ToWorker,
 };
-use cluster_ipc::{ConnId, ListenerId, SlotId, WorkerId};
+use cluster_ipc::{ConnId, ErrorChain, ListenerId, SlotId, WorkerId};
 
 use crate::config::{Config, Policy, Recycle, Respawn, Rollout as RolloutLimits};
 use crate::event::{Counters, Event, ExitStatus, Status, WorkerInfo, WorkerState};
@@ -1134,7 +1134,7 @@ impl Supervisor {
                 self.apply_dispatch(listener);
                 if let Some(rr) = self.listeners.round_robin(listener) {
                     if let Err(err) = rr.worker_joined(worker) {
-                        tracing::error!(worker = worker.0, %err, "scheduler refused a worker");
+                        tracing::error!(worker = worker.0, error = %ErrorChain(&err), "scheduler refused a worker");
                     }
                 }
                 WireDelivery::Handoff {
@@ -1273,7 +1273,7 @@ impl Supervisor {
         for listener in self.handoffs_of(worker) {
             if let Some(rr) = self.listeners.round_robin(listener) {
                 if let Err(err) = rr.load_report(worker, open) {
-                    tracing::debug!(worker = worker.0, %err, "load report for a worker the policy does not know");
+                    tracing::debug!(worker = worker.0, error = %ErrorChain(&err), "load report for a worker the policy does not know");
                 }
             }
             self.dispatch_later(listener);
@@ -1497,7 +1497,7 @@ impl Supervisor {
             self.counters.redispatched += unacked.unwrap_or(0) as u64;
             self.change_policy(listener, |rr| {
                 if let Err(err) = rr.worker_left(worker) {
-                    tracing::error!(worker = worker.0, %err, "scheduler did not know a leaving worker");
+                    tracing::error!(worker = worker.0, error = %ErrorChain(&err), "scheduler did not know a leaving worker");
                 }
             });
         }

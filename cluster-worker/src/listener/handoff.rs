@@ -25,15 +25,14 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cluster_ipc::Channel;
 use cluster_ipc::proto::{
     Envelope, HandoffToPrimary, HandoffToWorker, MAX_UNREAD_LEN, WorkerHandoff, handoff_limits,
 };
+use cluster_ipc::{Channel, ErrorChain};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::Taken;
 use crate::Error;
-use crate::error::error_chain;
 use crate::state::{WorkerState, deadline_after, lock};
 use crate::stream::OpenConnection;
 
@@ -134,7 +133,7 @@ impl Handoff {
                     // A frame that does not belong here (`WrongKind`), garbage, a broken
                     // socket: the channel has closed itself, and so does the listener.
                     tracing::error!(
-                        error = %error_chain(&err),
+                        error = %ErrorChain(&err),
                         "handoff socket failed: closing the listener"
                     );
                     self.close_locked(&mut state);
@@ -155,7 +154,7 @@ impl Handoff {
         let queued = match check_batch(batch) {
             Ok(queued) => queued,
             Err(err) => {
-                tracing::error!(error = %err, "bad batch on the handoff socket: closing the listener");
+                tracing::error!(error = %ErrorChain(&err), "bad batch on the handoff socket: closing the listener");
                 self.close_locked(state);
                 return Err(err);
             }
@@ -168,10 +167,13 @@ impl Handoff {
         let ack = HandoffToPrimary::ConnectionsAck { count };
         let deadline = Some(deadline_after(self.send_timeout));
         if let Err(err) = state.channel.send_blocking(None, &ack, &[], deadline) {
-            tracing::warn!(error = %err, "cannot ack a batch: closing the listener");
+            tracing::warn!(error = %ErrorChain(&err), "cannot ack a batch: closing the listener");
             drop(queued);
             self.close_locked(state);
-            return Err(Error::protocol("acking connections", error_chain(&err)));
+            return Err(Error::protocol(
+                "acking connections",
+                ErrorChain(&err).to_string(),
+            ));
         }
         tracing::trace!(count, "acked a batch of connections");
         state.fifo.extend(queued);
@@ -259,7 +261,7 @@ impl Handoff {
             if let Err(err) = channel.send_blocking(None, &returned, &fds, deadline) {
                 // The primary is gone or stuck; it will re-dispatch what it never saw acked,
                 // and what it did see acked is lost with this worker.
-                tracing::warn!(error = %err, count, "could not return connections to the primary");
+                tracing::warn!(error = %ErrorChain(&err), count, "could not return connections to the primary");
                 return;
             }
         }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use cluster_ipc::ErrorChain;
 use cluster_ipc::ListenerId;
 use cluster_ipc::proto::{Delivery, ListenAddr, ListenGranted};
 use nix::poll::PollTimeout;
@@ -143,7 +144,7 @@ impl ListenerCore {
                 Err(err) => {
                     tracing::debug!(
                         listener = self.id.0,
-                        error = %err,
+                        error = %ErrorChain(&err),
                         "dropping a connection whose peer is already gone"
                     );
                 }
