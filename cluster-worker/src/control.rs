@@ -221,6 +221,7 @@ impl ControlLoop {
     /// lost while the loop is not reading: mio reports readiness only on change, but every
     /// turn reads again, whatever woke it.
     fn receive(&mut self) {
+        self.worker.deliver_queued();
         let mut may_read = self.worker.may_read_messages();
         while self.channel_open && may_read {
             match self.channel.try_recv() {

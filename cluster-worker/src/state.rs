@@ -771,6 +771,13 @@ impl WorkerState {
     /// [`may_read_messages`](Self::may_read_messages) afterwards.
     pub(crate) fn deliver(&self, message: Message) -> bool {
         let mut shared = self.lock();
+        if shared.message_callback.is_some() && !shared.inbox.is_empty() {
+            // Messages queued before the callback was set go to it first, in order.
+            shared.inbox.push_back(message);
+            drop(shared);
+            self.deliver_queued();
+            return true;
+        }
         let Some(callback) = shared.message_callback.take() else {
             shared.inbox.push_back(message);
             let full = shared.inbox.len() >= self.inbox_capacity();
@@ -779,8 +786,33 @@ impl WorkerState {
             self.notify();
             return !full;
         };
-        // Never run application code under a lock it could want.
         drop(shared);
+        self.run_message_callback(callback, message);
+        true
+    }
+
+    /// Hands the queued messages to the message callback, oldest first, if one is set (the
+    /// control thread, at the start of each turn: a callback set while messages were queued
+    /// gets them before any later one).
+    pub(crate) fn deliver_queued(&self) {
+        loop {
+            let mut shared = self.lock();
+            if shared.message_callback.is_none() || shared.inbox.is_empty() {
+                return;
+            }
+            let (Some(callback), Some(message)) =
+                (shared.message_callback.take(), shared.inbox.pop_front())
+            else {
+                return;
+            };
+            drop(shared);
+            self.run_message_callback(callback, message);
+        }
+    }
+
+    /// Runs the message callback (taken out of the state) on `message`, then puts it back.
+    fn run_message_callback(&self, callback: MessageCallback, message: Message) {
+        // Never run application code under a lock it could want.
         run_callback("message", || callback(message));
         let mut shared = self.lock();
         // The application may have set another callback meanwhile; the newer one stays.
@@ -792,7 +824,6 @@ impl WorkerState {
         };
         drop(shared);
         drop(replaced);
-        true
     }
 
     pub(crate) fn set_message_callback(&self, callback: MessageCallback) {
@@ -805,9 +836,11 @@ impl WorkerState {
         }
         let previous = shared.message_callback.replace(callback);
         let resume = std::mem::take(&mut shared.reading_paused);
+        // Queued messages go to the callback, on the control thread's next turn.
+        let queued = !shared.inbox.is_empty();
         drop(shared);
         drop(previous);
-        if resume {
+        if resume || queued {
             self.wake();
         }
     }

@@ -326,9 +326,11 @@ impl Worker {
         self.state.recv_message(Instant::now())
     }
 
-    /// Hands every later message from the primary to `callback` (on the control thread, in
-    /// the order they arrive) instead of queueing it. Messages already queued stay for
-    /// [`recv_message`](Worker::recv_message). A second call replaces the callback.
+    /// Hands every message from the primary to `callback` (on the control thread, in the
+    /// order they arrive) instead of queueing it for
+    /// [`recv_message`](Worker::recv_message). Messages that were already queued go to the
+    /// callback first, so none is left behind however late the callback is set. A second
+    /// call replaces the callback.
     pub fn on_message(&self, callback: impl Fn(Message) + Send + 'static) {
         self.state.set_message_callback(Box::new(callback));
     }

@@ -248,6 +248,34 @@ fn thousands_of_messages_reach_a_callback_in_order() {
     });
 }
 
+/// Regression: a callback set while messages were queued got only the later ones, and the
+/// queued ones waited for a `recv_message` nobody made (a facade test under load saw a burst
+/// stall). They go to the callback first, in order.
+#[test]
+fn a_callback_set_late_gets_the_queued_messages_first_in_order() {
+    no_leak(|| {
+        let (worker, mut primary) = connect_worker(options());
+        for n in 0..10u32 {
+            primary.send_user(&n);
+        }
+        // The control thread reads in order: once it acked this, the ten are queued.
+        let seq = heartbeat(&mut primary);
+        assert_eq!(primary.expect(ToPrimary::Ack).ack, Some(seq));
+        let (tx, rx) = mpsc::channel();
+        worker.on_message(move |message| {
+            tx.send(message.decode::<u32>().unwrap()).unwrap();
+        });
+        for n in 10..15u32 {
+            primary.send_user(&n);
+        }
+        for n in 0..15 {
+            assert_eq!(rx.recv_timeout(WAIT).unwrap(), n);
+        }
+        assert!(worker.try_recv_message().unwrap().is_none());
+        finish(worker, primary);
+    });
+}
+
 #[test]
 fn thousands_of_messages_from_the_worker_all_arrive_in_order() {
     no_leak(|| {
