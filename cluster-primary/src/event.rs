@@ -284,7 +284,8 @@ pub struct Counters {
     /// Connections workers acknowledged: taken by a worker, the primary's copy closed.
     pub acked: u64,
     /// Handed connections a worker never took (it died or hung first), put back in the
-    /// queue for another worker.
+    /// queue for another worker (or closed, when the cluster is stopping: those count in
+    /// `closed_on_stop` too).
     pub redispatched: u64,
     /// Connections workers took and gave back unserved, for another worker: keep-alive
     /// connections handed back at a request boundary by a draining worker, and connections

@@ -43,7 +43,7 @@ fn counters(status: &Status) -> [(&'static str, &'static str, u64); 8] {
         ),
         (
             "connections_redispatched_total",
-            "Handed connections a worker never took (it died or hung), given to another.",
+            "Handed connections a worker never took (it died or hung), queued again.",
             c.redispatched,
         ),
         (
