@@ -39,6 +39,41 @@
 //! Linux is the target: shared listeners use `EPOLLEXCLUSIVE` and are refused elsewhere
 //! ([`Error::Unsupported`]).
 //!
+//! # Features
+//!
+//! `tokio` (off by default, and the only way this crate depends on tokio): an async accept for
+//! hyper, axum and any tokio server. [`Listener::into_async`] gives an [`AsyncListener`],
+//! whose `accept().await` keeps the blocking accept's semantics (acks before handing out,
+//! heartbeats, [`NotConnected`](std::io::ErrorKind::NotConnected) once closed) and returns
+//! [`AsyncStream`]s, which implement tokio's `AsyncRead`/`AsyncWrite`, count as open until
+//! dropped and read a handed-back connection's bytes first. [`Worker::disconnected`] is a
+//! future for graceful shutdown, and [`Worker::messages`] receives messages with `.await`
+//! ([`Worker::send`] never needs to: it queues). Build the runtime after
+//! [`Worker::start`], in the worker.
+//!
+//! ```no_run
+//! # #[cfg(feature = "tokio")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use cluster_worker::{Worker, WorkerOptions};
+//! use tokio::io::AsyncWriteExt;
+//!
+//! let Some(worker) = Worker::start(WorkerOptions::new())? else { return Ok(()) };
+//! let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//! runtime.block_on(async {
+//!     let listener = worker.listen("127.0.0.1:8080".parse()?, None)?.into_async()?;
+//!     // Ends with `NotConnected` once the worker disconnects.
+//!     while let Ok((mut stream, _peer)) = listener.accept().await {
+//!         tokio::spawn(async move {
+//!             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi").await;
+//!         });
+//!     }
+//!     Ok::<(), Box<dyn std::error::Error>>(())
+//! })
+//! # }
+//! # #[cfg(not(feature = "tokio"))]
+//! # fn main() {}
+//! ```
+//!
 //! # Example
 //!
 //! A worker program, as the primary starts it:
@@ -113,17 +148,27 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+// The features section links to what the `tokio` feature adds; without it those links dangle.
+#![cfg_attr(not(feature = "tokio"), allow(rustdoc::broken_intra_doc_links))]
+// `unsafe` is denied everywhere but in `sys` (the `tokio` feature alone).
+#![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
+#[cfg(feature = "tokio")]
+mod asynch;
 mod control;
 mod error;
 mod listener;
 mod signal;
 mod state;
 mod stream;
+#[cfg(feature = "tokio")]
+#[allow(unsafe_code)]
+mod sys;
 mod worker;
 
+#[cfg(feature = "tokio")]
+pub use asynch::{AsyncListener, AsyncMessages, AsyncStream};
 pub use cluster_ipc::env::{IPC_FD_ENV, PRIMARY_PID_ENV, WORKER_ID_ENV, WORKER_SLOT_ENV};
 pub use cluster_ipc::proto::ListenMode;
 pub use cluster_ipc::{ListenerId, SlotId, WorkerId};

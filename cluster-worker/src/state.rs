@@ -286,6 +286,9 @@ pub(crate) struct WorkerState {
     /// waiting for.
     changed: Condvar,
     waker: mio::Waker,
+    /// Set once the worker is disconnecting, for `Worker::disconnected` (made on first use).
+    #[cfg(feature = "tokio")]
+    pub(crate) disconnected: std::sync::OnceLock<Arc<tokio::sync::watch::Sender<bool>>>,
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (every critical
@@ -343,6 +346,8 @@ impl WorkerState {
             }),
             changed: Condvar::new(),
             waker,
+            #[cfg(feature = "tokio")]
+            disconnected: std::sync::OnceLock::new(),
         }
     }
 

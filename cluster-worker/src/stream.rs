@@ -158,6 +158,15 @@ impl Stream {
         }
     }
 
+    /// Takes the stream apart, keeping everything that makes it a cluster connection: the
+    /// socket, the bytes it brought along and nobody read, its place in the open-connection
+    /// count and the round-robin listener it came from.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn into_parts(mut self) -> (TcpStream, Vec<u8>, OpenConnection, Option<ListenerId>) {
+        let unread = self.take_unread();
+        (self.tcp, unread, self.open, self.listener)
+    }
+
     /// The address of the peer.
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.peer_addr()

@@ -138,7 +138,7 @@ pub fn is_worker() -> bool {
 /// [`Error::OnControlThread`].
 #[derive(Debug, Clone)]
 pub struct Worker {
-    state: Arc<WorkerState>,
+    pub(crate) state: Arc<WorkerState>,
 }
 
 impl Worker {

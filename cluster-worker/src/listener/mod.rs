@@ -341,6 +341,15 @@ impl Listener {
         Incoming { listener: self }
     }
 
+    /// The worker's heartbeat, for the async accept (see [`Worker::heartbeat`]).
+    ///
+    /// [`Worker::heartbeat`]: crate::Worker::heartbeat
+    #[cfg(feature = "tokio")]
+    pub(crate) fn heartbeat(&self) -> Option<Duration> {
+        self.core.worker.heartbeat();
+        self.core.worker.heartbeat_due_in()
+    }
+
     /// True once the listener is closed.
     pub fn is_closed(&self) -> bool {
         self.core.is_closed()
