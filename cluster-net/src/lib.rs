@@ -27,6 +27,30 @@
 //! `stop` and `metrics` do what they say (`clusterctl --help`, or the binary's docs, tell
 //! more). It brings in clap and serde_json for the binary alone; the library uses neither.
 //!
+//! The `tokio` feature adds [`tokio::TcpListener`] and [`tokio::TcpStream`] (async, answered
+//! by the primary in a worker, plain tokio sockets alone), [`Builder::run_async`], which
+//! builds a tokio runtime in each worker (and alone, never in the primary: see
+//! [`Builder::runtime`]), [`Worker::disconnected`], a future for graceful shutdown, and
+//! [`Worker::messages`]. The `axum` feature (which includes `tokio`) makes
+//! [`tokio::TcpListener`] an `axum::serve::Listener`, so that a clustered axum server is:
+//!
+//! ```no_run
+//! # #[cfg(feature = "axum")]
+//! fn main() -> Result<(), cluster_net::Error> {
+//!     let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello\n" }));
+//!     cluster_net::Cluster::builder().run_async(|worker| async move {
+//!         let listener = cluster_net::tokio::TcpListener::bind("127.0.0.1:3000")?;
+//!         axum::serve(listener, app).with_graceful_shutdown(worker.disconnected()).await?;
+//!         Ok(())
+//!     })
+//! }
+//! # #[cfg(not(feature = "axum"))]
+//! # fn main() {}
+//! ```
+//!
+//! Neither feature is on by default: a program that does not ask for them does not build
+//! tokio.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -47,9 +71,13 @@
 //! }
 //! ```
 #![deny(missing_docs)]
+// The features section links to what the `tokio` feature adds; without it those links dangle.
+#![cfg_attr(not(feature = "tokio"), allow(rustdoc::broken_intra_doc_links))]
 #![forbid(unsafe_code)]
 
 mod net;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 use std::time::{Duration, Instant};
 
@@ -134,6 +162,52 @@ pub struct Builder {
     workers: Option<usize>,
     on_event: Option<EventHook>,
     worker_options: cluster_worker::WorkerOptions,
+    #[cfg(feature = "tokio")]
+    runtime: Runtime,
+}
+
+/// The tokio runtime [`Builder::run_async`] builds in each worker (the `tokio` feature).
+#[cfg(feature = "tokio")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Runtime {
+    /// A multi-threaded runtime (the default), with this many worker threads (`None`:
+    /// tokio's default, one per CPU; with several cluster workers per machine, fewer may
+    /// serve better).
+    MultiThread {
+        /// How many threads; `None` for tokio's default.
+        worker_threads: Option<usize>,
+    },
+    /// A runtime on the worker's main thread alone: with one cluster worker per CPU, the
+    /// process-per-core layout.
+    CurrentThread,
+}
+
+#[cfg(feature = "tokio")]
+impl Default for Runtime {
+    /// Multi-threaded, with tokio's default thread count.
+    fn default() -> Runtime {
+        Runtime::MultiThread {
+            worker_threads: None,
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Runtime {
+    fn build(self) -> std::io::Result<::tokio::runtime::Runtime> {
+        let mut builder = match self {
+            Runtime::MultiThread { worker_threads } => {
+                let mut builder = ::tokio::runtime::Builder::new_multi_thread();
+                if let Some(threads) = worker_threads {
+                    builder.worker_threads(threads.max(1));
+                }
+                builder
+            }
+            Runtime::CurrentThread => ::tokio::runtime::Builder::new_current_thread(),
+        };
+        builder.enable_all().build()
+    }
 }
 
 impl Default for Builder {
@@ -143,6 +217,8 @@ impl Default for Builder {
             workers: None,
             on_event: None,
             worker_options: cluster_worker::WorkerOptions::new(),
+            #[cfg(feature = "tokio")]
+            runtime: Runtime::default(),
         }
     }
 }
@@ -270,6 +346,40 @@ impl Builder {
     }
 }
 
+#[cfg(feature = "tokio")]
+impl Builder {
+    /// The tokio runtime [`run_async`](Builder::run_async) builds (default: multi-threaded,
+    /// one thread per CPU).
+    pub fn runtime(mut self, runtime: Runtime) -> Builder {
+        self.runtime = runtime;
+        self
+    }
+
+    /// [`run`](Builder::run) for async code (the `tokio` feature): in a worker, and with no
+    /// cluster (`workers(0)`), it builds the tokio runtime (see
+    /// [`runtime`](Builder::runtime)) and runs the future `worker_main` returns on it; in the
+    /// primary it supervises as `run` does, and builds no runtime: the primary has no tokio
+    /// thread. Everything `run` says of errors, panics and the worker's exit holds; the
+    /// runtime is dropped (its tasks cancelled) when the future returns, before the worker
+    /// waits for its open connections.
+    ///
+    /// Inside, [`tokio::TcpListener::bind`] is answered by the primary, and
+    /// [`Worker::disconnected`] is the graceful-shutdown signal.
+    pub fn run_async<F, Fut>(self, worker_main: F) -> Result<(), Error>
+    where
+        F: FnOnce(Worker) -> Fut,
+        Fut: std::future::Future<Output = Result<(), Error>>,
+    {
+        let runtime = self.runtime;
+        self.run(move |worker| {
+            let runtime = runtime.build()?;
+            let result = runtime.block_on(worker_main(worker.clone()));
+            drop(runtime);
+            result
+        })
+    }
+}
+
 fn run_worker<F>(worker: cluster_worker::Worker, worker_main: F) -> Result<(), Error>
 where
     F: FnOnce(&Worker) -> Result<(), Error>,
@@ -315,8 +425,9 @@ const EXIT_GRACE: Duration = Duration::from_secs(10);
 /// The exit code of a worker whose closure returned an error.
 pub const WORKER_FAILED_EXIT_CODE: i32 = 1;
 
-/// The worker side as the closure sees it: a cluster worker, or this process alone.
-#[derive(Debug)]
+/// The worker side as the closure sees it: a cluster worker, or this process alone. Cheap to
+/// clone (a handle).
+#[derive(Debug, Clone)]
 pub struct Worker {
     inner: Option<cluster_worker::Worker>,
 }
@@ -387,6 +498,33 @@ impl Worker {
         let worker = self.clustered("fail")?;
         worker.set_exit_code(WORKER_FAILED_EXIT_CODE);
         Ok(worker.retire()?)
+    }
+
+    /// Resolves once the worker is disconnecting (the `tokio` feature), after its listeners
+    /// are closed: the signal for axum's `with_graceful_shutdown` (see
+    /// [`cluster_worker::Worker::disconnected`]). Alone (`workers(0)`) it never resolves:
+    /// such a program stops on its own terms, or is killed.
+    #[cfg(feature = "tokio")]
+    pub fn disconnected(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let disconnected = self
+            .inner
+            .as_ref()
+            .map(cluster_worker::Worker::disconnected);
+        async move {
+            match disconnected {
+                Some(disconnected) => disconnected.await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// The messages from the primary, received with `.await` (the `tokio` feature; see
+    /// [`cluster_worker::Worker::messages`], which replaces any
+    /// [`on_message`](Worker::on_message) callback). [`send`](Worker::send) never needs to
+    /// wait: it queues.
+    #[cfg(feature = "tokio")]
+    pub fn messages(&self) -> Result<cluster_worker::AsyncMessages, Error> {
+        Ok(self.clustered("messages")?.messages())
     }
 
     fn clustered(&self, what: &'static str) -> Result<&cluster_worker::Worker, Error> {

@@ -125,6 +125,27 @@ impl TcpListener {
             ListenerInner::Cluster(listener) => listener.is_closed(),
         }
     }
+
+    /// This listener for tokio (the `tokio` feature): see [`crate::tokio::TcpListener`].
+    /// Call it inside a tokio runtime with I/O enabled; outside one it fails with
+    /// [`Other`](io::ErrorKind::Other) (and a cluster listener is closed).
+    #[cfg(feature = "tokio")]
+    pub fn into_tokio(self) -> io::Result<crate::tokio::TcpListener> {
+        match self.inner {
+            ListenerInner::Plain(listener) => crate::tokio::TcpListener::from_plain(listener),
+            ListenerInner::Cluster(listener) => crate::tokio::TcpListener::from_cluster(listener),
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl TryFrom<TcpListener> for crate::tokio::TcpListener {
+    type Error = io::Error;
+
+    /// See [`TcpListener::into_tokio`].
+    fn try_from(listener: TcpListener) -> io::Result<crate::tokio::TcpListener> {
+        listener.into_tokio()
+    }
 }
 
 /// The fd that becomes readable when a connection can be taken (the listening socket alone,

@@ -1,0 +1,268 @@
+//! Async `TcpListener` and `TcpStream` on tokio (the `tokio` feature): answered by the
+//! primary inside a worker, plain tokio sockets anywhere else.
+//!
+//! They need a tokio runtime with I/O (and time) enabled: the one
+//! [`Builder::run_async`](crate::Builder::run_async) builds, or one of your own made in the
+//! worker (after the worker started, never in the primary).
+
+use std::io::{self, IoSlice};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use cluster_worker::{AsyncListener, AsyncStream};
+
+/// An async TCP listener. In a cluster worker, [`bind`](TcpListener::bind) asks the primary
+/// (as the blocking [`crate::TcpListener::bind`] does) and accepts through the worker's
+/// async listener; anywhere else it wraps a `tokio::net::TcpListener`.
+#[derive(Debug)]
+pub struct TcpListener {
+    inner: ListenerInner,
+}
+
+#[derive(Debug)]
+enum ListenerInner {
+    Plain(::tokio::net::TcpListener),
+    Cluster(AsyncListener),
+}
+
+impl TcpListener {
+    /// Listens on `addr`; see [`crate::TcpListener::bind`]. It does not wait: in a worker it
+    /// is a quick request to the primary (which the runtime thread waits for, briefly), and
+    /// alone a plain bind. Call it inside a tokio runtime with I/O enabled; outside one it
+    /// fails with [`Other`](io::ErrorKind::Other).
+    pub fn bind<A: ToSocketAddrs>(addr: A) -> io::Result<TcpListener> {
+        crate::TcpListener::bind(addr)?.into_tokio()
+    }
+
+    /// Makes a blocking facade listener async (see [`crate::TcpListener::into_tokio`]).
+    pub(crate) fn from_plain(listener: std::net::TcpListener) -> io::Result<TcpListener> {
+        require_runtime()?;
+        listener.set_nonblocking(true)?;
+        Ok(TcpListener {
+            inner: ListenerInner::Plain(::tokio::net::TcpListener::from_std(listener)?),
+        })
+    }
+
+    /// Makes a cluster listener async.
+    pub(crate) fn from_cluster(listener: cluster_worker::Listener) -> io::Result<TcpListener> {
+        Ok(TcpListener {
+            inner: ListenerInner::Cluster(listener.into_async()?),
+        })
+    }
+
+    /// Waits for a connection. In a worker that disconnects, this fails with
+    /// [`NotConnected`](io::ErrorKind::NotConnected) (and [`is_closed`](TcpListener::is_closed)
+    /// turns true).
+    pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        match &self.inner {
+            ListenerInner::Plain(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                Ok((TcpStream::plain(stream), peer))
+            }
+            ListenerInner::Cluster(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                Ok((
+                    TcpStream {
+                        inner: StreamInner::Cluster(stream),
+                    },
+                    peer,
+                ))
+            }
+        }
+    }
+
+    /// The address listened on (the real port when port 0 was asked).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.inner {
+            ListenerInner::Plain(listener) => listener.local_addr(),
+            ListenerInner::Cluster(listener) => listener.local_addr(),
+        }
+    }
+
+    /// True when the primary answered this listener (this process is a cluster worker).
+    pub fn is_clustered(&self) -> bool {
+        matches!(self.inner, ListenerInner::Cluster(_))
+    }
+
+    /// True once a cluster listener was closed (the worker disconnects); never for a plain one.
+    pub fn is_closed(&self) -> bool {
+        match &self.inner {
+            ListenerInner::Plain(_) => false,
+            ListenerInner::Cluster(listener) => listener.is_closed(),
+        }
+    }
+}
+
+fn require_runtime() -> io::Result<()> {
+    match ::tokio::runtime::Handle::try_current() {
+        Ok(_) => Ok(()),
+        Err(_) => Err(io::Error::other(
+            "an async listener needs a tokio runtime (none is running here)",
+        )),
+    }
+}
+
+/// The listening socket alone, the worker listener's readiness fd in a cluster.
+impl AsFd for TcpListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.inner {
+            ListenerInner::Plain(listener) => listener.as_fd(),
+            ListenerInner::Cluster(listener) => listener.as_fd(),
+        }
+    }
+}
+
+/// An async TCP connection from a [`TcpListener`]: in a worker it counts as open until
+/// dropped (a disconnecting worker waits for it) and reads a handed-back connection's bytes
+/// first (see [`cluster_worker::AsyncStream`]); alone, a `tokio::net::TcpStream`.
+#[derive(Debug)]
+pub struct TcpStream {
+    inner: StreamInner,
+}
+
+#[derive(Debug)]
+enum StreamInner {
+    Plain(::tokio::net::TcpStream),
+    Cluster(AsyncStream),
+}
+
+impl TcpStream {
+    fn plain(stream: ::tokio::net::TcpStream) -> TcpStream {
+        TcpStream {
+            inner: StreamInner::Plain(stream),
+        }
+    }
+
+    /// The address of the peer.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.socket().peer_addr()
+    }
+
+    /// The local address of the connection.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket().local_addr()
+    }
+
+    /// Sets `TCP_NODELAY`.
+    pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        self.socket().set_nodelay(nodelay)
+    }
+
+    /// The tokio socket underneath, for its options. Read through the `TcpStream`, not this,
+    /// or the bytes a handed-back connection brought along are skipped.
+    pub fn socket(&self) -> &::tokio::net::TcpStream {
+        match &self.inner {
+            StreamInner::Plain(stream) => stream,
+            StreamInner::Cluster(stream) => stream.get_ref(),
+        }
+    }
+}
+
+impl AsFd for TcpStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket().as_fd()
+    }
+}
+
+impl AsyncRead for TcpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().inner {
+            StreamInner::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            StreamInner::Cluster(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for TcpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().inner {
+            StreamInner::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            StreamInner::Cluster(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().inner {
+            StreamInner::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            StreamInner::Cluster(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.inner {
+            StreamInner::Plain(stream) => stream.is_write_vectored(),
+            StreamInner::Cluster(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().inner {
+            StreamInner::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            StreamInner::Cluster(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().inner {
+            StreamInner::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            StreamInner::Cluster(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
+/// `axum::serve` over a cluster listener (the `axum` feature).
+///
+/// axum's `accept` must not fail, so errors are handled here, as axum does for its own
+/// listeners: a connection that failed before it was taken is skipped, and any other error
+/// (out of fds, say) is logged and retried after a second. A listener closed because the
+/// worker is disconnecting never gives another connection: `accept` then stays pending for
+/// ever, and `with_graceful_shutdown(worker.disconnected())` (which resolves once the
+/// listener is closed) ends the serve after its connections finish. Without graceful
+/// shutdown the serve never returns, and the worker exits once its last connection closes.
+#[cfg(feature = "axum")]
+impl axum::serve::Listener for TcpListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            match TcpListener::accept(self).await {
+                Ok(accepted) => return accepted,
+                Err(_) if self.is_closed() => std::future::pending::<()>().await,
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::ConnectionRefused
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
+                Err(err) => {
+                    tracing::error!(
+                        error = %crate::ErrorChain(&err),
+                        "accept failed; trying again in a second"
+                    );
+                    ::tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        TcpListener::local_addr(self)
+    }
+}
