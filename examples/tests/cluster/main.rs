@@ -9,6 +9,7 @@
 
 mod support;
 
+mod asynch;
 mod control;
 mod death;
 mod examples;

@@ -1,0 +1,78 @@
+//! **Test helper, not an example.** A clustered axum server built on the facade's async path
+//! (`cluster_net::Cluster::builder().run_async`), for the end-to-end tests in
+//! `examples/tests/`. It is its own primary: it starts `TA_WORKERS` workers (default 1) and
+//! prints, on its stdout, one line per event the tests wait for:
+//!
+//! - `fork <pid>` for each worker started;
+//! - `ready <addr>` once every worker listens (on `127.0.0.1:0`);
+//! - `slow-started` when a worker began serving `GET /slow`;
+//! - `exit <pid> <status>` when a worker exited (`code=N` or `signal=N`).
+//!
+//! Its workers serve `GET /` with `handled by process.<pid>` and hold `GET /slow` until the
+//! worker is disconnecting, then answer `finished slow`. They shut down gracefully
+//! (`with_graceful_shutdown(worker.disconnected())`).
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use cluster_net::{Cluster, Error, Event, ExitStatus};
+
+fn main() -> ExitCode {
+    let workers = std::env::var("TA_WORKERS")
+        .ok()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(1);
+    let result = Cluster::builder()
+        .workers(workers)
+        .on_event(|_, event| {
+            let line = match event {
+                Event::Fork { pid, .. } => format!("fork {pid}"),
+                Event::Ready { addrs } => match addrs.first() {
+                    Some(addr) => format!("ready {addr}"),
+                    None => return,
+                },
+                Event::Message { .. } => "slow-started".to_owned(),
+                Event::Exit { pid, status, .. } => match status {
+                    ExitStatus::Code(code) => format!("exit {pid} code={code}"),
+                    ExitStatus::Signal(signal) => format!("exit {pid} signal={signal}"),
+                },
+                _ => return,
+            };
+            let mut stdout = std::io::stdout();
+            let _ = writeln!(stdout, "{line}");
+            let _ = stdout.flush();
+        })
+        .run_async(serve);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("test-async: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(worker: cluster_net::Worker) -> Result<(), Error> {
+    let slow_worker = worker.clone();
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(|| async { format!("handled by process.{}\n", std::process::id()) }),
+        )
+        .route(
+            "/slow",
+            axum::routing::get(move || {
+                let worker = slow_worker.clone();
+                async move {
+                    worker.send("slow-started").map_err(|err| err.to_string())?;
+                    worker.disconnected().await;
+                    Ok::<_, String>("finished slow\n")
+                }
+            }),
+        );
+    let listener = cluster_net::tokio::TcpListener::bind("127.0.0.1:0")?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(worker.disconnected())
+        .await?;
+    Ok(())
+}
