@@ -211,3 +211,53 @@ fn async_messages_come_in_order_and_end_with_the_channel() {
         drop(worker);
     });
 }
+
+#[test]
+fn an_idle_async_accept_beats_once_per_interval() {
+    no_leak(|| {
+        const INTERVAL: Duration = Duration::from_millis(50);
+        let (worker, mut primary) = support::connect_worker_with_heartbeats(options(), 50);
+        let (listener, mut handoff) = round_robin_listener(&worker, &mut primary, 1, 4);
+        let (_clients, fds) = tcp_connections(1);
+        let started = std::time::Instant::now();
+        let listener = std::thread::scope(|scope| {
+            // Nothing to accept: the accept waits, and must wake to beat.
+            let waiting = scope.spawn(|| {
+                block_on(async {
+                    let listener = listener.into_async().unwrap();
+                    let accepted = listener.accept().await.map(|(stream, _)| drop(stream));
+                    (accepted, listener.into_inner())
+                })
+            });
+            for _ in 0..3 {
+                match primary.recv().msg {
+                    ToPrimary::Heartbeat { connections } => assert_eq!(connections, 0),
+                    other => panic!("expected a heartbeat, got {other:?}"),
+                }
+            }
+            // The first beat went at once; two more took at least two intervals.
+            assert!(
+                started.elapsed() >= 2 * INTERVAL,
+                "three heartbeats within {:?}",
+                started.elapsed()
+            );
+            send_batch(&mut handoff, &fds);
+            let (accepted, listener) = waiting.join().unwrap();
+            accepted.unwrap();
+            listener
+        });
+        drop(listener);
+        loop {
+            match primary.recv().msg {
+                ToPrimary::Heartbeat { .. } => {}
+                ToPrimary::CloseListener { listener } => {
+                    assert_eq!(listener, ListenerId(1));
+                    break;
+                }
+                other => panic!("expected CloseListener, got {other:?}"),
+            }
+        }
+        drop((fds, handoff));
+        finish(worker, primary);
+    });
+}
