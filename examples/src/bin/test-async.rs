@@ -8,7 +8,7 @@
 //! - `slow-started` when a worker began serving `GET /slow`;
 //! - `exit <pid> <status>` when a worker exited (`code=N` or `signal=N`).
 //!
-//! Its workers serve `GET /` with `handled by process.<pid>` and hold `GET /slow` until the
+//! It logs to stderr, filtered by `RUST_LOG`. Its workers serve `GET /` with `handled by process.<pid>` and hold `GET /slow` until the
 //! worker is disconnecting, then answer `finished slow`. They shut down gracefully
 //! (`with_graceful_shutdown(worker.disconnected())`).
 
@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use cluster_net::{Cluster, Error, Event, ExitStatus};
 
 fn main() -> ExitCode {
+    cluster_examples::init_logging(cluster_examples::LogFormat::Text);
     let workers = std::env::var("TA_WORKERS")
         .ok()
         .and_then(|count| count.parse().ok())
