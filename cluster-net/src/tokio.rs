@@ -266,3 +266,112 @@ impl axum::serve::Listener for TcpListener {
         TcpListener::local_addr(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use ::tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn block_on<T>(test: impl Future<Output = T>) -> T {
+        let runtime = ::tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async { ::tokio::time::timeout(WAIT, test).await.unwrap() })
+    }
+
+    /// One connection to `listener` from a std client: a byte each way.
+    async fn round_trip(listener: &TcpListener) {
+        let addr = listener.local_addr().unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        let (mut stream, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        assert_eq!(stream.peer_addr().unwrap(), peer);
+        assert_eq!(stream.local_addr().unwrap(), addr);
+        client.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        stream.write_all(b"y").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).unwrap();
+        assert_eq!((byte, answer.as_slice()), ([b'x'], &b"y"[..]));
+    }
+
+    #[test]
+    fn alone_bind_is_a_plain_tokio_listener() {
+        block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            assert!(!listener.is_clustered());
+            assert!(!listener.is_closed());
+            assert_ne!(listener.local_addr().unwrap().port(), 0);
+            round_trip(&listener).await;
+        });
+    }
+
+    #[test]
+    fn a_blocking_facade_listener_converts() {
+        block_on(async {
+            let listener = crate::TcpListener::bind("127.0.0.1:0").unwrap();
+            let listener = TcpListener::try_from(listener).unwrap();
+            round_trip(&listener).await;
+        });
+    }
+
+    #[test]
+    fn outside_a_runtime_bind_fails_instead_of_panicking() {
+        let err = TcpListener::bind("127.0.0.1:0").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Other);
+    }
+
+    #[test]
+    fn run_async_alone_runs_the_future_in_this_process_on_the_runtime_asked_for() {
+        for runtime in [
+            crate::Runtime::CurrentThread,
+            crate::Runtime::MultiThread {
+                worker_threads: Some(2),
+            },
+        ] {
+            let ran = crate::Cluster::builder()
+                .workers(0)
+                .runtime(runtime)
+                .run_async(|worker| async move {
+                    assert!(!worker.is_clustered());
+                    assert!(matches!(
+                        worker.messages(),
+                        Err(crate::Error::NotClustered { .. })
+                    ));
+                    // Alone, nothing disconnects the program.
+                    let disconnected =
+                        ::tokio::time::timeout(Duration::from_millis(10), worker.disconnected());
+                    assert!(disconnected.await.is_err());
+                    let listener = TcpListener::bind("127.0.0.1:0")?;
+                    round_trip(&listener).await;
+                    Err(crate::Error::app("the future's own result"))
+                });
+            assert_eq!(ran.unwrap_err().to_string(), "the future's own result");
+        }
+    }
+
+    #[cfg(feature = "axum")]
+    #[test]
+    fn axum_accepts_through_it() {
+        block_on(async {
+            let mut listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = axum::serve::Listener::local_addr(&listener).unwrap();
+            let client = std::net::TcpStream::connect(addr).unwrap();
+            let (stream, peer) = axum::serve::Listener::accept(&mut listener).await;
+            assert_eq!(peer, client.local_addr().unwrap());
+            assert_eq!(stream.peer_addr().unwrap(), peer);
+        });
+    }
+}
