@@ -46,8 +46,10 @@ impl TcpListener {
         })
     }
 
-    /// Makes a cluster listener async.
-    pub(crate) fn from_cluster(listener: cluster_worker::Listener) -> io::Result<TcpListener> {
+    /// A listener of a worker you started yourself (`cluster_worker::Worker::listen`), made
+    /// async. Call it inside a tokio runtime with I/O enabled (see
+    /// [`cluster_worker::Listener::into_async`]).
+    pub fn from_cluster(listener: cluster_worker::Listener) -> io::Result<TcpListener> {
         Ok(TcpListener {
             inner: ListenerInner::Cluster(listener.into_async()?),
         })
