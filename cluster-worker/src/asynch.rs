@@ -278,3 +278,11 @@ impl Worker {
         AsyncMessages { rx }
     }
 }
+
+// Servers move these across tasks and threads (axum needs `Send + Unpin` streams).
+const _: () = {
+    const fn assert_send_sync_unpin<T: Send + Sync + Unpin>() {}
+    assert_send_sync_unpin::<AsyncListener>();
+    assert_send_sync_unpin::<AsyncStream>();
+    assert_send_sync_unpin::<AsyncMessages>();
+};
