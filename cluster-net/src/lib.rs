@@ -422,6 +422,11 @@ where
 /// (it does once its messages have left), before `run` returns anyway.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
 
+/// How long [`Worker::disconnected`] waits at most for the connections accepted before the
+/// disconnect to be read from once.
+#[cfg(feature = "tokio")]
+const FIRST_READ_WAIT: Duration = Duration::from_secs(1);
+
 /// The exit code of a worker whose closure returned an error.
 pub const WORKER_FAILED_EXIT_CODE: i32 = 1;
 
@@ -501,9 +506,13 @@ impl Worker {
     }
 
     /// Resolves once the worker is disconnecting (the `tokio` feature), after its listeners
-    /// are closed: the signal for axum's `with_graceful_shutdown` (see
-    /// [`cluster_worker::Worker::disconnected`]). Alone (`workers(0)`) it never resolves:
-    /// such a program stops on its own terms, or is killed.
+    /// are closed and every connection it accepted through [`tokio::TcpListener`] was read
+    /// from once (or closed; a second at most): the signal for axum's
+    /// `with_graceful_shutdown` (see [`cluster_worker::Worker::disconnected`]). The wait
+    /// matters: a graceful shutdown closes at once a connection whose first request the
+    /// server has not read, and a connection accepted just before the disconnect may be one,
+    /// its request already on the way. Alone (`workers(0)`) it never resolves: such a
+    /// program stops on its own terms, or is killed.
     #[cfg(feature = "tokio")]
     pub fn disconnected(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let disconnected = self
@@ -512,7 +521,10 @@ impl Worker {
             .map(cluster_worker::Worker::disconnected);
         async move {
             match disconnected {
-                Some(disconnected) => disconnected.await,
+                Some(disconnected) => {
+                    disconnected.await;
+                    tokio::first_reads_done(FIRST_READ_WAIT).await;
+                }
                 None => std::future::pending().await,
             }
         }

@@ -69,6 +69,7 @@ impl TcpListener {
                 Ok((
                     TcpStream {
                         inner: StreamInner::Cluster(stream),
+                        fresh: Fresh::new(),
                     },
                     peer,
                 ))
@@ -123,6 +124,55 @@ impl AsFd for TcpListener {
 #[derive(Debug)]
 pub struct TcpStream {
     inner: StreamInner,
+    /// A worker's connection whose first bytes were not read yet (see [`Fresh`]).
+    fresh: Option<Fresh>,
+}
+
+/// Counts a worker's connections from their accept to their first read.
+///
+/// A server's graceful shutdown (hyper's, under `axum::serve`) closes at once every
+/// connection whose first request it has not read: to it they are idle. A connection the
+/// worker accepted just before it was asked to disconnect is such a connection, with its
+/// client's request on the way or already in the socket, and closing it fails that
+/// request. [`first_reads_done`] lets the shutdown signal wait until every accepted
+/// connection has been read from once (or closed).
+#[derive(Debug)]
+struct Fresh(());
+
+static FRESH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn fresh_changed() -> &'static ::tokio::sync::Notify {
+    static CHANGED: std::sync::OnceLock<::tokio::sync::Notify> = std::sync::OnceLock::new();
+    CHANGED.get_or_init(::tokio::sync::Notify::new)
+}
+
+impl Fresh {
+    fn new() -> Option<Fresh> {
+        FRESH.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Some(Fresh(()))
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        FRESH.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        fresh_changed().notify_waiters();
+    }
+}
+
+/// Resolves once every connection the worker accepted has been read from (or closed), or
+/// after `at_most`: a client that connects and sends nothing is as idle as any.
+pub(crate) async fn first_reads_done(at_most: std::time::Duration) {
+    let deadline = ::tokio::time::Instant::now() + at_most;
+    loop {
+        let changed = fresh_changed().notified();
+        if FRESH.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
+        if ::tokio::time::timeout_at(deadline, changed).await.is_err() {
+            return;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -135,6 +185,7 @@ impl TcpStream {
     fn plain(stream: ::tokio::net::TcpStream) -> TcpStream {
         TcpStream {
             inner: StreamInner::Plain(stream),
+            fresh: None,
         }
     }
 
@@ -175,10 +226,16 @@ impl AsyncRead for TcpStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
             StreamInner::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
             StreamInner::Cluster(stream) => Pin::new(stream).poll_read(cx, buf),
+        };
+        if polled.is_ready() {
+            // Read from (or ended): the server has its first bytes, in this same poll.
+            this.fresh = None;
         }
+        polled
     }
 }
 
