@@ -5,11 +5,15 @@
 //!
 //! - `fork <pid>` for each worker started;
 //! - `ready <addr>` once every worker listens (on `127.0.0.1:0`);
-//! - `slow-started` when a worker began serving `GET /slow`;
+//! - `slow-started` when a worker began serving `GET /slow` or `GET /disconnecting`;
 //! - `exit <pid> <status>` when a worker exited (`code=N` or `signal=N`).
 //!
 //! It logs to stderr, filtered by `RUST_LOG`. Its workers serve `GET /` with `handled by process.<pid>` and hold `GET /slow` until the
-//! worker is disconnecting, then answer `finished slow`. They shut down gracefully
+//! worker is disconnecting, then answer `finished slow`. `GET /disconnecting` is held the
+//! same way (`slow-started` too) but only until the worker's own disconnect (its listeners
+//! closed), not the facade's graceful-shutdown signal, which can come later: its answer,
+//! `disconnecting`, tells a client the worker has begun to disconnect while that signal may
+//! still wait for an accepted connection's first read. They shut down gracefully
 //! (`with_graceful_shutdown(worker.disconnected())`).
 
 use std::io::Write;
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
 
 async fn serve(worker: cluster_net::Worker) -> Result<(), Error> {
     let slow_worker = worker.clone();
+    let held_worker = worker.clone();
     let app = axum::Router::new()
         .route(
             "/",
@@ -68,6 +73,18 @@ async fn serve(worker: cluster_net::Worker) -> Result<(), Error> {
                     worker.send("slow-started").map_err(|err| err.to_string())?;
                     worker.disconnected().await;
                     Ok::<_, String>("finished slow\n")
+                }
+            }),
+        )
+        .route(
+            "/disconnecting",
+            axum::routing::get(move || {
+                let worker = held_worker.clone();
+                async move {
+                    worker.send("slow-started").map_err(|err| err.to_string())?;
+                    let inner = worker.inner().ok_or("not clustered")?;
+                    inner.disconnected().await;
+                    Ok::<_, String>("disconnecting\n")
                 }
             }),
         );

@@ -139,3 +139,70 @@ fn a_disconnect_lets_an_in_flight_request_finish_and_the_worker_exit_cleanly() {
     assert!(response.ends_with("finished slow\n"), "{response:?}");
     expect_clean_exit(started);
 }
+
+/// How long the early connection of the test below is watched for a close before it sends.
+const IDLE_CLOSE_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Reads from `stream` until what it got ends with `end` (the read timeout bounds each read).
+fn read_until(stream: &mut std::net::TcpStream, end: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0; 1024];
+    while !got.ends_with(end.as_bytes()) {
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("closed before {end:?}: {:?}", String::from_utf8_lossy(&got)),
+            Ok(read) => got.extend_from_slice(&buf[..read]),
+            Err(err) => panic!("{err} before {end:?}: {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+    String::from_utf8(got).unwrap()
+}
+
+/// A connection the worker accepted before it disconnects, whose request comes only after the
+/// disconnect began, is served: the graceful-shutdown signal (`Worker::disconnected`) waits
+/// for its first read, where hyper would otherwise close it as idle and fail the request.
+#[test]
+fn a_connection_accepted_before_the_disconnect_is_served_when_its_request_comes_after() {
+    let _slot = Slot::take();
+    let mut started = start(1);
+    // Accepted first: one worker takes its connections in order (the primary hands them over
+    // in the order it accepted them), so once the second one's request is in a handler the
+    // first was accepted too, with nothing to read yet.
+    let mut early = connect(started.addr);
+    let mut held = connect(started.addr);
+    held.write_all(b"GET /disconnecting HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    assert_eq!(started.lines.next().as_deref(), Some("slow-started"));
+
+    // The cluster stops; the held request's answer says the worker is disconnecting (its
+    // listeners closed), and only then does the early connection send its request.
+    signal(started.primary.pid(), Signal::SIGTERM);
+    let answer = read_until(&mut held, "disconnecting\n");
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer:?}");
+    // Without the wait for first reads, the graceful shutdown starts with the disconnect and
+    // closes the early connection as idle within moments of that answer; give that a window
+    // to show (well under the wait's one-second cap, which only a silent client meets).
+    early.set_read_timeout(Some(IDLE_CLOSE_WINDOW)).unwrap();
+    match early.peek(&mut [0; 1]) {
+        Ok(0) => panic!("the early connection was closed as idle before its request"),
+        Ok(_) => panic!("the early connection got bytes before its request"),
+        Err(err) => assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the early connection failed before its request: {err}"
+        ),
+    }
+    early.set_read_timeout(Some(crate::support::WAIT)).unwrap();
+    early
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    early.read_to_string(&mut response).unwrap_or_else(|err| {
+        panic!("reading the early connection's answer: {err} ({response:?})")
+    });
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response:?}");
+    assert!(response.contains("handled by process."), "{response:?}");
+    drop(held);
+    expect_clean_exit(started);
+}
