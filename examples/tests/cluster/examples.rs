@@ -1,4 +1,5 @@
-//! The example programs, run as a user would: `hello`, `crash` and `messages`.
+//! The example programs, run as a user would: `hello`, `crash`, `messages`, and `hello` on
+//! axum (`axum_hello`) and on hyper's connection API (`hyper_hello`).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -12,6 +13,8 @@ use crate::support::{Guard, Lines, Slot, http_get, init, is_alive, pid, signal};
 const HELLO: &str = env!("CARGO_BIN_EXE_hello");
 const CRASH: &str = env!("CARGO_BIN_EXE_crash");
 const MESSAGES: &str = env!("CARGO_BIN_EXE_messages");
+const AXUM_HELLO: &str = env!("CARGO_BIN_EXE_axum_hello");
+const HYPER_HELLO: &str = env!("CARGO_BIN_EXE_hyper_hello");
 
 /// Starts an example with `args` and waits for its ready line, which must be exactly
 /// `ready http://127.0.0.1:PORT workers=N mode=rr`; returns the address.
@@ -137,4 +140,56 @@ fn messages_workers_hear_the_cluster_wide_count_from_the_primary() {
     let primary_pid = primary.pid();
     assert_eq!(primary.wait(), WaitStatus::Exited(pid(primary_pid), 0));
     primary.others.clear();
+}
+
+/// An async `hello` with 2 workers: ready once, answers from both workers (never the primary)
+/// with `hello`'s body, and a SIGTERM ends it with 0, every worker reaped, nothing more printed.
+fn async_hello_serves_from_both_workers_and_ends_on_sigterm(program: &str) {
+    let _slot = Slot::take();
+    let (mut primary, mut lines, addr) = start(program, &["--workers", "2", "--port", "0"], 2);
+    // rr hands connections to the workers in turn, so a few requests reach both.
+    let pids: BTreeSet<u32> = (0..4).map(|_| get_ok(addr)).collect();
+    assert_eq!(pids.len(), 2, "both workers answer: {pids:?}");
+    assert!(!pids.contains(&primary.pid()), "the primary serves nothing");
+    primary.others.extend(&pids);
+
+    signal(primary.pid(), Signal::SIGTERM);
+    let primary_pid = primary.pid();
+    assert_eq!(primary.wait(), WaitStatus::Exited(pid(primary_pid), 0));
+    for &worker in &pids {
+        assert!(!is_alive(worker), "worker {worker} outlived its primary");
+    }
+    assert_eq!(lines.rest(), Vec::<String>::new());
+    primary.others.clear();
+}
+
+/// An async `hello` with 0 workers serves alone: the process itself answers.
+fn async_hello_serves_alone(program: &str) {
+    let _slot = Slot::take();
+    let (mut process, _lines, addr) = start(program, &["--workers", "0", "--port", "0"], 0);
+    for _ in 0..3 {
+        assert_eq!(get_ok(addr), process.pid());
+    }
+    signal(process.pid(), Signal::SIGTERM);
+    process.wait();
+}
+
+#[test]
+fn axum_hello_with_2_workers_serves_from_both_and_ends_on_sigterm() {
+    async_hello_serves_from_both_workers_and_ends_on_sigterm(AXUM_HELLO);
+}
+
+#[test]
+fn axum_hello_with_0_workers_serves_alone() {
+    async_hello_serves_alone(AXUM_HELLO);
+}
+
+#[test]
+fn hyper_hello_with_2_workers_serves_from_both_and_ends_on_sigterm() {
+    async_hello_serves_from_both_workers_and_ends_on_sigterm(HYPER_HELLO);
+}
+
+#[test]
+fn hyper_hello_with_0_workers_serves_alone() {
+    async_hello_serves_alone(HYPER_HELLO);
 }
