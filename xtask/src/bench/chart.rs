@@ -110,7 +110,7 @@ fn draw_panel(
 fn colour(target: &str) -> RGBColor {
     if target.starts_with("node") {
         NODE
-    } else if target == "single" {
+    } else if super::target::is_single_label(target) {
         SINGLE
     } else {
         OURS

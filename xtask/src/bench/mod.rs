@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: the cluster against what users would run instead, measured side by
 //! side in one run: a single process with the same HTTP code (`hello --workers 0`) and Node's
 //! cluster (round-robin and shared policies) from `xtask/bench/node_cluster.js`, when `node`
-//! is installed.
+//! is installed. The dispatch and keep-alive scenarios also run `axum_hello` (axum on a tokio
+//! runtime per worker) alone (`axum single`), round-robin and shared.
 //!
 //! Every figure is a ratio between runs of the same invocation on the same machine, so the
 //! machine's speed cancels out; nothing is asserted, this is a measurement. The report goes
@@ -221,6 +222,7 @@ fn context(args: &Args) -> Result<Context> {
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let programs = Programs {
         hello: crate::release::sibling_binary("hello")?,
+        axum_hello: crate::release::sibling_binary("axum_hello")?,
         node: target::find_program("node"),
         node_script: workspace_root().join("xtask/bench/node_cluster.js"),
         logs,

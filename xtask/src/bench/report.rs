@@ -176,7 +176,7 @@ impl Run {
                 .then(|| cpu.iter().map(|(_, ticks)| *ticks).min())
                 .flatten(),
             round_primary_cpu_us_per_conn: round_cpu,
-            primary_cpu_watched: !keep_alive && target != "single",
+            primary_cpu_watched: !keep_alive && !super::target::is_single_label(&target),
             target,
         }
     }

@@ -42,8 +42,9 @@ impl Context {
     }
 
     /// The servers of the dispatch and keep-alive scenarios: a single process, our
-    /// round-robin with window 1 and with the default window, shared, and Node's two policies
-    /// (when `node` is installed).
+    /// round-robin with window 1 and with the default window, shared, the same three on axum
+    /// (`axum_hello`: single, round-robin, shared), and Node's two policies (when `node` is
+    /// installed).
     fn comparison_set(&self) -> Vec<Server> {
         let workers = self.workers;
         let mut servers = vec![
@@ -57,6 +58,9 @@ impl Context {
                 window: None,
             },
             Server::Shared { workers },
+            Server::AxumSingle,
+            Server::AxumRr { workers },
+            Server::AxumShared { workers },
         ];
         if self.node_available() {
             servers.extend([Server::NodeRr { workers }, Server::NodeShared { workers }]);
@@ -115,7 +119,7 @@ impl Context {
     ) -> Result<Round> {
         let running = Running::start(&self.programs, server, work)?;
         let primary = running.pid();
-        let watch_cpu = !keep_alive && server != Server::Single;
+        let watch_cpu = !keep_alive && !server.is_single();
         let spec = LoadSpec {
             addr: running.addr,
             connections: self.connections,

@@ -1,5 +1,6 @@
-//! The servers under test: our `hello` in each mode, and Node's cluster from the script the
-//! xtask ships. Each runs in its own process group, so that stopping it stops its workers.
+//! The servers under test: our `hello` in each mode, `axum_hello` (the same on axum and a
+//! tokio runtime per worker) alone, round-robin and shared, and Node's cluster from the
+//! script the xtask ships. Each runs in its own process group, so that stopping it stops its workers.
 
 use std::fmt;
 use std::io::{BufRead, BufReader};
@@ -25,6 +26,12 @@ pub(crate) enum Server {
     Rr { workers: usize, window: Option<u32> },
     /// `hello --mode shared`.
     Shared { workers: usize },
+    /// `axum_hello --workers 0`: one process with a multi-thread runtime, no cluster.
+    AxumSingle,
+    /// `axum_hello` round-robin (the default window).
+    AxumRr { workers: usize },
+    /// `axum_hello --mode shared`.
+    AxumShared { workers: usize },
     /// Node's cluster, `SCHED_RR`.
     NodeRr { workers: usize },
     /// Node's cluster, `SCHED_NONE`.
@@ -45,6 +52,9 @@ impl Server {
                 window: Some(window),
             } => format!("rr window {window} {workers}w"),
             Server::Shared { workers } => format!("shared {workers}w"),
+            Server::AxumSingle => "axum single".into(),
+            Server::AxumRr { workers } => format!("axum rr {workers}w"),
+            Server::AxumShared { workers } => format!("axum shared {workers}w"),
             Server::NodeRr { workers } => format!("node rr {workers}w"),
             Server::NodeShared { workers } => format!("node shared {workers}w"),
         }
@@ -55,13 +65,27 @@ impl Server {
     /// How many processes serve requests.
     pub(crate) fn workers(&self) -> usize {
         match *self {
-            Server::Single => 1,
+            Server::Single | Server::AxumSingle => 1,
             Server::Rr { workers, .. }
             | Server::Shared { workers }
+            | Server::AxumRr { workers }
+            | Server::AxumShared { workers }
             | Server::NodeRr { workers }
             | Server::NodeShared { workers } => workers,
         }
     }
+}
+
+impl Server {
+    /// One process and no cluster: no primary to watch.
+    pub(crate) fn is_single(&self) -> bool {
+        matches!(self, Server::Single | Server::AxumSingle)
+    }
+}
+
+/// Whether a run's label (see [`Server::label`]) is of a single process.
+pub(crate) fn is_single_label(label: &str) -> bool {
+    label == "single" || label == "axum single"
 }
 
 impl fmt::Display for Server {
@@ -74,6 +98,7 @@ impl fmt::Display for Server {
 #[derive(Debug, Clone)]
 pub(crate) struct Programs {
     pub(crate) hello: PathBuf,
+    pub(crate) axum_hello: PathBuf,
     pub(crate) node: Option<PathBuf>,
     pub(crate) node_script: PathBuf,
     pub(crate) logs: PathBuf,
@@ -161,8 +186,8 @@ impl Drop for Running {
 }
 
 fn command(programs: &Programs, server: Server, work: u64) -> Result<Command> {
-    let hello = |args: &[String]| {
-        let mut cmd = Command::new(&programs.hello);
+    let hello_program = |program: &Path, args: &[String]| {
+        let mut cmd = Command::new(program);
         cmd.args([
             "--host",
             "127.0.0.1",
@@ -173,6 +198,16 @@ fn command(programs: &Programs, server: Server, work: u64) -> Result<Command> {
         ])
         .args(args);
         cmd
+    };
+    let hello = |args: &[String]| hello_program(&programs.hello, args);
+    let axum = |args: &[String]| hello_program(&programs.axum_hello, args);
+    let cluster = |workers: usize, mode: &str| -> Vec<String> {
+        vec![
+            "--workers".into(),
+            workers.to_string(),
+            "--mode".into(),
+            mode.into(),
+        ]
     };
     let node = |workers: usize, policy: &str| -> Result<Command> {
         let Some(node) = &programs.node else {
@@ -211,6 +246,9 @@ fn command(programs: &Programs, server: Server, work: u64) -> Result<Command> {
             "--mode".into(),
             "shared".into(),
         ]),
+        Server::AxumSingle => axum(&["--workers".into(), "0".into()]),
+        Server::AxumRr { workers } => axum(&cluster(workers, "rr")),
+        Server::AxumShared { workers } => axum(&cluster(workers, "shared")),
         Server::NodeRr { workers } => node(workers, "rr")?,
         Server::NodeShared { workers } => node(workers, "none")?,
     })
