@@ -216,24 +216,61 @@ pub fn run(
     let result = args
         .builder()
         .on_event(move |cluster, event| {
-            if let Event::Ready { addrs } = &event {
-                if let Some(addr) = addrs.first() {
-                    println!("{}", ready.ready_line(*addr));
-                }
-            }
+            print_ready_line(&ready, &event);
             on_event(cluster, &event);
         })
         .run(|worker| {
-            if args.boot_fail && worker.is_clustered() {
-                tracing::error!("--boot-fail: this worker cannot boot");
-                std::process::exit(cluster_net::BOOT_FAILURE_EXIT_CODE);
-            }
+            boot_fail_if_asked(args, worker);
             let listener = TcpListener::bind(args.addr())?;
             if !worker.is_clustered() {
                 println!("{}", args.ready_line(listener.local_addr()?));
             }
             Ok(serve(worker, listener)?)
         });
+    report(name, args, result)
+}
+
+/// [`run`] for servers on tokio: each worker (or the single process) builds a runtime,
+/// binds the address with [`cluster_net::tokio::TcpListener`] and awaits `serve` on it.
+pub fn run_async<F, Fut>(name: &str, args: &ServerArgs, serve: F) -> ExitCode
+where
+    F: FnOnce(Worker, cluster_net::tokio::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<(), cluster_net::Error>>,
+{
+    let ready = args.clone();
+    let result = args
+        .builder()
+        .on_event(move |_, event| print_ready_line(&ready, &event))
+        .run_async(|worker| async move {
+            boot_fail_if_asked(args, &worker);
+            let listener = cluster_net::tokio::TcpListener::bind(args.addr())?;
+            if !worker.is_clustered() {
+                println!("{}", args.ready_line(listener.local_addr()?));
+            }
+            serve(worker, listener).await
+        });
+    report(name, args, result)
+}
+
+/// The primary prints the ready line once every worker listens.
+fn print_ready_line(args: &ServerArgs, event: &Event) {
+    if let Event::Ready { addrs } = event {
+        if let Some(addr) = addrs.first() {
+            println!("{}", args.ready_line(*addr));
+        }
+    }
+}
+
+/// `--boot-fail`: a worker exits with the boot-failure code before it listens.
+fn boot_fail_if_asked(args: &ServerArgs, worker: &Worker) {
+    if args.boot_fail && worker.is_clustered() {
+        tracing::error!("--boot-fail: this worker cannot boot");
+        std::process::exit(cluster_net::BOOT_FAILURE_EXIT_CODE);
+    }
+}
+
+/// The exit code for how the program ended; an error is reported here, once.
+fn report(name: &str, args: &ServerArgs, result: Result<(), cluster_net::Error>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

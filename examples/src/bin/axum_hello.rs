@@ -13,8 +13,7 @@ use axum::Router;
 use axum::routing::get;
 use clap::Parser;
 use cluster_examples::http::busy_work;
-use cluster_examples::{LogFormat, ServerArgs, init_logging};
-use cluster_net::Event;
+use cluster_examples::{ServerArgs, init_logging};
 
 fn main() -> ExitCode {
     let args = ServerArgs::parse();
@@ -23,50 +22,20 @@ fn main() -> ExitCode {
         eprintln!("axum_hello: --faults is served by hello only");
         return ExitCode::from(2);
     }
-    let ready = args.clone();
-    let serving = args.clone();
-    let result = args
-        .builder()
-        .on_event(move |_, event| {
-            if let Event::Ready { addrs } = &event {
-                if let Some(addr) = addrs.first() {
-                    println!("{}", ready.ready_line(*addr));
-                }
+    let work = args.work;
+    cluster_examples::run_async("axum_hello", &args, move |worker, listener| async move {
+        let body = cluster_examples::hello_body(std::process::id());
+        let hello = move || {
+            let body = body.clone();
+            async move {
+                busy_work(work);
+                body
             }
-        })
-        .run_async(move |worker| async move {
-            if serving.boot_fail && worker.is_clustered() {
-                tracing::error!("--boot-fail: this worker cannot boot");
-                std::process::exit(cluster_net::BOOT_FAILURE_EXIT_CODE);
-            }
-            let listener = cluster_net::tokio::TcpListener::bind(serving.addr())?;
-            if !worker.is_clustered() {
-                println!("{}", serving.ready_line(listener.local_addr()?));
-            }
-            let body = cluster_examples::hello_body(std::process::id());
-            let work = serving.work;
-            let hello = move || {
-                let body = body.clone();
-                async move {
-                    busy_work(work);
-                    body
-                }
-            };
-            let app = Router::new().fallback(get(hello));
-            axum::serve(listener, app)
-                .with_graceful_shutdown(worker.disconnected())
-                .await?;
-            Ok(())
-        });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            let chain = cluster_net::ErrorChain(&err);
-            match args.log_format {
-                LogFormat::Text => eprintln!("axum_hello: {chain}"),
-                LogFormat::Json => tracing::error!(error = %chain, "axum_hello stopped"),
-            }
-            ExitCode::FAILURE
-        }
-    }
+        };
+        let app = Router::new().fallback(get(hello));
+        axum::serve(listener, app)
+            .with_graceful_shutdown(worker.disconnected())
+            .await?;
+        Ok(())
+    })
 }

@@ -16,8 +16,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use cluster_examples::http::busy_work;
-use cluster_examples::{LogFormat, ServerArgs, init_logging};
-use cluster_net::Event;
+use cluster_examples::{ServerArgs, init_logging};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
@@ -36,92 +35,62 @@ fn main() -> ExitCode {
         eprintln!("hyper_hello: --faults is served by hello only");
         return ExitCode::from(2);
     }
-    let ready = args.clone();
-    let serving = args.clone();
-    let result = args
-        .builder()
-        .on_event(move |_, event| {
-            if let Event::Ready { addrs } = &event {
-                if let Some(addr) = addrs.first() {
-                    println!("{}", ready.ready_line(*addr));
+    let work = args.work;
+    cluster_examples::run_async("hyper_hello", &args, move |worker, listener| async move {
+        let body = Bytes::from(cluster_examples::hello_body(std::process::id()));
+        let graceful = GracefulShutdown::new();
+        let disconnected = worker.disconnected();
+        tokio::pin!(disconnected);
+        let mut signalled = false;
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut disconnected => {
+                    signalled = true;
+                    break;
                 }
-            }
-        })
-        .run_async(move |worker| async move {
-            if serving.boot_fail && worker.is_clustered() {
-                tracing::error!("--boot-fail: this worker cannot boot");
-                std::process::exit(cluster_net::BOOT_FAILURE_EXIT_CODE);
-            }
-            let listener = cluster_net::tokio::TcpListener::bind(serving.addr())?;
-            if !worker.is_clustered() {
-                println!("{}", serving.ready_line(listener.local_addr()?));
-            }
-            let body = Bytes::from(cluster_examples::hello_body(std::process::id()));
-            let work = serving.work;
-            let graceful = GracefulShutdown::new();
-            let disconnected = worker.disconnected();
-            tokio::pin!(disconnected);
-            let mut signalled = false;
-            loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    () = &mut disconnected => {
-                        signalled = true;
-                        break;
-                    }
-                };
-                let stream = match accepted {
-                    Ok((stream, _peer)) => stream,
-                    // The worker disconnects: its listener is closed for good.
-                    Err(_) if listener.is_closed() => break,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "accept failed");
-                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                        continue;
-                    }
-                };
+            };
+            let stream = match accepted {
+                Ok((stream, _peer)) => stream,
+                // The worker disconnects: its listener is closed for good.
+                Err(_) if listener.is_closed() => break,
+                Err(err) => {
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
+            let body = body.clone();
+            let service = hyper::service::service_fn(move |_request: Request<Incoming>| {
                 let body = body.clone();
-                let service = hyper::service::service_fn(move |_request: Request<Incoming>| {
-                    let body = body.clone();
-                    async move {
-                        busy_work(work);
-                        let mut response = Response::new(Full::new(body));
-                        response.headers_mut().insert(
-                            CONTENT_TYPE,
-                            HeaderValue::from_static("text/plain; charset=utf-8"),
-                        );
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(err) = connection.await {
-                        tracing::debug!(error = %err, "connection failed");
-                    }
-                });
-            }
-            drop(listener);
-            // The listener closes before the signal, which waits for the connections accepted
-            // so far to be read from once: shutting them down earlier would close those as
-            // idle, failing the requests on their way.
-            if !signalled {
-                disconnected.await;
-            }
-            graceful.shutdown().await;
-            Ok(())
-        });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            let chain = cluster_net::ErrorChain(&err);
-            match args.log_format {
-                LogFormat::Text => eprintln!("hyper_hello: {chain}"),
-                LogFormat::Json => tracing::error!(error = %chain, "hyper_hello stopped"),
-            }
-            ExitCode::FAILURE
+                async move {
+                    busy_work(work);
+                    let mut response = Response::new(Full::new(body));
+                    response.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; charset=utf-8"),
+                    );
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::debug!(error = %err, "connection failed");
+                }
+            });
         }
-    }
+        drop(listener);
+        // The listener closes before the signal, which waits for the connections accepted
+        // so far to be read from once: shutting them down earlier would close those as
+        // idle, failing the requests on their way.
+        if !signalled {
+            disconnected.await;
+        }
+        graceful.shutdown().await;
+        Ok(())
+    })
 }
