@@ -147,17 +147,23 @@ impl FdSnapshot {
     /// the table is read again until it is as it was, and the check fails only if it is not
     /// by then.
     pub fn assert_no_leak_within(self, timeout: Duration) {
-        let settled = poll(timeout, || {
+        if let Err(leak) = self.check_no_leak_within(timeout) {
+            panic!("{leak}");
+        }
+    }
+
+    /// The check of [`assert_no_leak_within`](Self::assert_no_leak_within), keeping the
+    /// snapshot (and its lock): what leaked, as text, if anything did.
+    pub fn check_no_leak_within(&self, timeout: Duration) -> Result<(), String> {
+        poll(timeout, || {
             let (opened, closed) = self.difference();
             if opened.is_empty() && closed.is_empty() {
                 Ok(())
             } else {
                 Err((opened, closed))
             }
-        });
-        if let Err((opened, closed)) = settled {
-            panic!("fds leaked: {opened:?}; closed: {closed:?}");
-        }
+        })
+        .map_err(|(opened, closed)| format!("fds leaked: {opened:?}; closed: {closed:?}"))
     }
 
     /// Panics if more fds are open than at the snapshot once `timeout` has passed (the table
