@@ -57,23 +57,7 @@ fn get_ok(addr: SocketAddr) -> u32 {
 
 #[test]
 fn hello_with_2_workers_is_ready_once_serves_from_both_and_ends_on_sigterm() {
-    let _slot = Slot::take();
-    let (mut primary, mut lines, addr) = start(HELLO, &["--workers", "2", "--port", "0"], 2);
-    let pids: BTreeSet<u32> = (0..4).map(|_| get_ok(addr)).collect();
-    assert_eq!(pids.len(), 2, "both workers answer: {pids:?}");
-    assert!(!pids.contains(&primary.pid()), "the primary serves nothing");
-    primary.others.extend(&pids);
-
-    signal(primary.pid(), Signal::SIGTERM);
-    let primary_pid = primary.pid();
-    assert_eq!(primary.wait(), WaitStatus::Exited(pid(primary_pid), 0));
-    // The primary returns only once every worker was reaped, so they are gone already.
-    for &worker in &pids {
-        assert!(!is_alive(worker), "worker {worker} outlived its primary");
-    }
-    // Every holder of its stdout is gone, and it printed nothing but the one ready line.
-    assert_eq!(lines.rest(), Vec::<String>::new());
-    primary.others.clear();
+    serves_from_both_workers_and_ends_on_sigterm(HELLO);
 }
 
 #[test]
@@ -142,9 +126,10 @@ fn messages_workers_hear_the_cluster_wide_count_from_the_primary() {
     primary.others.clear();
 }
 
-/// An async `hello` with 2 workers: ready once, answers from both workers (never the primary)
-/// with `hello`'s body, and a SIGTERM ends it with 0, every worker reaped, nothing more printed.
-fn async_hello_serves_from_both_workers_and_ends_on_sigterm(program: &str) {
+/// `hello` or one of its async twins with 2 workers: ready once, answers from both workers
+/// (never the primary) with `hello`'s body, and a SIGTERM ends it with 0, every worker reaped
+/// (the primary returns only once they are), nothing printed but the one ready line.
+fn serves_from_both_workers_and_ends_on_sigterm(program: &str) {
     let _slot = Slot::take();
     let (mut primary, mut lines, addr) = start(program, &["--workers", "2", "--port", "0"], 2);
     // rr hands connections to the workers in turn, so a few requests reach both.
@@ -176,7 +161,7 @@ fn async_hello_serves_alone(program: &str) {
 
 #[test]
 fn axum_hello_with_2_workers_serves_from_both_and_ends_on_sigterm() {
-    async_hello_serves_from_both_workers_and_ends_on_sigterm(AXUM_HELLO);
+    serves_from_both_workers_and_ends_on_sigterm(AXUM_HELLO);
 }
 
 #[test]
@@ -186,7 +171,7 @@ fn axum_hello_with_0_workers_serves_alone() {
 
 #[test]
 fn hyper_hello_with_2_workers_serves_from_both_and_ends_on_sigterm() {
-    async_hello_serves_from_both_workers_and_ends_on_sigterm(HYPER_HELLO);
+    serves_from_both_workers_and_ends_on_sigterm(HYPER_HELLO);
 }
 
 #[test]
